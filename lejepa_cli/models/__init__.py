@@ -1,0 +1,72 @@
+"""Backbones and the projector behind one small API used by training, probing and export.
+
+    from lejepa_cli.models import build_backbone, build_projector
+    enc = build_backbone("vit_small", img_size=224, patch_size=16, drop_path=0.1)
+    proj = build_projector(enc.embed_dim, 2048, 128)
+    z = proj(enc(images))                    # (N, 128): what the loss reads
+    feats = enc.probe_features(images)       # (N, enc.feature_dim): what probes read
+    same = build_backbone(**enc.arch_config())  # rebuild from the JSON stored with exports
+
+Every backbone has `arch`, `embed_dim` (dim of h), `feature_dim` (dim of probe features),
+`in_chans`, `img_size`, `patch_size` (None for CNNs) and `forward`, `probe_features`,
+`patch_tokens`, `arch_config`, `set_grad_checkpointing`, `no_weight_decay`. Parameter names
+equal timm's, so exporting to timm needs no key renaming.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from lejepa_cli.models.projector import Projector
+from lejepa_cli.models.resnet import BasicBlock, Bottleneck, ResNet
+from lejepa_cli.models.vit import VIT_SIZES, VisionTransformer
+
+_RESNETS: dict[str, tuple[tuple[int, int, int, int], type]] = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),
+    "resnet50": ((3, 4, 6, 3), Bottleneck),
+}
+
+ARCHS: tuple[str, ...] = tuple(VIT_SIZES) + tuple(_RESNETS)
+
+__all__ = ["ARCHS", "Projector", "ResNet", "VisionTransformer", "build_backbone", "build_projector"]
+
+
+def build_backbone(
+    arch: str,
+    *,
+    img_size: int,
+    patch_size: int = 16,
+    in_chans: int = 3,
+    drop_path: float = 0.0,
+    small_stem: bool = False,
+) -> nn.Module:
+    """Build a backbone by name.
+
+    ViTs use `patch_size` and `drop_path` (stochastic depth rising linearly to it over depth)
+    and ignore `small_stem`; ResNets use `small_stem` and ignore `patch_size` and `drop_path`
+    (the recipe's drop-path is a ViT setting). `img_size` is the ViT's native grid (other
+    multiples of the patch are accepted at run time); for a ResNet it is informational.
+    """
+    if arch in VIT_SIZES:
+        dim, depth, heads = VIT_SIZES[arch]
+        return VisionTransformer(
+            arch=arch,
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=heads,
+            drop_path=drop_path,
+        )
+    if arch in _RESNETS:
+        layers, block = _RESNETS[arch]
+        return ResNet(
+            arch=arch, layers=layers, block=block, img_size=img_size, in_chans=in_chans, small_stem=small_stem
+        )
+    raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+
+
+def build_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> Projector:
+    """The LeJEPA projector h -> z: Linear-BN-ReLU-Linear-BN-ReLU-Linear."""
+    return Projector(in_dim, hidden_dim, out_dim)
