@@ -1,0 +1,92 @@
+"""`lejepa data ...`: prepare, inspect and fetch image datasets (thin layer over lejepa_cli.data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Prepare, inspect and fetch image datasets.", no_args_is_help=True)
+console = Console()
+err_console = Console(stderr=True)
+
+SOURCE_HELP = (
+    "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR-binary folder, "
+    ".npz/.npy, .parquet, or 'builtin'."
+)
+RESOLUTION_HELP = "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256)."
+
+
+@app.command()
+def prepare(
+    source: Annotated[str, typer.Argument(help=SOURCE_HELP)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the prepared shards to.")],
+    resolution: Annotated[Optional[int], typer.Option(help=RESOLUTION_HELP)] = None,
+    val_fraction: Annotated[float, typer.Option(help="Fraction held out as 'val' when the source has no official split.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    workers: Annotated[int, typer.Option(help="Decoding processes (0: decode in this process).")] = 2,
+    overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
+) -> None:
+    """Decode SOURCE into memory-mappable uint8 shards; re-running after an interruption resumes."""
+    from lejepa_cli.data.prepare import prepare as run_prepare
+
+    s = run_prepare(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed, workers=workers, overwrite=overwrite)
+    counts = ", ".join(f"{split} {n}" for split, n in s["splits"].items())
+    state = "already up to date" if s["up_to_date"] else ("resumed and finished" if s["resumed"] else "done")
+    shape = f"{s['resolution']}px x {s['channels']} ch, {s['num_classes']} classes"
+    err_console.print(f"[green]{state}:[/] {counts} images at {shape} -> {s['out']}")
+    if s["skipped"]:
+        err_console.print(f"[yellow]skipped {s['skipped']} unreadable files, listed in {s['skipped_file']}[/]")
+
+
+@app.command()
+def info(
+    path: Annotated[Path, typer.Argument(help="A folder written by `lejepa data prepare`.")],
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read every shard and check its checksum.")] = False,
+) -> None:
+    """Show what a prepared folder holds, and whether its source changed since."""
+    from lejepa_cli.data.prepare import info as read_info
+    from lejepa_cli.data.shards import verify as verify_folder
+
+    d = read_info(path)
+    names = d["class_names"] or []
+    classes = f"{d['num_classes']}" + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "")
+    table = Table(title=str(path), show_header=False)
+    for key, value in (
+        ("splits", ", ".join(f"{s}: {n} ({d['shards'][s]} shards)" for s, n in d["splits"].items())),
+        ("images", f"{d['resolution']} x {d['resolution']} x {d['channels']} uint8"),
+        ("classes", classes),
+        ("mean / std", f"{[round(m, 4) for m in d['mean']]} / {[round(s, 4) for s in d['std']]}"),
+        ("skipped files", str(d["num_skipped"])),
+        ("source", f"{d['source']} ({d['kind']})"),
+        ("fingerprint", d["fingerprint"][:16]),
+        ("source status", d["source_status"]),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+    if d["source_status"] == "changed":
+        err_console.print("[yellow]the source changed since it was prepared; re-run prepare with --overwrite to refresh[/]")
+    if verify:
+        problems = verify_folder(path)
+        for p in problems:
+            err_console.print(f"[red]{p}[/]", highlight=False)
+        if problems:
+            raise typer.Exit(1)
+        err_console.print("[green]verified: every shard matches its checksum[/]")
+
+
+@app.command()
+def fetch(
+    name: Annotated[str, typer.Argument(help="mnist, fashion-mnist, cifar10, cifar100, imagenette or imagenette-320.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to download into.")],
+    base_url: Annotated[Optional[str], typer.Option(help="Mirror to download from instead of the official one.")] = None,
+) -> None:
+    """Download (or copy a local copy of) a standard dataset; prints the folder to prepare."""
+    from lejepa_cli.data.fetch import fetch as run_fetch
+
+    folder = run_fetch(name, out, base_url=base_url)
+    err_console.print(f"[green]ready:[/] lejepa data prepare {folder} --out <DIR>")
+    console.print(str(folder), highlight=False, soft_wrap=True)
