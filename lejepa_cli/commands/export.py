@@ -1,0 +1,76 @@
+"""`lejepa export` and `lejepa embed`: thin commands over lejepa_cli.export and lejepa_cli.embed."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+err_console = Console(stderr=True)
+
+
+class Dtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Format(str, Enum):
+    safetensors = "safetensors"
+    onnx = "onnx"
+    all = "all"
+
+
+class Features(str, Enum):
+    embedding = "embedding"
+    probe = "probe"
+
+
+def export(
+    source: Annotated[Path, typer.Argument(help="A training checkpoint, a run folder (its newest checkpoint) or an export folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write model.safetensors + config.json (and model.onnx) to.")],
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Precision of the saved weights.")] = Dtype.fp32,
+    fmt: Annotated[Format, typer.Option("--format", help="safetensors (timm-compatible), onnx (fp32, dynamic batch), or all.")] = Format.safetensors,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an export already in --out.")] = False,
+) -> None:
+    """Export the encoder alone (no projector, optimizer or probe) for downstream use."""
+    from lejepa_cli.export import export_encoder
+
+    r = export_encoder(source, out, dtype=dtype.value, format=fmt.value, overwrite=overwrite)
+    files = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in r.files)
+    err_console.print(f"[green]exported[/] {r.info['arch_config']['arch']} (step {r.info.get('step')}, {r.dtype}) -> {r.out}: {files}")
+    if r.timm_compatible:
+        err_console.print(f"timm: timm.create_model('{r.architecture}', num_classes=0, **config['model_args']) loads model.safetensors strictly")
+    else:
+        err_console.print("[yellow]not timm-compatible (small-stem ResNet); load it with lejepa_cli.load_encoder[/]")
+    if r.onnx_max_abs_diff is not None:
+        err_console.print(f"ONNX vs PyTorch on random input: max abs diff {r.onnx_max_abs_diff:.2e}")
+
+
+def embed(
+    encoder: Annotated[Path, typer.Argument(help="An export folder, a training checkpoint or a run folder.")],
+    data: Annotated[str, typer.Argument(help="A prepared folder, or a source `lejepa data prepare` reads (image folder, .npz, IDX, builtin ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npy (+ .ids.json beside it) or .parquet (needs pyarrow).")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to embed (default: train, or every image of a source without splits).")] = None,
+    features: Annotated[Features, typer.Option("--features", help="embedding (h) or probe (what linear probes read).")] = Features.embedding,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
+) -> None:
+    """Write the embedding of every image of DATA, one row per image, with ids and labels."""
+    from lejepa_cli.embed import embed as run_embed
+
+    s = run_embed(encoder, data, out, split=split, features=features.value, batch_size=batch_size, device=device,
+                  overwrite=overwrite, progress=not no_progress)
+    labelled = "with labels" if s["labels"] else "no labels"
+    err_console.print(f"[green]embedded[/] {s['rows']} images x {s['dim']} ({s['features']}, {labelled}) -> {s['out']}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `export` and `embed` as top-level commands of the lejepa app."""
+    app.command("export")(export)
+    app.command("embed")(embed)

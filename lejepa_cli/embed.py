@@ -1,0 +1,169 @@
+"""Embeddings of a dataset under a trained encoder: `lejepa embed ENCODER DATA --out FILE`.
+
+    lejepa embed exports/demo photos/ --out emb.npy          # emb.npy (N, D) + emb.ids.json
+    lejepa embed runs/demo prepared/in1k --split val --out emb.parquet
+
+ENCODER is anything `load_encoder` reads (export folder, checkpoint, run folder). DATA is a
+prepared folder (`lejepa data prepare`) or any source prepare reads (image folder with or
+without class sub-folders, file list, IDX, .npz, builtin ...); raw sources are decoded batch by
+batch as prepare decodes them (shorter side to the encoder's image size, centre crop). Images
+are normalised with the encoder's training mean/std, never the new data's.
+
+Outputs, one row per image in the source's order:
+  .npy      float32 (N, D), plus FILE.ids.json: {"ids", "labels" (or null), "class_names", ...}
+  .parquet  columns id, label (when known), embedding (fixed-size list of float32); needs pyarrow
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lejepa_cli.data.dataset import ImageDataset
+from lejepa_cli.errors import UserError
+from lejepa_cli.evaluate import extract_features
+from lejepa_cli.export import load_encoder
+
+FEATURES = ("embedding", "probe")
+SUFFIXES = (".npy", ".parquet")
+
+
+class DecodedOnRequest:
+    """The ImageArray protocol over undecoded source items: each batch is decoded when indexed."""
+
+    def __init__(self, items: Any, size: int, channels: int):
+        self.items = items
+        self.shape = (len(items), size, size, channels)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: np.ndarray) -> np.ndarray:
+        from lejepa_cli.data.prepare import Skip, decode
+
+        out = np.empty((len(index), *self.shape[1:]), np.uint8)  # (B, R, R, C)
+        for j, i in enumerate(np.asarray(index).tolist()):
+            try:
+                out[j] = decode(self.items.payloads[i], self.shape[1], self.shape[3])
+            except Skip as e:
+                raise UserError(f"cannot embed {self.items.ids[i]}: {e} (remove it, or prepare the data first: prepare skips such files)") from None
+        return out
+
+
+def open_data(data: str | Path, split: str | None, *, size: int, channels: int) -> ImageDataset:
+    """A prepared folder's split (memory-mapped) or a raw source's images decoded at `size`."""
+    from lejepa_cli.data.shards import is_prepared, load_prepared
+
+    if is_prepared(data):
+        dataset = load_prepared(data, split or "train", ids=True)
+        if dataset.channels != channels:
+            raise UserError(f"{data} has {dataset.channels}-channel images; the encoder takes {channels}")
+        return dataset
+    from lejepa_cli.data.prepare import detect_source, open_source
+
+    source = open_source(*detect_source(data))
+    name = split or ("all" if "all" in source.splits else "train")
+    if name not in source.splits:
+        if "all" not in source.splits:
+            raise UserError(f"{data} has splits {', '.join(source.splits)}, not '{name}'")
+        name = "all"  # a source without official splits: every image
+    items = source.splits[name]
+    return ImageDataset(images=DecodedOnRequest(items, size, channels), labels=items.labels,
+                        class_names=source.class_names, name=str(data), ids=list(items.ids))
+
+
+def embed(
+    encoder: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = None,
+    features: str = "embedding",
+    batch_size: int = 256,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write the `features` ("embedding": h; "probe": what linear probes read) of every image of
+    `data` to `out` (.npy + .ids.json, or .parquet); returns a summary."""
+    out = Path(out)
+    if out.suffix not in SUFFIXES:
+        raise UserError(f"--out {out} must end in {' or '.join(SUFFIXES)}")
+    if features not in FEATURES:
+        raise UserError(f"--features {features} is not allowed: expected one of {', '.join(FEATURES)}")
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if out.suffix == ".parquet":
+        _require_pyarrow()
+    from lejepa_cli.train import select_device
+
+    dev = select_device(device)
+    model = load_encoder(encoder, dev)
+    info = model.lejepa_info
+    dataset = open_data(data, split, size=info["image_size"], channels=info["channels"])
+    fn = model if features == "embedding" else model.probe_features
+    kwargs = dict(size=info["image_size"], device=dev, mean=info["mean"], std=info["std"], batch_size=batch_size)
+    if progress:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("[bold]embed"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("embed", total=len(dataset))
+            feats, labels = extract_features(fn, dataset, on_batch=lambda n: bar.advance(task, n), **kwargs)
+    else:
+        feats, labels = extract_features(fn, dataset, **kwargs)
+    ids = dataset.ids if dataset.ids is not None else [str(i) for i in range(len(dataset))]
+    array = feats.numpy().astype(np.float32, copy=False)  # (N, D)
+    labels_np = None if labels is None else labels.numpy()
+    sidecar = {"ids": ids, "labels": None if labels_np is None else labels_np.tolist(),
+               "class_names": dataset.class_names, "encoder": str(encoder), "data": str(data),
+               "features": features, "count": len(ids), "dim": int(array.shape[1]), "step": info.get("step")}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        _write_npy(out, array, sidecar)
+    else:
+        _write_parquet(out, array, ids, labels_np)
+    return {"out": str(out), "rows": len(ids), "dim": int(array.shape[1]), "labels": labels_np is not None,
+            "features": features, "device": str(dev)}
+
+
+def ids_path(out: Path) -> Path:
+    """emb.npy -> emb.ids.json"""
+    return out.with_suffix(".ids.json")
+
+
+def _write_npy(out: Path, array: np.ndarray, sidecar: dict[str, Any]) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object, so np.save adds no second .npy suffix
+        np.save(f, array)
+    meta_tmp = out.with_name(f".{ids_path(out).name}.tmp")
+    meta_tmp.write_text(json.dumps(sidecar) + "\n")
+    os.replace(tmp, out)
+    os.replace(meta_tmp, ids_path(out))
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise UserError("writing .parquet needs pyarrow: pip install 'lejepa-cli[parquet]', or use --out FILE.npy") from None
+
+
+def _write_parquet(out: Path, array: np.ndarray, ids: list[str], labels: np.ndarray | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, d = array.shape
+    columns = {"id": pa.array(ids, pa.string())}
+    if labels is not None:
+        columns["label"] = pa.array(labels, pa.int64())
+    columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), d)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(pa.table(columns), str(tmp))
+    os.replace(tmp, out)
+
