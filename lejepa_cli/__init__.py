@@ -1,3 +1,12 @@
 """lejepa-cli: pretrain a vision encoder with LeJEPA (SIGReg + view invariance)."""
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `import lejepa_cli` stays cheap, and load_encoder needs only torch + safetensors.
+    if name == "load_encoder":
+        from lejepa_cli.export import load_encoder
+
+        return load_encoder
+    raise AttributeError(f"module 'lejepa_cli' has no attribute {name!r}")

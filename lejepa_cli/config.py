@@ -1,0 +1,323 @@
+"""Typed, validated configuration: defaults <- preset YAML <- `key.sub=value` overrides.
+
+Every field carries its default and a one-line meaning; `validate()` rejects bad values with a
+message that names the key. The resolved config is saved as YAML in the run folder and as JSON
+inside every checkpoint, so a run can always be rebuilt from its artefacts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lejepa_cli.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # "builtin", an IDX folder, an .npz file, or a prepared folder
+    train_split: str = "train"  # split used for pretraining (prepared / IDX data)
+    eval_split: str = "val"  # held-out split for the online probe's report
+    builtin_train: int = 4096  # images generated for the built-in dataset's train split
+    builtin_val: int = 1024  # and for its held-out split
+    builtin_size: int = 32  # side of the built-in images in pixels
+
+
+@dataclass
+class ViewsConfig:
+    global_views: int = 2  # Vg: views every view regresses to (their mean is the centre)
+    local_views: int = 6  # Vl: small crops; 0 for CNN presets
+    global_size: int = 224  # pixels of a global view
+    local_size: int = 96  # pixels of a local view
+    global_scale: tuple[float, float] = (0.3, 1.0)  # random-resized-crop area fraction
+    local_scale: tuple[float, float] = (0.05, 0.3)
+    ratio: tuple[float, float] = (0.75, 1.3333333)  # crop aspect-ratio range
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.2
+    solarize_threshold: int = 128  # of 255
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_small"  # vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet18|resnet50
+    patch_size: int = 16  # ViT patch side in pixels
+    drop_path: float = 0.1  # stochastic depth rate (ViTs)
+    small_stem: bool = False  # ResNet: 3x3 stride-1 stem without max-pool for 28-32 px images
+    proj_hidden: int = 2048  # projector MLP hidden width
+    proj_dim: int = 128  # projector output K (SIGReg dimension)
+    grad_checkpointing: bool = False  # recompute block activations in backward to save memory
+
+
+@dataclass
+class LossConfig:
+    lamb: float = 0.05  # lambda: weight of SIGReg, (1 - lambda) weighs the prediction term
+    num_slices: int = 1024  # M: random directions per step
+    t_max: float = 3.0  # integration range [0, t_max] of the Epps-Pulley statistic (doubled)
+    num_knots: int = 17  # trapezoid knots on [0, t_max]
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.05  # not applied to biases, norms, position embeddings, CLS token
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0  # linear warmup steps; 0 means 10% of train.steps
+    min_lr_ratio: float = 1e-3  # cosine decays to lr * min_lr_ratio
+    probe_lr: float = 1e-3  # online linear probe learning rate
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # total optimizer steps
+    batch_size: int = 128  # images per optimizer step, over all processes and accumulation
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    save_every: int = 500  # checkpoint period in steps (a final checkpoint is always written)
+    keep_last: int = 3  # checkpoints kept in the run folder (older ones are deleted)
+    device: str = "auto"  # auto|cpu|cuda|cuda:N|mps
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 elsewhere)|fp32|bf16
+    compile: bool = False  # torch.compile the encoder
+    fsdp: bool = False  # torchrun: shard ViT weights, grads and optimizer state over processes (FSDP2)
+    online_probe: bool = True  # train a linear probe on detached features when labels exist
+    eval_every: int = 0  # kNN evaluation on held-out data every N steps (0: only at the end)
+    on_nonfinite: str = "stop"  # stop|skip: what a NaN/inf loss does
+
+
+@dataclass
+class LogConfig:
+    every: int = 10  # steps between metrics.jsonl lines (values are read from the device only then)
+    tensorboard: bool = False  # also log to TensorBoard (if installed)
+    wandb: bool = False  # also log to Weights & Biases (if installed)
+    wandb_project: str = "lejepa"
+
+
+@dataclass
+class Config:
+    preset: str = ""  # name of the preset this config started from
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50")
+
+# Allowed values: key -> (predicate, what is allowed).
+_RULES: dict[str, tuple[Any, str]] = {
+    "views.global_views": (lambda v: v >= 1, "an integer >= 1"),
+    "views.local_views": (lambda v: v >= 0, "an integer >= 0"),
+    "views.global_size": (lambda v: v >= 8, "an integer >= 8"),
+    "views.local_size": (lambda v: v >= 4, "an integer >= 4"),
+    "views.global_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
+    "views.local_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
+    "views.ratio": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < lo <= hi"),
+    "views.blur_sigma": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < lo <= hi"),
+    "views.solarize_threshold": (lambda v: 0 <= v <= 255, "an integer in [0, 255]"),
+    "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
+    "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "model.drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.proj_hidden": (lambda v: v >= 1, "an integer >= 1"),
+    "model.proj_dim": (lambda v: v >= 1, "an integer >= 1"),
+    "loss.lamb": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "loss.num_slices": (lambda v: v >= 1, "an integer >= 1"),
+    "loss.t_max": (lambda v: v > 0, "a number > 0"),
+    "loss.num_knots": (lambda v: v >= 2, "an integer >= 2"),
+    "optim.lr": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.probe_lr": (lambda v: v > 0, "a number > 0"),
+    "train.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (SIGReg needs a batch)"),
+    "train.grad_accum": (lambda v: v >= 1, "an integer >= 1"),
+    "train.save_every": (lambda v: v >= 1, "an integer >= 1"),
+    "train.keep_last": (lambda v: v >= 1, "an integer >= 1"),
+    "train.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+    "train.device": (
+        lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()),
+        "auto, cpu, cuda, cuda:N or mps",
+    ),
+    "train.seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
+    "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
+    "train.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
+    "log.every": (lambda v: v >= 1, "an integer >= 1"),
+    "data.builtin_train": (lambda v: v >= 2, "an integer >= 2"),
+    "data.builtin_val": (lambda v: v >= 1, "an integer >= 1"),
+    "data.builtin_size": (lambda v: v >= 8, "an integer >= 8"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    for key, (ok, allowed) in _RULES.items():
+        if not ok(get_key(cfg, key)):
+            raise UserError(f"config key '{key}' = {get_key(cfg, key)!r} is not allowed: expected {allowed}")
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise UserError(
+            f"config key 'train.batch_size' = {cfg.train.batch_size} must be divisible by "
+            f"'train.grad_accum' = {cfg.train.grad_accum}"
+        )
+    if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
+        raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
+                        f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")
+    return cfg
+
+
+# ---- building a config -------------------------------------------------------------------------
+
+
+def preset_dir() -> Path:
+    """Presets ship inside the installed package (lejepa_cli/presets, from the repo's presets/)."""
+    packaged = resources.files("lejepa_cli") / "presets"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "presets"  # source checkout without install
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path  # a user's own preset file
+    path = preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown preset '{name}': choose one of {', '.join(list_presets())} or give a .yaml file")
+    return path
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """defaults <- preset <- overrides, validated."""
+    cfg = Config()
+    if preset:
+        path = preset_path(preset)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"preset {path} must be a mapping of sections")
+        merge_tree(cfg, tree)
+        cfg.preset = tree.get("preset", path.stem) if isinstance(tree.get("preset"), str) else path.stem
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """`key.sub=value` items (values read as YAML scalars) set on `cfg`, then validated."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"override {item!r} must look like key.sub=value (e.g. train.steps=100)")
+        set_key(cfg, key.strip(), _parse_scalar(raw))
+    return validate(cfg)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a config saved in a checkpoint or run folder."""
+    cfg = Config()
+    merge_tree(cfg, tree)
+    return validate(cfg)
+
+
+def merge_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            merge_tree(cfg, value, full + ".")
+        else:
+            set_key(cfg, full, value)
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            allowed = ", ".join(fields) if fields else "nothing (it is not a section)"
+            raise UserError(f"unknown config key '{key}': '{part}' is not in {where} (allowed: {allowed})")
+        if i == len(parts) - 1:
+            hint = typing.get_type_hints(type(node))[part]
+            if dataclasses.is_dataclass(hint):
+                raise UserError(f"config key '{key}' is a section: set one of its keys, e.g. {key}.<name>=...")
+            setattr(node, part, _coerce(key, value, hint))
+        else:
+            node = getattr(node, part)
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the field's type; ints widen to floats, nothing else converts."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        kinds = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+            raise UserError(f"config key '{key}' = {value!r} must be a list of {len(kinds)} numbers, e.g. [0.3, 1.0]")
+        return tuple(_coerce(key, v, k) for v, k in zip(value, kinds))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported union type for {key}")  # not used by the config tree
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan are valid YAML floats but no valid setting
+                raise UserError(f"config key '{key}' = {value!r} is not allowed: expected a finite number")
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    raise UserError(f"config key '{key}' = {value!r} has the wrong type: expected {names.get(hint, hint)}")
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,116 @@
+"""Batches for training: a sampler that is a pure function of the step, and a prefetching loader.
+
+The order of images depends only on (seed, step): epoch e is a permutation drawn from
+seed + e, and optimizer step s takes the s-th `batch_size` slice of it (the last partial
+batch is dropped so every rank always gets the same N). Each process takes a disjoint,
+equal slice of that global batch. A resumed run therefore continues mid-epoch with the same
+order without any sampler state, even on a different number of processes.
+
+Batches cross to the device as uint8 (pinned + non-blocking on CUDA); augmentation happens
+there, on the whole batch at once (see `views.py`). A background thread gathers the next
+batches while the accelerator works on the current one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lejepa_cli.data.dataset import ImageDataset
+from lejepa_cli.errors import UserError
+
+
+class StepSampler:
+    """Global-batch indices for optimizer step `step`, sharded by rank and micro-batch."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int):
+        if num_images < batch_size:
+            raise UserError(
+                f"the dataset has {num_images} images, fewer than train.batch_size = {batch_size}; "
+                f"lower train.batch_size"
+            )
+        self.num_images = num_images
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = num_images // batch_size
+        self._epoch = -1
+        self._perm = np.empty(0, np.int64)
+
+    def position(self, step: int) -> dict[str, int]:
+        return {"epoch": step // self.steps_per_epoch, "batch_in_epoch": step % self.steps_per_epoch}
+
+    def global_batch(self, step: int) -> np.ndarray:
+        epoch, b = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_images)
+            self._epoch = epoch
+        return self._perm[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def local_batch(self, step: int, rank: int, world: int, micro: int, num_micro: int) -> np.ndarray:
+        """This process's slice: the global batch split into world x num_micro equal parts."""
+        parts = world * num_micro
+        size = self.batch_size // parts
+        k = rank * num_micro + micro
+        return self.global_batch(step)[k * size : (k + 1) * size]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, C, H, W) uint8 on the device
+    labels: torch.Tensor | None  # (B,) int64 on the device
+    wait_s: float  # time the training loop spent blocked waiting for this batch
+
+
+class BatchLoader:
+    """Iterates micro-batches of steps [start, stop) for one process, prefetching in a thread."""
+
+    def __init__(
+        self, dataset: ImageDataset, sampler: StepSampler, device: torch.device, *,
+        rank: int = 0, world: int = 1, num_micro: int = 1, prefetch: int = 4,
+    ):
+        self.dataset, self.sampler, self.device = dataset, sampler, device
+        self.rank, self.world, self.num_micro = rank, world, num_micro
+        self.prefetch = prefetch
+        self.pin = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lejepa-loader")
+
+    def _load(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images, labels = self.dataset.batch(index)
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, C, H, W) uint8 view
+        y = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
+        if self.pin:
+            x = x.contiguous().pin_memory()
+            y = None if y is None else y.pin_memory()
+        return x, y
+
+    def iterate(self, start: int, stop: int):
+        """Yields (step, micro, Batch) in order."""
+        jobs = ((s, m) for s in range(start, stop) for m in range(self.num_micro))
+        queue: deque[tuple[int, int, Future]] = deque()
+
+        def submit() -> None:
+            job = next(jobs, None)
+            if job is not None:
+                s, m = job
+                index = self.sampler.local_batch(s, self.rank, self.world, m, self.num_micro)
+                queue.append((s, m, self._pool.submit(self._load, index)))
+
+        for _ in range(self.prefetch):
+            submit()
+        while queue:
+            s, m, future = queue.popleft()
+            t0 = time.perf_counter()
+            x, y = future.result()
+            wait = time.perf_counter() - t0
+            submit()
+            x = x.to(self.device, non_blocking=True)
+            y = None if y is None else y.to(self.device, non_blocking=True)
+            yield s, m, Batch(x, y, wait)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

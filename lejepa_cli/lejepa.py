@@ -1,0 +1,79 @@
+"""The LeJEPA model pieces the training step runs: a multi-view encoder and the projector.
+
+The backbone sees the global views and the local views (two resolutions) in one forward, so a
+DistributedDataParallel wrapper sees exactly one forward per backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lejepa_cli.config import Config
+from lejepa_cli.errors import UserError
+from lejepa_cli.models import build_backbone, build_projector
+
+
+class ViewEncoder(nn.Module):
+    """(Vg, N, C, G, G) globals and (Vl, N, C, L, L) locals -> embeddings h (Vg + Vl, N, D)."""
+
+    def __init__(self, backbone: nn.Module, channels_last: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.channels_last = channels_last
+
+    def _embed(self, views: torch.Tensor) -> torch.Tensor:
+        v, n = views.shape[:2]
+        x = views.flatten(0, 1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.backbone(x).view(v, n, -1)
+
+    def forward(self, global_views: torch.Tensor, local_views: torch.Tensor | None = None) -> torch.Tensor:
+        h = self._embed(global_views)
+        if local_views is not None:
+            h = torch.cat([h, self._embed(local_views)])
+        return h
+
+
+class ViewProjector(nn.Module):
+    """h (V, N, D) -> z (V, N, K); BatchNorm statistics are taken over all views together."""
+
+    def __init__(self, projector: nn.Module):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        v, n = h.shape[:2]
+        return self.projector(h.flatten(0, 1)).view(v, n, -1)
+
+
+def build_backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
+    m, views = cfg.model, cfg.views
+    if m.arch.startswith("vit"):
+        for key, size in (("views.global_size", views.global_size), ("views.local_size", views.local_size)):
+            if size % m.patch_size and (key == "views.global_size" or views.local_views > 0):
+                raise UserError(f"config key '{key}' = {size} must be a multiple of model.patch_size = {m.patch_size}")
+    backbone = build_backbone(
+        m.arch, img_size=views.global_size, patch_size=m.patch_size, in_chans=in_chans,
+        drop_path=m.drop_path, small_stem=m.small_stem,
+    )
+    if m.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def build_projector_from_config(cfg: Config, embed_dim: int) -> nn.Module:
+    return build_projector(embed_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
+
+
+class OnlineProbe(nn.Module):
+    """LayerNorm + linear classifier on detached embeddings; never affects the encoder."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(h.detach()))

@@ -1,0 +1,69 @@
+"""Config tree: defaults <- preset <- overrides, with one-line errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from lejepa_cli.config import Config, config_from_dict, list_presets, load_config
+from lejepa_cli.errors import UserError
+
+REQUIRED = ["train.steps", "train.batch_size", "train.save_every", "train.seed", "optim.lr", "loss.lamb", "loss.num_slices"]
+
+
+def test_required_keys_exist_and_override():
+    cfg = load_config("demo", [f"{k}=3" for k in REQUIRED if k != "loss.lamb"] + ["loss.lamb=0.1"])
+    assert cfg.train.steps == 3 and cfg.train.batch_size == 3 and cfg.optim.lr == 3.0 and cfg.loss.lamb == 0.1
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lr=abc", "'optim.lr'"),
+        ("nosuch.key=1", "'nosuch.key'"),
+        ("train.nosuch=1", "'train.nosuch'"),
+        ("train.steps=0", "'train.steps'"),
+        ("train.steps=2.5", "'train.steps'"),
+        ("loss.lamb=1.5", "'loss.lamb'"),
+        ("model.arch=vit_giant", "'model.arch'"),
+        ("views.global_scale=[0.5]", "'views.global_scale'"),
+        ("train.online_probe=maybe", "'train.online_probe'"),
+        ("train", "key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, fragment):
+    with pytest.raises(UserError) as info:
+        load_config("demo", [override])
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_every_preset_loads_and_round_trips():
+    names = list_presets()
+    for required in ("demo", "vit-t", "vit-s", "vit-b", "vit-l", "vit-h", "resnet18", "resnet50"):
+        assert required in names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.preset == name
+        again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+        assert again == cfg
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(UserError, match="demo"):
+        load_config("no-such-preset")
+
+
+def test_every_preset_key_is_commented():
+    from lejepa_cli.config import preset_path
+
+    for name in list_presets():
+        for line in preset_path(name).read_text().splitlines():
+            if ":" in line and not line.lstrip().startswith("#") and line.startswith("  "):
+                assert "#" in line, f"{name}: uncommented key line {line!r}"
+
+
+def test_defaults_are_valid():
+    from lejepa_cli.config import validate
+
+    validate(Config())
