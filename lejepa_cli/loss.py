@@ -1,0 +1,232 @@
+"""The LeJEPA objective: SIGReg (sketched Epps-Pulley test against N(0, I)) plus view invariance.
+
+Pure tensors in, named parts out (see METHOD.md sections 3-4):
+
+    parts = lejepa_loss(z, num_global=2, lamb=0.05, step=step)   # z: (V, N, K) projector output
+    parts["loss"].backward()                                      # log every entry of `parts`
+
+SIGReg is computed in float32 even under autocast and costs O(N K M + N M T) time; beside
+the (N, M) projections it holds only a bounded scratch block (the plain formula holds
+N x M x T complex exponentials). In a torchrun job it equals the statistic of one process
+holding the global batch (the empirical characteristic function is averaged across ranks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from lejepa_cli import dist
+
+# Elements (rows x samples) per block of the ECF kernel, which needs about 90 bytes of
+# scratch per element. On CPU a block then stays in cache; on an accelerator the bound
+# caps the scratch memory while keeping kernels large.
+_BLOCK_ELEMS = {"cpu": 1 << 16}
+_BLOCK_ELEMS_DEFAULT = 1 << 21
+
+
+def random_directions(
+    dim: int, num_slices: int, *, step: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Unit-norm random directions (dim, num_slices), a pure function of `step` and the device type.
+
+    Seeded by the global step so every rank and every view of one step share them, and a
+    resumed run draws the same ones (CPU and CUDA generators give different draws).
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(step))
+    a = torch.randn(dim, num_slices, generator=gen, device=device, dtype=torch.float32)
+    return a / a.norm(dim=0, keepdim=True)
+
+
+def _knots(t_max: float, num_knots: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Knots t_1..t_{T-1} of the even grid on [0, t_max] and their integration weights.
+
+    Knot 0 is dropped: there cos = 1 and sin = 0 exactly, so its error term is 0. Weights are
+    trapezoid x Gaussian weight exp(-t^2/2) x 2 (the integrand is even: [0, t] stands for [-t, t]).
+    """
+    t = torch.linspace(0.0, t_max, num_knots, dtype=like.dtype, device=like.device)[1:]  # (T-1,)
+    trap = torch.full_like(t, t_max / (num_knots - 1))
+    trap[-1] /= 2
+    return t, 2.0 * trap * torch.exp(-0.5 * t * t)
+
+
+def _unit_phasor(x: Tensor) -> Tensor:
+    """exp(i x) as a complex tensor (torch.polar and exp of a complex are slower on CPU)."""
+    return torch.complex(torch.cos(x), torch.sin(x))
+
+
+def _split(num_knots: int) -> tuple[int, int]:
+    """(A, B), A * B >= num_knots, A + B small: knot j = a * B + b with 0 <= a < A, 1 <= b <= B."""
+    b = math.ceil(math.sqrt(num_knots))
+    return math.ceil(num_knots / b), b
+
+
+def _low_powers(e: Tensor, b: int) -> Tensor:
+    """(R, N) -> (R, B, N) holding e^1 .. e^B, each from the previous by one complex product."""
+    low = torch.empty(e.shape[0], b, e.shape[1], dtype=e.dtype, device=e.device)
+    low[:, 0] = e
+    for k in range(1, b):
+        torch.mul(low[:, k - 1], e, out=low[:, k])
+    return low
+
+
+class _ECF(torch.autograd.Function):
+    """p (R, N) real -> ECF mean_n exp(i t_j p[r, n]) at t_j = j * dt, j = 1..J, as (R, J, 2).
+
+    The plain formula materialises (R, N, J) complex exponentials. Here, with e = exp(i dt p)
+    and j = a B + b, exp(i t_j p) = (e^B)^a e^b (angle addition: one cos and one sin per sample,
+    then complex products), so a sample needs only e^1..e^B and e^0, e^B, .., e^((A-1)B), and the
+    sums over samples of all A x B products are one batched matmul. Rows go in blocks, which
+    bounds the scratch memory. Backward recomputes the powers from the saved p and evaluates
+    sum_j w_j e^j = sum_a (e^B)^a (sum_b w_ab e^b) by a batched matmul and Horner's rule.
+    """
+
+    @staticmethod
+    def forward(ctx, p: Tensor, dt: float, num_knots: int, block_rows: int) -> Tensor:
+        r, n = p.shape
+        na, nb = _split(num_knots)
+        cdtype = torch.complex128 if p.dtype == torch.float64 else torch.complex64
+        ecf = torch.empty(r, na, nb, dtype=cdtype, device=p.device)  # knot a * B + b at [a, b - 1]
+        for r0 in range(0, r, block_rows):
+            low = _low_powers(_unit_phasor(dt * p[r0 : r0 + block_rows]), nb)  # (rb, B, N)
+            high = torch.empty(low.shape[0], na, n, dtype=cdtype, device=p.device)  # (e^B)^a
+            high[:, 0] = 1
+            for a in range(1, na):
+                torch.mul(high[:, a - 1], low[:, -1], out=high[:, a])
+            torch.bmm(high, low.transpose(1, 2), out=ecf[r0 : r0 + block_rows])
+        ctx.save_for_backward(p)
+        ctx.dt, ctx.num_knots, ctx.block_rows = dt, num_knots, block_rows
+        return torch.view_as_real(ecf.view(r, na * nb)[:, :num_knots] / n)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (p,) = ctx.saved_tensors
+        dt, num_knots, block_rows = ctx.dt, ctx.num_knots, ctx.block_rows
+        r, n = p.shape
+        na, nb = _split(num_knots)
+        t = dt * torch.arange(1, num_knots + 1, dtype=p.dtype, device=p.device)  # (J,)
+        # d/dp of (gc * mean cos(tp) + gs * mean sin(tp)) = t/n * Re(exp(itp) * (gs + i gc)),
+        # and gs + i gc = i * conj(gc + i gs).
+        g = torch.view_as_complex(grad.contiguous())  # (R, J)
+        w = torch.zeros(r, na * nb, dtype=g.dtype, device=p.device)
+        w[:, :num_knots] = (1j / n) * t * g.conj()
+        w = w.view(r, na, nb)
+        dp = torch.empty_like(p)
+        for r0 in range(0, r, block_rows):
+            low = _low_powers(_unit_phasor(dt * p[r0 : r0 + block_rows]), nb)  # (rb, B, N)
+            part = torch.bmm(w[r0 : r0 + block_rows], low)  # (rb, A, N): sum_b w_ab e^b
+            acc = part[:, -1]
+            for a in range(na - 2, -1, -1):  # Horner in e^B
+                acc = torch.addcmul(part[:, a], acc, low[:, -1])
+            dp[r0 : r0 + block_rows] = acc.real
+        return dp, None, None, None
+
+
+def sigreg(
+    z: Tensor,
+    *,
+    step: int,
+    num_slices: int = 1024,
+    t_max: float = 3.0,
+    num_knots: int = 17,
+    directions: Tensor | None = None,
+) -> Tensor:
+    """SIGReg: Epps-Pulley statistic of z's projections on random directions, averaged; a scalar.
+
+    z: (N, K), or (V, N, K) for the mean over views of per-view SIGReg (all views share the
+    directions). Directions: drawn from `step` (see `random_directions`), or `directions`
+    (K, M) used as given. Computed in float32 (float64 inputs stay float64), autocast off.
+    In a process group, N is the local batch and the result is the statistic of the global
+    batch of N x world_size samples. About 1 for i.i.d. N(0, 1) rows, ~0.40 N for collapse.
+    """
+    if z.dim() not in (2, 3):
+        raise ValueError(f"sigreg expects z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
+    if num_knots < 2:
+        raise ValueError(f"sigreg needs num_knots >= 2, got {num_knots}")
+    views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
+    v, n, k = views.shape
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        if directions is None:
+            a = random_directions(k, num_slices, step=step, device=z.device)
+        elif directions.dim() != 2 or directions.shape[0] != k:
+            shape = tuple(directions.shape)
+            raise ValueError(f"directions must be ({k}, M) for z of {k} features, got {shape}")
+        else:
+            a = directions
+        a = a.to(device=z.device, dtype=dtype)  # (K, M)
+        # Projections laid out (M x V, N): each row is one direction's 1-D sample of one view.
+        p = a.T @ views.to(dtype).reshape(v * n, k).T  # (M, V * N)
+        rows = max(1, _BLOCK_ELEMS.get(z.device.type, _BLOCK_ELEMS_DEFAULT) // n)
+        t, weight = _knots(t_max, num_knots, p)
+        ecf = _ECF.apply(p.view(-1, n), t_max / (num_knots - 1), num_knots - 1, rows)
+        ecf = ecf.view(-1, v, num_knots - 1, 2)  # (M, V, J, 2)
+        # Average the ECF, not the statistic: the result is then the global batch's statistic.
+        ecf = dist.all_reduce_mean(ecf)
+        c, s = ecf.unbind(-1)  # (M, V, J) each
+        err = (c - torch.exp(-0.5 * t * t)).square() + s.square()
+        ep = (n * dist.world_size()) * (err * weight).sum(-1)  # (M, V)
+        return ep.mean()
+
+
+def sigreg_reference(
+    z: Tensor,
+    *,
+    step: int,
+    num_slices: int = 1024,
+    t_max: float = 3.0,
+    num_knots: int = 17,
+    directions: Tensor | None = None,
+) -> Tensor:
+    """`sigreg` written plainly (one complex exponential per sample, direction and knot).
+
+    Single process only; O(N M T) memory. The readable definition that tests and the
+    benchmark hold the fast version to.
+    """
+    views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
+    n, k = views.shape[1:]
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    a = random_directions(k, num_slices, step=step, device=z.device) if directions is None else directions
+    p = views.to(dtype) @ a.to(device=z.device, dtype=dtype)  # (V, N, M)
+    t = torch.linspace(0.0, t_max, num_knots, dtype=dtype, device=z.device)  # (T,)
+    ecf = torch.exp(1j * t * p.unsqueeze(-1)).mean(dim=1)  # (V, M, T)
+    phi = torch.exp(-0.5 * t * t)
+    err = (ecf - phi).abs().square()
+    ep = 2 * n * torch.trapezoid(err * phi, t, dim=-1)  # (V, M)
+    return ep.mean()
+
+
+def lejepa_loss(
+    z: Tensor,
+    *,
+    num_global: int,
+    lamb: float,
+    step: int,
+    num_slices: int = 1024,
+    t_max: float = 3.0,
+    num_knots: int = 17,
+    directions: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """LeJEPA objective for projector outputs z (V, N, K) whose first `num_global` views are global.
+
+    pred: every view regresses to its sample's centre, the mean of the global views (gradient
+    flows through the centre), as a mean over views, samples and dimensions.
+    sigreg: `sigreg` averaged over views. loss = (1 - lamb) * pred + lamb * sigreg.
+    loss_scaled = loss / lamb**0.4, the paper's label-free model-selection statistic (detached).
+    """
+    if z.dim() != 3:
+        raise ValueError(f"lejepa_loss expects z of shape (V, N, K), got {tuple(z.shape)}")
+    if not 1 <= num_global <= z.shape[0]:
+        raise ValueError(f"num_global must be in [1, {z.shape[0]}], got {num_global}")
+    zf = z.float() if z.dtype != torch.float64 else z  # the loss is float32 under autocast too
+    mu = zf[:num_global].mean(dim=0)  # (N, K)
+    pred = (mu - zf).square().mean()
+    sig = sigreg(
+        z, step=step, num_slices=num_slices, t_max=t_max, num_knots=num_knots, directions=directions
+    )
+    loss = (1 - lamb) * pred + lamb * sig
+    scaled = loss.detach() / lamb**0.4 if lamb > 0 else loss.detach()
+    return {"loss": loss, "pred": pred, "sigreg": sig, "loss_scaled": scaled}
