@@ -55,7 +55,7 @@ class ViewsConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet18|resnet50
+    arch: str = "vit_small"  # vit_micro|vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet18|resnet50
     patch_size: int = 16  # ViT patch side in pixels
     drop_path: float = 0.1  # stochastic depth rate (ViTs)
     small_stem: bool = False  # ResNet: 3x3 stride-1 stem without max-pool for 28-32 px images
@@ -125,7 +125,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50")
+from lejepa_cli.models import ARCHS  # noqa: E402  (one list of architectures)
 
 # Allowed values: key -> (predicate, what is allowed).
 _RULES: dict[str, tuple[Any, str]] = {

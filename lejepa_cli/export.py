@@ -58,6 +58,7 @@ ONNX_TOLERANCE = 1e-3  # max abs difference accepted at export; fp32 kernels typ
 
 # Our ViT sizes -> the timm model with the same widths; patch / image size go in model_args.
 _TIMM_VIT = {
+    "vit_micro": "vit_tiny_patch16_224",  # a narrower, shallower tiny: model_args carry its sizes
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
@@ -276,6 +277,11 @@ def timm_config(arch: dict[str, Any], *, num_features: int, mean: Iterable[float
         name = _TIMM_VIT[arch["arch"]]
         # dynamic_img_size: timm then resamples pos_embed per input as our ViT does.
         model_args = {"img_size": size, "patch_size": int(arch["patch_size"]), "in_chans": chans, "dynamic_img_size": True}
+        if arch["arch"] == "vit_micro":
+            from lejepa_cli.models.vit import VIT_SIZES
+
+            dim, depth, heads = VIT_SIZES["vit_micro"]
+            model_args.update(embed_dim=dim, depth=depth, num_heads=heads)
         pool, first_conv, classifier, pool_size = "token", "patch_embed.proj", "head", None
     else:
         name, model_args = arch["arch"], {"in_chans": chans}

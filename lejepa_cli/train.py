@@ -72,7 +72,12 @@ def select_device(name: str) -> torch.device:
             raise UserError(f"train.device = {name} but CUDA is not available here; use train.device=cpu or auto")
         if name == "mps" and not torch.backends.mps.is_available():
             raise UserError("train.device = mps but MPS is not available here; use train.device=cpu or auto")
-        return torch.device(name)
+        if name == "cuda":
+            return torch.device("cuda", dist.local_rank())  # one GPU per torchrun process
+        try:
+            return torch.device(name)
+        except RuntimeError:  # --device of probe / embed / viz is free text
+            raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank())
     if torch.backends.mps.is_available():
@@ -361,8 +366,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
     or the path of a checkpoint file.
     """
-    owns_group = dist.setup()  # torchrun: join the process group (and leave it at the end)
     device = select_device(cfg.train.device)
+    owns_group = dist.setup(device)  # torchrun: join the process group (and leave it at the end)
     world, rank = dist.world_size(), dist.rank()
     per_rank, rem = divmod(cfg.train.batch_size, world * cfg.train.grad_accum)
     if rem or per_rank < 1:
@@ -474,12 +479,14 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                     logger.advance(done)
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
                     logger.log({"step": done, **evaluate(run)})
-                if done % cfg.train.save_every == 0 or is_last or stop.signum is not None:
+                # A signal may reach the ranks in different steps: all of them stop after the same one.
+                stopping = dist.any_rank(stop.signum is not None)
+                if done % cfg.train.save_every == 0 or is_last or stopping:
                     check_finite(step)
                     save(done)
                 last_good_step = done
-                if stop.signum is not None:
-                    name = signal.Signals(stop.signum).name
+                if stopping:
+                    name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal to another rank"
                     raise RunFailed(f"stopped by {name} after step {done}; checkpoint saved, continue with --resume auto")
     finally:
         loader.close()

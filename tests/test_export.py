@@ -85,13 +85,14 @@ def test_export_reloads_to_the_training_models_features(exported, trained, run_d
     assert info["arch_config"] == meta["backbone"] and info["step"] == 2
     assert info["mean"] == meta["data"]["mean"] and info["std"] == meta["data"]["std"]
     assert (info["image_size"], info["channels"], info["patch_size"]) == (16, 3, 4)
-    assert info["config"]["model"]["arch"] == "vit_tiny" and info["preset"] == "demo" and info["lambda"] == 0.05
+    assert info["config"]["model"]["arch"] == "vit_micro" and info["preset"] == "demo" and info["lambda"] == 0.05
     assert info["data"]["fingerprint"] == meta["data"]["fingerprint"]
     assert set(info["probe"]) >= {"knn_top1"}  # the scores logged at that step
 
     cfg = json.loads((exported / "config.json").read_text())
-    assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["num_classes"] == 0 and cfg["num_features"] == 192
-    assert cfg["model_args"] == {"img_size": 16, "patch_size": 4, "in_chans": 3, "dynamic_img_size": True}
+    assert cfg["architecture"] == "vit_tiny_patch16_224" and cfg["num_classes"] == 0 and cfg["num_features"] == 128
+    assert cfg["model_args"] == {"img_size": 16, "patch_size": 4, "in_chans": 3, "dynamic_img_size": True,
+                                 "embed_dim": 128, "depth": 6, "num_heads": 4}
     pc = cfg["pretrained_cfg"]
     assert pc["input_size"] == [3, 16, 16] and pc["mean"] == info["mean"] and pc["num_classes"] == 0
 
@@ -313,10 +314,10 @@ def test_init_from_export_starts_a_new_run_from_its_weights(exported, tmp_path, 
 
 def test_init_from_resamples_pos_embed_to_a_new_grid(exported):
     src = load_encoder(exported).state_dict()
-    bigger = build_backbone("vit_tiny", img_size=24, patch_size=4)  # 6x6 grid instead of 4x4
+    bigger = build_backbone("vit_micro", img_size=24, patch_size=4)  # 6x6 grid instead of 4x4
     notes: list[str] = []
     load_backbone_weights(bigger, exported, log=notes.append)
-    assert bigger.pos_embed.shape == (1, 37, 192)
+    assert bigger.pos_embed.shape == (1, 37, 128)
     assert torch.equal(bigger.pos_embed.data, resample_pos_embed(src["pos_embed"], 6))
     assert torch.equal(bigger.pos_embed.data[:, 0], src["pos_embed"][:, 0])  # the CLS position is kept
     assert torch.equal(bigger.blocks[3].mlp.fc1.weight, src["blocks.3.mlp.fc1.weight"])
@@ -324,10 +325,10 @@ def test_init_from_resamples_pos_embed_to_a_new_grid(exported):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(arch="vit_small", img_size=16, patch_size=4), "arch vit_tiny there, vit_small here"),
-    (dict(arch="vit_tiny", img_size=16, patch_size=8), "patch_size 4 there, 8 here"),
-    (dict(arch="vit_tiny", img_size=16, patch_size=4, in_chans=1), "in_chans 3 there, 1 here"),
-    (dict(arch="resnet18", img_size=16), "arch vit_tiny there, resnet18 here"),
+    (dict(arch="vit_small", img_size=16, patch_size=4), "arch vit_micro there, vit_small here"),
+    (dict(arch="vit_micro", img_size=16, patch_size=8), "patch_size 4 there, 8 here"),
+    (dict(arch="vit_micro", img_size=16, patch_size=4, in_chans=1), "in_chans 3 there, 1 here"),
+    (dict(arch="resnet18", img_size=16), "arch vit_micro there, resnet18 here"),
 ])
 def test_init_from_mismatch_is_one_line_naming_it(exported, kwargs, match):
     with pytest.raises(UserError, match=match) as e:

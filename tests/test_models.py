@@ -29,6 +29,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 # --- ViT ---------------------------------------------------------------------------------------
 
 VIT_CASES = [  # (arch, patch, native img, local img)
+    ("vit_micro", 4, 32, 16),
     ("vit_tiny", 4, 32, 16),
     ("vit_small", 4, 32, 16),
     ("vit_tiny", 16, 64, 32),
@@ -253,7 +254,7 @@ def test_projector_layout_and_shapes() -> None:
 def test_archs_and_unknown_arch() -> None:
     from lejepa_cli.config import ARCHS as CONFIG_ARCHS
 
-    assert ARCHS == ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50")
+    assert ARCHS == ("vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50")
     assert set(ARCHS) == set(CONFIG_ARCHS)
     with pytest.raises(ValueError, match="unknown arch"):
         build_backbone("vit_gigantic", img_size=32)
