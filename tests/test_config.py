@@ -67,3 +67,27 @@ def test_defaults_are_valid():
     from lejepa_cli.config import validate
 
     validate(Config())
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_builds_its_model(name):
+    """Forward a tiny batch through each preset's backbone + projector; shapes only (meta) for the big ones."""
+    import torch
+
+    from lejepa_cli.lejepa import build_backbone_from_config, build_projector_from_config
+
+    cfg = load_config(name)
+    big = cfg.model.arch in ("vit_base", "vit_large", "vit_huge", "resnet50")
+    with torch.device("meta" if big else "cpu"):
+        backbone = build_backbone_from_config(cfg, in_chans=3)
+        projector = build_projector_from_config(cfg, backbone.embed_dim)
+        size = cfg.views.global_size
+        x = torch.zeros(2, 3, size, size)
+        with torch.no_grad():
+            h = backbone.eval()(x)
+            z = projector.eval()(h)
+    assert h.shape == (2, backbone.embed_dim) and z.shape == (2, cfg.model.proj_dim)
+    if cfg.views.local_views and cfg.model.arch.startswith("vit") and not big:
+        local = torch.zeros(2, 3, cfg.views.local_size, cfg.views.local_size)
+        with torch.no_grad():
+            assert backbone(local).shape == (2, backbone.embed_dim)
