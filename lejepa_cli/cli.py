@@ -122,33 +122,12 @@ def train(
 # ---- entry point ---------------------------------------------------------------------------------
 
 
-def _add_topic_apps() -> None:
-    """Sub-apps live in lejepa_cli/commands/, one module per topic."""
-    import importlib
+# Topic modules: `data` is a sub-app (lejepa data prepare|info|fetch); the others add top-level commands.
+from lejepa_cli.commands import bench, data, export, probe, reproduce  # noqa: E402
 
-    for module, name in (("data", "data"), ("probe", None), ("export", None), ("bench", None), ("reproduce", None)):
-        try:
-            mod = importlib.import_module(f"lejepa_cli.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lejepa_cli.commands.{module}":
-                raise
-            continue
-        if name:
-            app.add_typer(mod.app, name=name)
-        else:
-            mod.register(app)
-
-
-_add_topic_apps()
-
-
-def _fail(message: str, code: int, error: BaseException) -> None:
-    """One red line on stderr and exit `code`; under --debug the traceback instead."""
-    if os.environ.get("LEJEPA_DEBUG") == "1":
-        raise error
-    line = " ".join(message.split())  # one line whatever the message holds
-    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
+app.add_typer(data.app, name="data")
+for _module in (probe, export, reproduce, bench):
+    _module.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

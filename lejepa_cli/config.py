@@ -137,6 +137,15 @@ _RULES: dict[str, tuple[Any, str]] = {
     "views.local_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
     "views.ratio": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < lo <= hi"),
     "views.blur_sigma": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < lo <= hi"),
+    "views.flip_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.jitter_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.grayscale_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.blur_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.solarize_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.brightness": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "views.contrast": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "views.saturation": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "views.hue": (lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "views.solarize_threshold": (lambda v: 0 <= v <= 255, "an integer in [0, 255]"),
     "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
     "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
@@ -304,6 +313,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string, not a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # .inf / .nan are valid YAML floats but no valid setting
                 raise UserError(f"config key '{key}' = {value!r} is not allowed: expected a finite number")
