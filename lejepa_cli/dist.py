@@ -92,6 +92,27 @@ def barrier() -> None:
         dist.barrier()
 
 
+_gloo_side_group: Any = None  # for host-side flags when the default group is NCCL
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on at least one (a collective: all ranks call it).
+
+    Goes through gloo on host memory, so under NCCL it does not wait for the device.
+    """
+    global _gloo_side_group
+    if not is_distributed():
+        return flag
+    group = None  # the default group, when it is gloo
+    if dist.get_backend() != "gloo":
+        if _gloo_side_group is None:  # every rank creates it at the same call, as new_group requires
+            _gloo_side_group = dist.new_group(backend="gloo", timeout=timeout())
+        group = _gloo_side_group
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 # ---- process group ------------------------------------------------------------------------------
 
 
@@ -107,25 +128,28 @@ def timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def setup() -> bool:
+def setup(device: torch.device | None = None) -> bool:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); True if this call created it.
 
-    NCCL on CUDA, gloo otherwise. The timeout bounds every collective: a rank that died or hangs
-    turns into an error on the others (NCCL's watchdog aborts them; gloo raises) instead of a
-    silent hang; torchrun then stops the whole job and names the failed rank.
+    NCCL when training on CUDA (`device`, or CUDA being available when it is None), gloo
+    otherwise. The timeout bounds every collective: a rank that died or hangs turns into an
+    error on the others (NCCL's watchdog aborts them; gloo raises) instead of a silent hang;
+    torchrun then stops the whole job and names the failed rank.
     """
     if _launched_world() <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend=backend, timeout=timeout())
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(device if device is not None and device.index is not None else local_rank())
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timeout())
     return True
 
 
 def teardown() -> None:
+    global _gloo_side_group
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # and every group made from it
+    _gloo_side_group = None
 
 
 # ---- BatchNorm over the global batch ------------------------------------------------------------

@@ -37,7 +37,7 @@ class ViewEncoder(nn.Module):
 
 
 class ViewProjector(nn.Module):
-    """h (V, N, D) -> z (V, N, K); BatchNorm statistics are taken over all views together."""
+    """h (V, N, D) -> z (V, N, K); BatchNorm statistics pool all views (and, under torchrun, all ranks)."""
 
     def __init__(self, projector: nn.Module):
         super().__init__()

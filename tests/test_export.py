@@ -203,7 +203,7 @@ def test_onnx_export_matches_pytorch(run_dir, exported, tmp_path):
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     x = images(n=7, seed=3)
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    assert got.shape == (7, 192)
+    assert got.shape == (7, 128)
     assert (got - load_encoder(exported)(x)).abs().max() < 1e-4
 
 
@@ -232,7 +232,7 @@ def test_embed_writes_one_row_per_image_with_ids(exported, tmp_path):
     assert cli("embed", exported, tmp_path / "imgs", "--out", out, "--batch-size", "4", "--no-progress") == 0
     emb = np.load(out, allow_pickle=False)
     side = json.loads((tmp_path / "emb.ids.json").read_text())
-    assert emb.shape == (6, 192) and emb.dtype == np.float32
+    assert emb.shape == (6, 128) and emb.dtype == np.float32
     assert side["ids"] == ids and side["labels"] == [0, 0, 0, 1, 1, 1] and side["class_names"] == ["cat", "dog"]
     # Row i is the encoder's embedding of image ids[i], decoded and normalised as documented.
     enc = load_encoder(exported)
@@ -260,7 +260,7 @@ def test_embed_prepared_split_equals_raw_source(exported, tmp_path):
     prepare(npz, tmp_path / "prep", workers=0, progress=False)
     for data, name in ((npz, "raw"), (tmp_path / "prep", "prep")):
         s = embed(exported, data, tmp_path / f"{name}.npy", split="val", features="probe", progress=False)
-        assert s["rows"] == 5 and s["dim"] == 384  # probe features of a ViT: two CLS tokens
+        assert s["rows"] == 5 and s["dim"] == 256  # probe features of a ViT: two CLS tokens
     raw, prep = np.load(tmp_path / "raw.npy"), np.load(tmp_path / "prep.npy")
     np.testing.assert_allclose(raw, prep, atol=1e-6)  # same pixels, same rows, same order
     side = json.loads((tmp_path / "raw.ids.json").read_text())
@@ -278,7 +278,7 @@ def test_embed_parquet(exported, tmp_path):
     embed(exported, npz, tmp_path / "e.parquet", split="train", progress=False)
     table = pq.read_table(tmp_path / "e.parquet")
     assert table.column_names == ["id", "label", "embedding"] and table.num_rows == 8
-    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 192)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 128)
     assert table.column("id").to_pylist() == [f"d.npz:train:{i}" for i in range(8)]
     assert table.column("label").to_pylist() == [i % 2 for i in range(8)]
     embed(exported, npz, tmp_path / "e.npy", split="train", progress=False)
@@ -365,4 +365,4 @@ def test_load_encoder_needs_only_torch_and_safetensors(exported):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "(2, 192)"
+    assert done.stdout.strip() == "(2, 128)"

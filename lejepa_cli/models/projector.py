@@ -17,7 +17,9 @@ class Projector(nn.Module):
     """3-layer MLP with BatchNorm after the two hidden layers. (B, in_dim) -> (B, out_dim).
 
     Extra leading dimensions are flattened into the batch, e.g. (V, N, D) -> (V, N, out_dim):
-    BatchNorm then uses statistics pooled over all of them.
+    BatchNorm then uses statistics pooled over all of them. Under torchrun the trainer passes
+    the projector through `dist.global_batchnorm`, so the statistics are those of the global
+    batch (every rank) and a multi-process step equals the single-process one.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> None:
