@@ -1,0 +1,79 @@
+"""`lejepa probe` and `lejepa viz`: thin commands over lejepa_cli.probe, .selection and .plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from lejepa_cli.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+Data = Annotated[Optional[str], typer.Option("--data", help="Labelled data: builtin, an IDX folder, an .npz or a prepared folder (default: the data the encoder was trained on).")]
+
+
+def probe(
+    ckpt: Annotated[Optional[Path], typer.Argument(help="Training checkpoint, run folder (its newest checkpoint) or export folder.")] = None,
+    data: Data = None,
+    train_split: Annotated[str, typer.Option(help="Split the probes are trained on.")] = "train",
+    eval_split: Annotated[str, typer.Option(help="Split the probes are evaluated on.")] = "val",
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plots (curves, spectrum, shift, PCA maps) to this folder.")] = None,
+    label_free: Annotated[Optional[Path], typer.Option("--label-free", help="Rank every checkpoint of this run folder without labels instead.")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Probe a randomly initialised encoder of the same architecture (baseline).")] = False,
+    epochs: Annotated[int, typer.Option(help="Linear-probe epochs over the cached features.")] = 40,
+    max_train: Annotated[Optional[int], typer.Option(help="Use at most this many train images (evenly spaced).")] = None,
+    shift: Annotated[bool, typer.Option(help="Evaluate under corruptions (noise, blur, contrast, brightness, pixelation).")] = True,
+    shift_images: Annotated[int, typer.Option(help="Evaluation images corrupted per corruption and severity.")] = 2000,
+    conditions: Annotated[bool, typer.Option(help="Check normality / isotropy of the embeddings.")] = True,
+    cache: Annotated[bool, typer.Option(help="Cache features on disk ($LEJEPA_CACHE_DIR, default ~/.cache/lejepa).")] = True,
+    device: Device = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per extraction batch.")] = 256,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+) -> None:
+    """Evaluate a frozen encoder: linear probe, kNN, few-shot, robustness under shift, isotropy check."""
+    from lejepa_cli.probe import ProbeOptions, report_tables, run_probe, write_json
+
+    if label_free is not None:
+        from lejepa_cli.selection import rank_checkpoints, ranking_table
+
+        result = rank_checkpoints(label_free, device=device, data=data, progress=not no_progress)
+        console.print(ranking_table(result))
+    elif ckpt is None:
+        raise UserError("give a checkpoint, run folder or export to probe, or --label-free RUN_DIR")
+    else:
+        opts = ProbeOptions(data=data, train_split=train_split, eval_split=eval_split, device=device,
+                            batch_size=batch_size, max_train=max_train, epochs=epochs, shift=shift,
+                            shift_images=shift_images, conditions=conditions, random_init=random_init,
+                            cache=cache, progress=not no_progress, plots=plots)
+        result = run_probe(ckpt, opts)
+        for table in report_tables(result):
+            console.print(table)
+    if json_file is not None:
+        write_json(result, json_file)
+        err_console.print(f"report written to {json_file}")
+
+
+def viz(
+    ckpt: Annotated[Path, typer.Argument(help="Training checkpoint, run folder or export folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("plots"),
+    images: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="Image file for the PCA maps (repeatable; default: images of the encoder's data).")] = None,
+    num_images: Annotated[int, typer.Option(help="Images of the data to show when no --image is given.")] = 6,
+    data: Data = None,
+    device: Device = "auto",
+) -> None:
+    """Plot training curves (from metrics.jsonl) and PCA maps of patch features."""
+    from lejepa_cli.plots import write_viz
+
+    for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device):
+        err_console.print(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("probe")(probe)
+    app.command("viz")(viz)
