@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from typing import Callable
 
 import torch
 
+from benchmarks.machine import describe
 from lejepa_cli.config import ViewsConfig
 from lejepa_cli.views import make_views
 
@@ -34,17 +33,6 @@ CASES = {  # name: (image side, global size, local size, batch, quick batch)
     "a_32px_2x32_6x16": (32, 32, 16, 256, 64),
     "b_256px_2x224_6x96": (256, 224, 96, 32, 8),
 }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _kornia_recipe(cfg: ViewsConfig, size: int, scale: tuple[float, float], device: torch.device) -> Callable:
@@ -96,14 +84,7 @@ def run(quick: bool, device: str | None = None, threads: int | None = None, hue:
 
     dev = torch.device(device) if device else (torch.accelerator.current_accelerator() or torch.device("cpu"))
     result: dict = {
-        "machine": {
-            "cpu": _cpu_model(),
-            "torch": torch.__version__,
-            "kornia": kornia.__version__,
-            "threads": torch.get_num_threads(),
-            "device": f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev),
-            "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs on a shared machine skew timings
-        },
+        "machine": {**describe(dev), "kornia": kornia.__version__},
         "quick": quick,
         "hue": ViewsConfig.hue if hue is None else hue,
         "cases": {},
