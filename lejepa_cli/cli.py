@@ -130,6 +130,15 @@ for _module in (probe, export, reproduce, bench):
     _module.register(app)
 
 
+def _fail(message: str, code: int, error: BaseException) -> None:
+    """One red line on stderr and exit `code`; under --debug the traceback instead."""
+    if os.environ.get("LEJEPA_DEBUG") == "1":
+        raise error
+    line = " ".join(message.split())  # one line whatever the message holds
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The console script: known errors (UserError, usage errors, I/O errors) end as one line."""
     try:

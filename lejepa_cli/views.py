@@ -257,7 +257,7 @@ def _gated(x: Tensor, gate: Tensor, fn: Callable[[Tensor, Tensor], Tensor], para
         return x
     if idx.numel() == x.shape[0]:
         return fn(x, params)
-    rows = x.view(x.shape[0], -1)  # 2-D indexing: several times faster than 4-D on the CPU
+    rows = x.reshape(x.shape[0], -1)  # 2-D indexing: several times faster than 4-D on the CPU (x may be a strided view)
     done = fn(rows.index_select(0, idx).view(-1, *x.shape[1:]), params.index_select(0, idx))
     return rows.index_copy_(0, idx, done.reshape(idx.numel(), -1)).view_as(x)
 

@@ -267,7 +267,7 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
     top = sorted(p.name for p in staging.iterdir())
     for name in top:  # move into place only once everything extracted
         final = dest / name
-        if final.is_dir():
+        if final.is_dir() and not final.is_symlink():  # a link is replaced, never followed
             shutil.rmtree(final)
         elif final.exists():
             final.unlink()

@@ -96,6 +96,7 @@ def load_npz(path: Path, split: str = "train") -> ImageDataset:
         raise UserError(f".npz data has splits 'train' and 'val', not '{split}'")
     try:
         arrays = np.load(path, allow_pickle=False)
+        [arrays[k] for k in arrays.files]  # members load lazily: refuse object (pickled) arrays here, in the try
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable .npz file ({str(e).splitlines()[0]})") from None
     with arrays:

@@ -1,0 +1,591 @@
+"""Runs survive kills, damaged files, a full or read-only disk and non-finite numbers.
+
+The kill test drives real `python -m lejepa_cli train` processes: one uninterrupted reference run
+and, beside it, one run folder that is SIGKILLed at seeded random moments (at start-up, between
+steps, in the middle of a checkpoint write), stopped by SIGTERM and SIGINT, and refused its disk,
+each time continued with `--resume auto`. It must end bit for bit where the reference ends.
+
+Subprocesses run with OMP_NUM_THREADS=1: on a loaded 2-core machine two OpenMP threads spin
+against each other and a 0.1 s step takes seconds. The in-process tests use one thread for the
+same reason (restored after each test).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY
+
+import lejepa_cli.checkpoint as checkpoint_mod
+import lejepa_cli.train as train_mod
+from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint
+from lejepa_cli.cli import main
+from lejepa_cli.config import load_config
+from lejepa_cli.errors import RunFailed
+from lejepa_cli.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+# TINY made cheaper still: 8 images a step, global views only, 2x2 patches of 8 px.
+FAST = TINY + ["train.batch_size=8", "views.local_views=0", "model.patch_size=8",
+               "data.builtin_train=32", "data.builtin_val=16"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "COLUMNS": "400", "LEJEPA_DEBUG": "0"}
+TEMP = re.compile(r"^\.")  # a write in progress: safetensors' .tmpXXXX, then our .step-*.tmp-PID
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fast(*extra: str) -> list[str]:
+    return FAST + list(extra)
+
+
+def tensors_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+def step_records(run: Path) -> list[dict]:
+    """metrics.jsonl lines of training steps, without the timing fields that differ run to run."""
+    timing = {"images_per_s", "data_wait"}
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k not in timing} for x in lines]
+
+
+def newest_step(run: Path) -> int:
+    ckpts = list_checkpoints(run / "checkpoints")
+    return int(ckpts[-1].name[5:14]) if ckpts else 0
+
+
+def temp_files(run: Path) -> set[str]:
+    folder = run / "checkpoints"
+    return {e.name for e in os.scandir(folder) if TEMP.match(e.name)} if folder.is_dir() else set()
+
+
+def one_error_line(text: str) -> str:
+    """The single non-empty line of `text`, which must be an error line without a traceback."""
+    lines = [x for x in text.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    return lines[0]
+
+
+def squash(text: str) -> str:
+    """`text` without whitespace: rich wraps long lines (paths included) at the console width."""
+    return "".join(text.split())
+
+
+def final_error_line(text: str) -> str:
+    """The last line of a run's stderr, which must be its only error line, without a traceback."""
+    lines = [x for x in text.splitlines() if x.strip()]
+    assert "Traceback" not in text and lines and lines[-1].startswith("error: "), text
+    assert sum(x.startswith("error:") for x in lines) == 1, text
+    return lines[-1]
+
+
+def run_cli(capsys, *argv: str | Path) -> tuple[int, str]:
+    """`lejepa ARGV` in this process: (exit code, stderr). Anything but SystemExit fails the test."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+# ---- kills -----------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One `lejepa train` subprocess whose stderr is collected by a thread."""
+
+    def __init__(self, out: Path, steps: int, save_every: int, *, resume: bool, fsize_limit: int | None = None):
+        sets = [a for o in fast(f"train.steps={steps}", f"train.save_every={save_every}") for a in ("--set", o)]
+        cmd = [sys.executable, "-m", "lejepa_cli", "train", "--preset", "demo", "--out", str(out), "--no-progress", *sets]
+        cmd += ["--resume", "auto"] if resume else []
+        limit = None if fsize_limit is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit)))
+        self.out = out
+        self.stale_temps = temp_files(out)  # left by an earlier killed writer
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, preexec_fn=limit)
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self._reader.start()
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, condition, what: str, poll: float, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                self._reader.join(5)
+                raise AssertionError(f"train exited ({self.proc.returncode}) before {what}:\n{self.stderr}")
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"no {what} within {timeout} s:\n{self.stderr}")
+            time.sleep(poll)
+
+    def wait_in_loop(self, step: int) -> None:
+        """Until this process has logged step `step` (lines of earlier processes are trimmed before its header)."""
+        def stepped() -> bool:
+            if not any("global batch" in line for line in self.lines):
+                return False
+            text = (self.out / "metrics.jsonl").read_text()
+            last = text.splitlines()[-1] if text.endswith("\n") and text.strip() else "{}"
+            return json.loads(last).get("step", 0) >= step and "loss" in last
+        self.wait_for(stepped, f"step {step}", poll=0.01)
+
+    def wait_writing(self, completed_writes: int) -> None:
+        """Until a checkpoint write is in progress after `completed_writes` new checkpoints of this process."""
+        folder = self.out / "checkpoints"
+        before = set(os.listdir(folder))
+
+        def writing() -> bool:  # one listdir a poll: this loop shares the CPU with the trainer
+            names = set(os.listdir(folder)) - before
+            temps = {n for n in names if n.startswith(".")} - self.stale_temps
+            return len(names - temps) >= completed_writes and bool(temps)
+        self.wait_for(writing, "a checkpoint write", poll=0.002)
+
+    def finish(self, timeout: float = 300.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.proc.send_signal(sig)
+
+
+def test_kills_at_random_moments_then_resume_is_bit_exact(tmp_path):
+    steps, every, rng = 36, 3, random.Random(20240808)
+    reference = Trainer(tmp_path / "reference", steps, every, resume=False)  # runs beside the chain
+    run = tmp_path / "run"
+    # Ten SIGKILLs in a seeded order (the first after step 4, so a checkpoint exists), with SIGTERM,
+    # SIGINT and a full disk at seeded places among them.
+    plan = ["step"] + rng.sample(["startup"] * 2 + ["step"] * 3 + ["write"] * 4, 9)
+    for kind in ("SIGTERM", "SIGINT", "disk-full"):
+        plan.insert(rng.randrange(1, len(plan) + 1), kind)
+    kills = mid_write = 0
+    log: list[str] = []
+    for i, kind in enumerate(plan):
+        before = newest_step(run)
+        trainer = Trainer(run, steps, every, resume=True, fsize_limit=8 << 20 if kind == "disk-full" else None)
+        if kind == "startup":  # importing, loading the checkpoint, trimming metrics.jsonl ...
+            time.sleep(rng.uniform(0.2, 2.5))
+        elif kind == "step":
+            trainer.wait_in_loop(4 if i == 0 else before + rng.randint(1, 3))
+        elif kind == "write":  # during this process's first or second checkpoint write
+            trainer.wait_in_loop(before + 1)
+            trainer.wait_writing(rng.randrange(2))
+            time.sleep(rng.uniform(0.0, 0.01))
+        elif kind in ("SIGTERM", "SIGINT"):
+            trainer.wait_in_loop(before + 1)
+        if kind != "disk-full":
+            trainer.kill(getattr(signal, kind) if kind.startswith("SIG") else signal.SIGKILL)
+        rc = trainer.finish()
+        now = newest_step(run)
+        if kind in ("startup", "step", "write"):
+            assert rc == -signal.SIGKILL, f"{kind}: {rc}\n{trainer.stderr}"
+            kills += 1
+            if kind == "write" and temp_files(run) - trainer.stale_temps:
+                mid_write += 1  # it died with its temporary file in place: the write was cut short
+        elif kind == "disk-full":  # RLIMIT_FSIZE: the write fails with EFBIG, as on a full disk
+            line = final_error_line(trainer.stderr)
+            assert rc == 1 and "could not write checkpoint" in line and "the previous checkpoints are intact" in line
+            assert now == before > 0 and not temp_files(run) - trainer.stale_temps  # nothing half-written left
+        else:
+            line = final_error_line(trainer.stderr)
+            match = re.fullmatch(rf"error: stopped by {kind} after step (\d+); checkpoint saved, continue with --resume auto", line)
+            assert rc == 1 and match, trainer.stderr
+            assert int(match.group(1)) == now > before  # the step it names is the checkpoint it saved
+        assert "Traceback" not in trainer.stderr, trainer.stderr
+        assert now >= before and now < steps
+        if now:  # the newest checkpoint is always complete: it loads and its checksum matches
+            assert load_checkpoint(run / "checkpoints" / checkpoint_mod.checkpoint_name(now))[1]["step"] == now
+        log.append(f"{kind}@{before}->{now}")
+    final = Trainer(run, steps, every, resume=True)
+    assert final.finish() == 0, final.stderr
+    assert reference.finish() == 0, reference.stderr
+    assert f"resuming from {run / 'checkpoints'}" in final.stderr
+
+    ckpts = list_checkpoints(run / "checkpoints")
+    assert [p.name for p in ckpts] == [checkpoint_mod.checkpoint_name(s) for s in (30, 33, 36)], log
+    assert not temp_files(run)  # temporaries of killed writes were cleaned up
+    assert_identical(tensors_of(ckpts[-1]), tensors_of(tmp_path / "reference" / "checkpoints" / ckpts[-1].name))
+    assert step_records(run) == step_records(tmp_path / "reference")  # every step logged once, same losses
+    assert kills == 10 and mid_write >= 1, log
+    print(f"\nkills survived: {kills} SIGKILL ({mid_write} mid-write) + SIGTERM + SIGINT + disk full: {' '.join(log)}")
+
+
+# ---- damaged, foreign and missing files ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A 4-step run with checkpoints at steps 2 and 4 (treated as read-only by the tests)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(load_config("demo", fast()), run, progress=False)
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-000000002.safetensors", "step-000000004.safetensors"]
+    return run
+
+
+def header_end(data: bytes) -> int:
+    return 8 + int.from_bytes(data[:8], "little")
+
+
+def flip(data: bytes, position: int, bit: int = 0) -> bytes:
+    out = bytearray(data)
+    out[position] ^= 1 << bit
+    return bytes(out)
+
+
+def damaged_files(good: Path, folder: Path) -> dict[str, Path]:
+    """Every way a checkpoint can be broken or not be one, as files in `folder`."""
+    import pickle
+    import struct
+    import zipfile
+
+    from safetensors.torch import save_file
+
+    data, rng = good.read_bytes(), random.Random(7)
+    end = header_end(data)
+    step_value = data.index(b'"step":"') + len(b'"step":"')  # the digit of metadata "step": "4"
+    variants: dict[str, bytes | None] = {
+        "truncated-half": data[: len(data) // 2],
+        "truncated-in-header": data[: end // 2],
+        "truncated-last-byte": data[:-1],
+        "empty": b"",
+        "five-bytes": data[:5],
+        "header-claims-10GB": struct.pack("<Q", 10 << 30) + data[8:4096],
+        "header-not-json": struct.pack("<Q", 64) + bytes(range(64)) + data[end:],
+        "metadata-step-4-to-5": flip(data, step_value),  # still valid JSON: only the checksum sees it
+        "text": b"these are my notes, not a checkpoint\n",
+        "pickle": pickle.dumps({"model": [1.0, 2.0]}, protocol=4),
+        "directory": None,
+    }
+    for k in range(3):
+        variants[f"bitflip-tensor-data-{k}"] = flip(data, rng.randrange(end, len(data)), rng.randrange(8))
+        variants[f"bitflip-header-{k}"] = flip(data, rng.randrange(8, end), rng.randrange(8))
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, content in variants.items():
+        path = folder / f"{name}.safetensors"
+        if content is None:
+            path.mkdir()
+        else:
+            path.write_bytes(content)
+        out[name] = path
+    with zipfile.ZipFile(folder / "zip.safetensors", "w") as z:  # what torch.save writes: a zip around a pickle
+        z.writestr("archive/data.pkl", pickle.dumps({"w": [0.0]}))
+    out["zip-pickle"] = folder / "zip.safetensors"
+    save_file({"w": torch.zeros(3)}, str(folder / "other-safetensors.safetensors"), metadata={"format": "pt"})
+    out["safetensors-not-ours"] = folder / "other-safetensors.safetensors"
+    out["missing"] = folder / "missing.safetensors"
+    return out
+
+
+def test_damaged_checkpoints_are_one_line_errors_for_every_command(trained, tmp_path, capsys):
+    files = damaged_files(trained / "checkpoints" / "step-000000004.safetensors", tmp_path / "bad")
+    commands = {
+        "train --resume": lambda f, o: ["train", "--resume", f, "--out", o, "--no-progress"],
+        "probe": lambda f, o: ["probe", f, "--no-progress", "--device", "cpu", "--no-cache"],
+        "export": lambda f, o: ["export", f, "--out", o],
+    }
+    tried = 0
+    for name, path in files.items():
+        for command, argv in commands.items():
+            out = tmp_path / "out" / f"{name}-{command.split()[0]}"
+            code, err = run_cli(capsys, *argv(path, out))
+            line = one_error_line(err)
+            assert code == 2, (name, command, line)
+            assert not out.exists() or not any(out.iterdir()), (name, command)  # nothing written
+            tried += 1
+    assert tried == len(files) * 3 >= 60
+    print(f"\ndamaged files tried: {len(files)} kinds x {len(commands)} commands = {tried}, all one-line errors")
+
+
+def test_resume_into_another_architecture_is_one_line(trained, tmp_path, capsys):
+    ckpt = trained / "checkpoints" / "step-000000004.safetensors"
+    for override in ("model.patch_size=4", "model.arch=resnet18", "model.proj_dim=8"):
+        code, err = run_cli(capsys, "train", "--resume", ckpt, "--out", tmp_path / "o", "--set", override, "--no-progress")
+        line = one_error_line(err)
+        assert code == 2 and "checkpoint does not fit this model" in line, line
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    code, err = run_cli(capsys, "train", "--resume", "auto", "--out", run, "--set", "model.arch=resnet18", "--no-progress")
+    assert code == 2 and "does not fit this model (backbone)" in one_error_line(err)
+    assert len(list_checkpoints(run / "checkpoints")) == 2  # nothing deleted
+
+
+def test_auto_resume_skips_a_damaged_newest_checkpoint_and_ends_identical(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    newest = run / "checkpoints" / "step-000000004.safetensors"
+    data = newest.read_bytes()
+    newest.write_bytes(flip(data, len(data) - 100))
+    capsys.readouterr()
+    train(load_config("demo", fast()), run, progress=False, resume="auto")
+    err = squash(capsys.readouterr().err)
+    assert squash(f"skipping damaged checkpoint: {newest} is damaged") in err
+    assert squash(f"resuming from {run / 'checkpoints' / 'step-000000002.safetensors'} at step 2") in err
+    assert_identical(tensors_of(newest), tensors_of(trained / "checkpoints" / newest.name))  # redone exactly
+
+
+def test_auto_resume_refuses_when_no_checkpoint_loads(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    for ckpt in list_checkpoints(run / "checkpoints"):
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    code, err = run_cli(capsys, "train", "--resume", "auto", "--out", run, "--no-progress")
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and sum("skipping damaged checkpoint" in x for x in lines) == 2
+    assert lines[-1].startswith("error: none of the 2 checkpoints") and "--overwrite" in lines[-1]
+    assert all(p.stat().st_size == 1000 for p in list_checkpoints(run / "checkpoints"))  # left for the user
+
+
+# ---- full disk, read-only folder ------------------------------------------------------------------------
+
+
+def _failing_save(monkeypatch, error: Exception, after: int) -> None:
+    """safetensors' save_file writes part of the file and then fails, from the `after`+1-th call on."""
+    real, calls = checkpoint_mod.save_file, []
+
+    def save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) <= after:
+            return real(tensors, filename, metadata=metadata)
+        Path(filename).write_bytes(b"\0" * 4096)  # a partial write, then the disk is full
+        raise error
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", save_file)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    checkpoint_mod.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+], ids=["oserror", "safetensors-error"])
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch, error):
+    _failing_save(monkeypatch, error, after=1)
+    sets = [a for o in fast() for a in ("--set", o)]
+    code, err = run_cli(capsys, "train", "--out", tmp_path / "run", "--no-progress", *sets)
+    line = final_error_line(err)
+    assert code == 1 and "could not write checkpoint" in line and "No space left on device" in line
+    assert "step-000000004" in line and "the previous checkpoints are intact" in line
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-000000002.safetensors"]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "step-000000002.safetensors")[1]["step"] == 2
+    assert not temp_files(tmp_path / "run")
+
+
+def _make_read_only(folder: Path, monkeypatch) -> str:
+    """Make `folder` refuse new files: chmod (not root), chattr +i (root), else a simulated EROFS."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return "chmod"
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        return "chattr"
+    _failing_save(monkeypatch, OSError(errno.EROFS, "Read-only file system"), after=0)
+    return "simulated"
+
+
+def test_read_only_checkpoint_folder_ends_the_run_cleanly(trained, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in list_checkpoints(run / "checkpoints")}
+    how = _make_read_only(run / "checkpoints", monkeypatch)
+    try:
+        code, err = run_cli(capsys, "train", "--resume", "auto", "--out", run, "--set", "train.steps=6", "--no-progress")
+    finally:
+        if how == "chattr":
+            subprocess.run(["chattr", "-i", str(run / "checkpoints")], check=True)
+        (run / "checkpoints").chmod(0o755)
+    line = final_error_line(err)
+    assert code == 1 and "could not write checkpoint" in line and "step-000000006" in line, (how, line)
+    assert {p.name: p.read_bytes() for p in list_checkpoints(run / "checkpoints")} == before
+    assert not temp_files(run)
+
+
+# ---- numerical faults (test_train.py covers a NaN loss with stop and an inf loss with skip) -----------------
+
+
+def _poison_views(monkeypatch, bad_steps: set[int], value: float = float("nan")) -> None:
+    """One NaN (or inf) pixel in the global views of the given 0-based steps."""
+    real, calls = train_mod.make_views, [0]
+
+    def make_views(*args, **kwargs):
+        global_views, local_views = real(*args, **kwargs)
+        if calls[0] in bad_steps:
+            global_views = global_views.clone()
+            global_views.view(-1)[0] = value
+        calls[0] += 1
+        return global_views, local_views
+
+    monkeypatch.setattr(train_mod, "make_views", make_views)
+
+
+def test_nan_input_found_at_a_save_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    # log.every=3: the NaN of step 3 is read first at the step-4 save, which must not happen.
+    _poison_views(monkeypatch, {3})
+    sets = [a for o in fast("train.steps=6", "log.every=3") for a in ("--set", o)]
+    code, err = run_cli(capsys, "train", "--out", tmp_path / "run", "--no-progress", *sets)
+    line = final_error_line(err)
+    assert code == 1 and line.startswith("error: non-finite loss at step 3; stopping"), line
+    assert "step-000000002.safetensors" in line
+    ckpts = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-000000002.safetensors"]
+    assert all(torch.isfinite(t).all() for t in tensors_of(ckpts[0]).values() if t.is_floating_point())
+
+
+def test_inf_loss_on_the_first_step_says_no_checkpoint_was_written(tmp_path, monkeypatch):
+    real = train_mod.lejepa_loss
+
+    def poisoned(z, *, step, **kw):
+        parts = real(z, step=step, **kw)
+        parts["loss"] = parts["loss"] + float("inf")
+        return parts
+
+    monkeypatch.setattr(train_mod, "lejepa_loss", poisoned)
+    with pytest.raises(RunFailed, match=r"non-finite loss at step 0; stopping \(no checkpoint was written\)"):
+        train(load_config("demo", fast()), tmp_path / "run", progress=False)
+    assert not list_checkpoints(tmp_path / "run" / "checkpoints")
+
+
+def test_skip_mode_survives_nan_input_without_poisoning_any_state(tmp_path, capsys, monkeypatch):
+    _poison_views(monkeypatch, {1, 2})
+    train(load_config("demo", fast("train.on_nonfinite=skip")), tmp_path / "run", progress=False)
+    err = squash(capsys.readouterr().err)
+    assert squash("step 1: non-finite loss, update skipped") in err and squash("step 2: non-finite loss, update skipped") in err
+    tensors = tensors_of(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    assert not bad  # weights, optimizer moments, BatchNorm statistics and the online probe
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(lines[-1]["knn_top1"]) and math.isfinite(lines[-2]["loss"])
+
+
+# ---- bad data (test_data_prepare.py covers corrupt files, pixel-limit skips, the info/verify functions) ------
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 4x4 PNG whose header says width x height (CRC fixed): a decompression bomb's calling card."""
+    import io
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")  # IHDR width, height
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_images_claiming_absurd_sizes_are_refused_without_decoding(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from lejepa_cli.data.prepare import info, prepare
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 12), (40 * i, 90, 10)).save(src / f"ok{i}.png")
+    (src / "bomb.png").write_bytes(_png_claiming(60_000, 60_000))  # 3.6 G pixels, 10.8 GB decoded
+    (src / "wide.png").write_bytes(_png_claiming(1_000_000, 1))  # 1 M pixels: small enough, but a broken file
+    t0 = time.perf_counter()
+    summary = prepare(src, tmp_path / "out", resolution=8, workers=0, progress=False)
+    assert time.perf_counter() - t0 < 30 and summary["splits"] == {"train": 3}
+    skipped = {r["path"]: r["reason"] for r in info(tmp_path / "out")["skipped"]}
+    assert skipped["bomb.png"].startswith("too large") and "wide.png" in skipped
+    code, err = run_cli(capsys, "viz", trained, "--image", src / "bomb.png", "--out", tmp_path / "viz", "--device", "cpu")
+    assert code == 2 and "cannot read image" in one_error_line(err)
+
+
+def test_label_files_of_the_wrong_length_are_one_line_errors(tmp_path, capsys):
+    import numpy as np
+    from data_fixtures import make_idx_folder, write_idx
+
+    idx = tmp_path / "mnist"
+    arrays = make_idx_folder(idx, n_train=20, n_test=5)
+    write_idx(idx / "train-labels-idx1-ubyte.gz", arrays["train-labels-idx1-ubyte.gz"][:19])
+    npz = tmp_path / "arrays.npz"
+    np.savez(npz, x_train=np.zeros((10, 8, 8), np.uint8), y_train=np.zeros(9, np.int64))
+    sets = [a for o in fast() for a in ("--set", o)]
+    for source, expected in ((idx, "has 19 labels for 20 images"), (npz, "labels have shape (9,), expected (10,)")):
+        code, err = run_cli(capsys, "data", "prepare", source, "--out", tmp_path / "p", "--workers", "0")
+        assert code == 2 and expected in one_error_line(err)
+        code, err = run_cli(capsys, "train", "--data", source, "--out", tmp_path / "t", "--no-progress", *sets)
+        assert code == 2 and expected in one_error_line(err)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
+
+
+def test_empty_sources_are_one_line_errors(tmp_path, capsys):
+    import numpy as np
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    classes = tmp_path / "classes"  # class folders without images
+    for name in ("cat", "dog"):
+        (classes / name).mkdir(parents=True)
+    (classes / "dog" / ".hidden.png").write_bytes(b"")
+    blank_idx = tmp_path / "blank-idx"
+    blank_idx.mkdir()
+    (blank_idx / "train-images-idx3-ubyte").write_bytes(b"")
+    np.savez(tmp_path / "nothing.npz")
+    sets = [a for o in fast() for a in ("--set", o)]
+    tried = 0
+    for source in (empty, classes, blank_idx, tmp_path / "nothing.npz"):
+        code, err = run_cli(capsys, "data", "prepare", source, "--out", tmp_path / "p", "--workers", "0")
+        assert code == 2, one_error_line(err)
+        if source != classes:  # a folder of images is read by `data prepare`, not by train
+            code, err = run_cli(capsys, "train", "--data", source, "--out", tmp_path / "t", "--no-progress", *sets)
+            assert code == 2, one_error_line(err)
+        tried += 1
+    assert tried == 4 and not (tmp_path / "t").exists()
+
+
+def test_a_source_changed_after_preparation_is_reported(tmp_path, capsys):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (10, 10), (80 * i, 20, 200 if cls == "a" else 0)).save(src / cls / f"{i}.png")
+    out = tmp_path / "prepared"
+    assert run_cli(capsys, "data", "prepare", src, "--out", out, "--workers", "0")[0] == 0
+
+    def info(*extra: str) -> tuple[str, str]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["data", "info", str(out), *extra])
+        assert exit_info.value.code in (0, None)
+        captured = capsys.readouterr()
+        status = re.search(r"source status\W+(\w+)", captured.out)
+        return status.group(1) if status else captured.out, squash(captured.err)
+
+    assert info() == ("unchanged", "")
+    Image.new("RGB", (10, 10), (0, 255, 0)).save(src / "a" / "1.png")  # same name and size, new pixels
+    status, err = info("--verify")
+    assert status == "changed" and squash("the source changed since it was prepared") in err
+    assert squash("verified: every shard matches its checksum") in err  # the prepared copy itself is intact
+    shutil.rmtree(src)
+    assert info()[0] == "missing"
