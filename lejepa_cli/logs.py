@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ def trim_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill
-    path.write_text("".join(line + "\n" for line in kept))
+    tmp = path.with_name(path.name + ".tmp")  # temp + rename: a kill here must not lose the history
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class RunLogger:
