@@ -316,6 +316,19 @@ def evaluate(run: Run, max_train: int = 10_000) -> dict[str, float]:
     return out
 
 
+def _before_training(metrics: Path) -> dict[str, float]:
+    """The step-0 evaluation (the encoder before any update) from metrics.jsonl, keys suffixed; {} if none."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        record = json.loads(line)
+        if record.get("step") == 0 and "knn_top1" in record:
+            return {f"{k}_before_training": v for k, v in record.items() if k.endswith("_top1")}
+    return {}
+
+
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -399,7 +412,9 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-        trim_metrics(out / "metrics.jsonl", start)  # lines up to `start` were logged before its checkpoint
+        # Lines up to `start` were logged before its checkpoint; with no checkpoint (start 0) none
+        # survive, not even a step-0 evaluation, which is logged again below.
+        trim_metrics(out / "metrics.jsonl", start if start > 0 else -1)
     logger = RunLogger(out, cfg.log, enabled=dist.is_main(), total_steps=cfg.train.steps, start_step=start,
                        show_progress=progress, run_config=cfg.to_dict())
     logger.print(f"{cfg.preset or 'custom'}: {cfg.model.arch} on {run.train_data.name} ({len(run.train_data)} images), "
@@ -407,8 +422,11 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                  f"{world} process(es) x {cfg.train.grad_accum} micro-batch(es) x {per_rank}"
                  f"{' (FSDP)' if dist.is_sharded(run.backbone) else ''}")
 
+    if cfg.train.eval_every and start == 0:  # where the curve starts: the encoder before any update
+        logger.log({"step": 0, "train_s": 0.0, **evaluate(run)})
     loader = BatchLoader(run.train_data, sampler, device, rank=rank, world=world, num_micro=cfg.train.grad_accum)
     meter = Throughput()
+    started = time.perf_counter()  # evaluations carry the training seconds so far (this process)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, found without a sync
     last_saved = start if found is not None else -1
     last_good_step = start
@@ -478,7 +496,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                 else:
                     logger.advance(done)
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
-                    logger.log({"step": done, **evaluate(run)})
+                    logger.log({"step": done, "train_s": round(time.perf_counter() - started, 1), **evaluate(run)})
                 # A signal may reach the ranks in different steps: all of them stop after the same one.
                 stopping = dist.any_rank(stop.signum is not None)
                 if done % cfg.train.save_every == 0 or is_last or stopping:
@@ -492,11 +510,13 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
         loader.close()
         logger.close()
 
+    train_s = round(time.perf_counter() - started, 1)
     scores = evaluate(run)
-    summary = {"step": last_good_step, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores}
+    summary = {"step": last_good_step, "train_s": train_s, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores,
+               **_before_training(out / "metrics.jsonl")}
     if dist.is_main():
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": last_good_step, **scores}) + "\n")
+            f.write(json.dumps({"step": last_good_step, "train_s": train_s, **scores}) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if owns_group:
         dist.teardown()

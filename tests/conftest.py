@@ -10,7 +10,7 @@ TINY = [
     "views.global_views=2", "views.local_views=2", "views.global_size=16", "views.local_size=8",
     "model.arch=vit_micro", "model.patch_size=4", "model.drop_path=0.1", "model.proj_hidden=64", "model.proj_dim=16",
     "loss.num_slices=64", "train.batch_size=16", "train.steps=4", "train.save_every=2", "log.every=1",
-    "train.device=cpu",
+    "train.device=cpu", "train.eval_every=0",
 ]
 
 

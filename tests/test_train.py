@@ -147,3 +147,20 @@ def test_no_weight_decay_on_norms_biases_pos_embed_cls():
     nd = {names[id(p)] for p in no_decay["params"]}
     assert {"pos_embed", "cls_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= nd
     assert "blocks.0.attn.qkv.weight" not in nd and decay["weight_decay"] == 0.05
+
+
+def test_periodic_evaluation_starts_at_step_zero_and_summary_keeps_it(tmp_path, tiny_overrides):
+    """eval_every > 0: the curve starts with the untrained encoder, so the summary can show the gain."""
+    cfg = load_config("demo", tiny_overrides + ["train.eval_every=2"])
+    summary = train(cfg, tmp_path / "run", progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "knn_top1" in x]
+    assert [x["step"] for x in evals] == [0, 2, 4]
+    assert evals[0]["train_s"] == 0.0 and evals[1]["train_s"] > 0
+    assert summary["knn_top1_before_training"] == evals[0]["knn_top1"]
+    assert summary["online_probe_top1_before_training"] == evals[0]["online_probe_top1"]
+    # --resume auto on a folder that never reached a checkpoint starts again from 0: one step-0 line, not two.
+    (tmp_path / "run" / "checkpoints").rename(tmp_path / "old-checkpoints")
+    train(cfg, tmp_path / "run", progress=False, resume="auto")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "knn_top1" in x] == [0, 2, 4]
