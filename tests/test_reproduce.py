@@ -1,0 +1,69 @@
+"""`lejepa reproduce`: the recipes, the verdict, and a tiny end-to-end run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from lejepa_cli.cli import app
+from lejepa_cli.config import list_presets
+from lejepa_cli.errors import UserError
+from lejepa_cli.reproduce import RECIPES, reproduce, verdict
+
+
+def test_verdict_compares_every_pinned_metric_with_its_range():
+    expected = {"linear_top1": (0.7, 1.0), "knn_top1": (0.6, 1.0)}
+    assert verdict({"linear_top1": 0.8, "knn_top1": 0.65}, expected)[0] == "PASS"
+    result, rows = verdict({"linear_top1": 0.8, "knn_top1": 0.5}, expected)
+    assert result == "FAIL" and [r["ok"] for r in rows] == [True, False]
+    assert verdict({"linear_top1": 0.8}, expected)[0] == "FAIL"  # a missing figure never passes
+    assert verdict({"linear_top1": 0.8}, {})[0] == "NO-REFERENCE"
+
+
+def test_recipes_name_shipped_presets_and_say_where_their_figures_come_from():
+    presets = set(list_presets())
+    assert {"demo", "fashion-mnist", "imagenette-vit-s", "imagenet100-resnet50", "imagenet1k-vit-l"} <= set(RECIPES)
+    for recipe in RECIPES.values():
+        assert recipe.preset in presets, recipe.name
+        assert recipe.source_of_expected and recipe.budget, recipe.name
+        for low, high in recipe.expected.values():
+            assert 0.0 <= low < high <= 1.0
+    assert RECIPES["demo"].expected and RECIPES["fashion-mnist"].expected  # the CPU recipes are pinned
+
+
+def test_paper_scale_recipes_ask_for_the_users_data(tmp_path):
+    for name in ("imagenet100-resnet50", "imagenet1k-vit-l"):
+        with pytest.raises(UserError, match="--data"):
+            reproduce(name, tmp_path / name, progress=False)
+    with pytest.raises(UserError, match="unknown recipe"):
+        reproduce("nosuch", tmp_path, progress=False)
+
+
+def test_reproduce_demo_end_to_end_on_tiny_settings(tmp_path, tiny_overrides):
+    """The whole chain (train, probe, verdict, report) through the CLI; tiny settings, so any verdict."""
+    sets = [a for o in tiny_overrides for a in ("--set", o)]
+    result = CliRunner().invoke(app, ["reproduce", "demo", "--out", str(tmp_path), "--no-progress", *sets])
+    report = json.loads((tmp_path / "reproduce.json").read_text())
+    assert report["recipe"] == "demo" and report["verdict"] in ("PASS", "FAIL")
+    assert result.exit_code == (0 if report["verdict"] == "PASS" else 1), result.output
+    assert "(recipe changed by --set)" in result.output and "verdict:" in result.output
+    assert set(report["measured"]) == {"linear_top1", "knn_top1"}
+    assert all(0.0 <= v <= 1.0 for v in report["measured"].values())
+    assert [r["metric"] for r in report["checks"]] == list(RECIPES["demo"].expected)
+    assert report["config"]["train"]["steps"] == 4 and report["machine"]["torch"]
+    assert (tmp_path / "run" / "checkpoints" / "step-000000004.safetensors").is_file()
+    # Running it again continues the finished run instead of training from scratch.
+    again = CliRunner().invoke(app, ["reproduce", "demo", "--out", str(tmp_path), "--no-progress", *sets])
+    assert again.exit_code == result.exit_code
+    assert json.loads((tmp_path / "reproduce.json").read_text())["measured"] == report["measured"]
+
+
+def test_unknown_recipe_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "lejepa_cli", "reproduce", "nosuch", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown recipe 'nosuch'" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
