@@ -285,3 +285,15 @@ def test_extraction_never_follows_an_existing_link_in_the_target(tmp_path):
     assert safe_extract(archive, dest) == ["cifar"]
     assert not any(outside.iterdir()) and (dest / "cifar" / "file.bin").read_bytes() == b"data"
     assert not (dest / "cifar").is_symlink()
+
+
+def test_extraction_never_replaces_a_folder_the_user_already_has(tmp_path):
+    """A folder with the archive's top-level name stops the extraction; its files stay as they were."""
+    dest = tmp_path / "dest"
+    (dest / "cifar").mkdir(parents=True)
+    (dest / "cifar" / "my-notes.txt").write_text("mine")
+    archive = _tar(tmp_path / "a.tar.gz", ["cifar/file.bin"])
+    with pytest.raises(UserError, match="already exists"):
+        safe_extract(archive, dest)
+    assert (dest / "cifar" / "my-notes.txt").read_text() == "mine" and not (dest / "cifar" / "file.bin").exists()
+    assert sorted(p.name for p in dest.iterdir()) == ["cifar"]  # no staging folder left behind

@@ -265,11 +265,16 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
             with tar.extractfile(m) as src, open(target, "wb") as f:  # type: ignore[union-attr]
                 shutil.copyfileobj(src, f, 1 << 20)
     top = sorted(p.name for p in staging.iterdir())
+    # Never delete what the user has: a file or folder already at a top-level name stops the
+    # extraction (a link there is only a name: it is replaced, never followed).
+    clashes = [name for name in top if (dest / name).exists() and not (dest / name).is_symlink()]
+    if clashes:
+        shutil.rmtree(staging)
+        raise UserError(f"{dest / clashes[0]} already exists and is not a finished fetch; "
+                        f"move it away (or delete it) and fetch again")
     for name in top:  # move into place only once everything extracted
         final = dest / name
-        if final.is_dir() and not final.is_symlink():  # a link is replaced, never followed
-            shutil.rmtree(final)
-        elif final.exists():
+        if final.is_symlink():
             final.unlink()
         os.replace(staging / name, final)
     staging.rmdir()
