@@ -187,3 +187,24 @@ def test_lejepa_bench_command(monkeypatch, tmp_path):
     bad = CliRunner().invoke(app, ["bench", "--only", "sigreg", "--only", "views"])
     assert bad.exit_code == 1
     assert "views" in bad.output
+
+
+def test_loader_benchmark_pipelines_make_the_same_views_from_the_same_files(tmp_path):
+    """Both data paths of bench_loader run on the same files and give the recipe's views."""
+    from benchmarks import bench_loader
+    from lejepa_cli.config import load_config
+    from lejepa_cli.data.prepare import prepare
+    from lejepa_cli.data.shards import load_prepared
+
+    paths = bench_loader.write_images(tmp_path / "images", 8, (96, 72))  # > 64 px: JPEG, as photos ship
+    assert len(paths) == 8 and all(p.suffix == ".jpg" and p.stat().st_size > 0 for p in paths)
+    cfg = load_config("demo").views
+    views = bench_loader.PilMultiCrop(cfg, (0.5,) * 3, (0.25,) * 3)(
+        bench_loader.Image.open(paths[0]).convert("RGB"), bench_loader.np.random.default_rng(0))
+    assert len(views) == cfg.global_views + cfg.local_views
+    assert views[0].shape == (3, cfg.global_size, cfg.global_size) and views[-1].shape == (3, cfg.local_size, cfg.local_size)
+    assert all(v.min() >= -2.0 and v.max() <= 2.0 for v in views)  # (x - 0.5) / 0.25 for x in [0, 1]
+    prepare(tmp_path / "images", tmp_path / "prepared", resolution=32, workers=0, progress=False)
+    data = load_prepared(tmp_path / "prepared", "train")
+    assert bench_loader.ours_images_per_s(tmp_path / "prepared", cfg, batch=4, batches=2) > 0
+    assert bench_loader.conventional_images_per_s(paths, cfg, data.mean, data.std, batch=4, workers=0, batches=2) > 0

@@ -27,6 +27,7 @@ class Module(str, Enum):
     views = "views"
     step = "step"
     memory = "memory"
+    loader = "loader"
 
 
 def load_suite() -> ModuleType:
@@ -52,7 +53,7 @@ def bench(
     only: Annotated[Optional[list[Module]], typer.Option("--only", help="Run only this benchmark (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's, or 1 on an oversubscribed CPU).")] = None,
 ) -> None:
-    """Benchmark SIGReg, the views, the training step and its memory; print one JSON document."""
+    """Benchmark SIGReg, the views, the training step, its memory and the data path; print one JSON document."""
     import json
 
     suite = load_suite()
