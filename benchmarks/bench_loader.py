@@ -245,14 +245,20 @@ def run(quick: bool, threads: int | None = None, workers: int | None = None) -> 
             }
             print(f"[bench_loader] {name}: ours {ours:.0f} img/s, conventional {conv:.0f} img/s", file=sys.stderr)
         steps = 4 if quick else 8
-        result["data_wait"]["vit-s_224px"] = training_data_wait(
-            work / "imagenet_like_500x375_to_vit-s_views" / "prepared", "vit-s", 4 if quick else 8, steps, work)
-        result["data_wait"]["demo_32px"] = training_data_wait(
-            work / "cifar_like_32px_to_demo_views" / "prepared", "demo", 64, 4 * steps, work)
+        for key, case, preset, batch, n_steps in (
+            ("vit-s_224px", "imagenet_like_500x375_to_vit-s_views", "vit-s", 4 if quick else 8, steps),
+            ("demo_32px", "cifar_like_32px_to_demo_views", "demo", 64, 4 * steps),
+        ):
+            try:  # one failing case must not lose the figures already measured
+                result["data_wait"][key] = training_data_wait(work / case / "prepared", preset, batch, n_steps, work)
+            except Exception as e:  # noqa: BLE001 - reported in the JSON
+                result["data_wait"][key] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"[bench_loader] data wait {key}: {result['data_wait'][key]}", file=sys.stderr)
+    waits = [d.get("data_wait_fraction") for d in result["data_wait"].values()]
     result["targets"] = {
         "ratio_at_least": 5.0, "data_wait_below": 0.05,
         "ratio_met": all(c["ratio"] >= 5 for c in result["cases"].values()),
-        "data_wait_met": all(d["data_wait_fraction"] < 0.05 for d in result["data_wait"].values()),
+        "data_wait_met": all(w is not None and w < 0.05 for w in waits),
     }
     return result
 

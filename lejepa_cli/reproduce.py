@@ -125,6 +125,18 @@ def resolve_data(recipe: Recipe, work: Path, data: str | None) -> str:
     return source
 
 
+def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
 def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str] | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run recipe `name` in folder `out` (resumable: running it again continues) and return the report."""
@@ -139,7 +151,17 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
     source = resolve_data(recipe, out, data)
     overrides = [*recipe.overrides, f"data.source={source}", *(extra or [])]
     run_dir = out / "run"
-    cfg = resume_config(run_dir, overrides) or load_config(recipe.preset, overrides)
+    cfg = load_config(recipe.preset, overrides)
+    trained = resume_config(run_dir)  # the config the run in `out` was trained with, if any
+    # Continuing a run of another config (an older recipe, other --set values) would pin this
+    # recipe's verdict on different settings; keys the user sets now are theirs to change.
+    own = {item.partition("=")[0].strip() for item in (extra or [])}
+    changed = [] if trained is None else [k for k in _diff(trained.to_dict(), cfg.to_dict()) if k not in own]
+    if changed:
+        raise UserError(f"{run_dir} holds a run with a different config than recipe '{name}' "
+                        f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); use another --out or delete it")
+    if trained is not None:
+        cfg = resume_config(run_dir, overrides)
     t_data = time.perf_counter()
     train(cfg, run_dir, resume="auto", progress=progress)
     t_train = time.perf_counter()

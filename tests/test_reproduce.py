@@ -67,3 +67,13 @@ def test_unknown_recipe_is_one_line_exit_2():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "unknown recipe 'nosuch'" in proc.stderr + proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_reproduce_refuses_to_continue_a_run_of_another_config(tmp_path, tiny_overrides):
+    """A work folder whose run was trained with other settings is not silently continued."""
+    from lejepa_cli.config import load_config
+    from lejepa_cli.train import train
+
+    train(load_config("demo", tiny_overrides + ["loss.lamb=0.2"]), tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match=r"different config .*loss\.lamb"):
+        reproduce("demo", tmp_path, extra=tiny_overrides, progress=False)
