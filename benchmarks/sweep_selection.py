@@ -43,7 +43,7 @@ def train_all(out: Path, preset: str, steps: int, pairs: list[tuple[float, float
     running: list[subprocess.Popen] = []
     for lamb, lr in todo:
         while len(running) >= jobs:
-            running = [p for p in running if p.poll() is None] or []
+            running = [p for p in running if p.poll() is None]
             time.sleep(1)
         args = [sys.executable, "-m", "lejepa_cli", "train", "--preset", preset, "--out", str(out / run_name(lamb, lr)),
                 "--resume", "auto", "--set", f"train.steps={steps}", "--set", f"train.save_every={steps}",

@@ -141,7 +141,7 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
 def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str] | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run recipe `name` in folder `out` (resumable: running it again continues) and return the report."""
-    from lejepa_cli.config import load_config
+    from lejepa_cli.config import apply_overrides, load_config
     from lejepa_cli.probe import ProbeOptions, run_probe
     from lejepa_cli.train import resume_config, train
 
@@ -162,7 +162,7 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
         raise UserError(f"{run_dir} holds a run with a different config than recipe '{name}' "
                         f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); use another --out or delete it")
     if trained is not None:
-        cfg = resume_config(run_dir, overrides)
+        cfg = apply_overrides(trained, overrides)  # the run continues as trained, with this call's overrides
     t_data = time.perf_counter()
     train(cfg, run_dir, resume="auto", progress=progress)
     t_train = time.perf_counter()

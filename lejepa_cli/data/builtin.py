@@ -78,7 +78,6 @@ def generate(n: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndar
             sel = labels[idx] == label
             if sel.any():
                 mask[sel] = _shape_mask(label, u[sel], v[sel])
-        # Colours: random, but foreground and background kept apart so the shape stays visible.
         # Colours: random hue, fixed luminance bands (dark background, light shape).
         bg = _colour(rng.uniform(0.15, 0.3, b), rng.uniform(0, 2 * np.pi, b), chroma=0.25)
         fg = _colour(rng.uniform(0.65, 0.8, b), rng.uniform(0, 2 * np.pi, b), chroma=0.25)
