@@ -307,8 +307,9 @@ def timm_config(arch: dict[str, Any], *, num_features: int, mean: Iterable[float
 
 
 def timm_compatible(arch: dict[str, Any]) -> bool:
-    """timm has no 3x3 stride-1 stem without max-pool, so small-stem ResNets are lejepa-only."""
-    return arch["arch"] in _TIMM_VIT or (arch["arch"].startswith("resnet") and not arch.get("small_stem"))
+    """timm has no 3x3 stride-1 stem without max-pool, so small-stem ResNets are lejepa-only (as is
+    ResNet-Micro: timm has no model of its widths under a name)."""
+    return arch["arch"] in _TIMM_VIT or (arch["arch"] in ("resnet18", "resnet50") and not arch.get("small_stem"))
 
 
 @dataclass

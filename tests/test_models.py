@@ -190,12 +190,12 @@ def test_resnet_grad_checkpointing_same_gradients_and_bn_stats() -> None:
 
 @pytest.mark.parametrize(
     "arch,small_stem,side,grid",
-    [("resnet18", True, 32, 4), ("resnet18", False, 64, 2), ("resnet50", False, 64, 2)],
+    [("resnet18", True, 32, 4), ("resnet18", False, 64, 2), ("resnet50", False, 64, 2), ("resnet_micro", True, 28, 4)],
 )
 def test_resnet_shapes_and_backward(arch: str, small_stem: bool, side: int, grid: int) -> None:
     torch.manual_seed(0)
     m = build_backbone(arch, img_size=side, small_stem=small_stem)
-    d = {"resnet18": 512, "resnet50": 2048}[arch]
+    d = {"resnet18": 512, "resnet50": 2048, "resnet_micro": 256}[arch]
     assert m.embed_dim == m.feature_dim == d
     x = torch.randn(2, 3, side, side)
     h = m(x)
@@ -214,6 +214,14 @@ def test_resnet_small_stem_layout() -> None:
     assert m.conv1.weight.shape == (64, 3, 3, 3) and m.conv1.stride == (1, 1)
     assert isinstance(m.maxpool, nn.Identity)
     assert m.layer1[0].bn2.weight.abs().sum() == 0  # zero-init last BN gamma per block
+
+
+def test_resnet_micro_is_one_narrow_block_per_stage() -> None:
+    m = build_backbone("resnet_micro", img_size=28, small_stem=True, in_chans=1)
+    assert m.conv1.weight.shape == (32, 1, 3, 3)
+    assert [len(s) for s in (m.layer1, m.layer2, m.layer3, m.layer4)] == [1, 1, 1, 1]
+    assert [s[0].conv2.out_channels for s in (m.layer1, m.layer2, m.layer3, m.layer4)] == [32, 64, 128, 256]
+    assert build_backbone(**m.arch_config()).state_dict().keys() == m.state_dict().keys()
 
 
 def test_resnet_accepts_channels_last() -> None:
@@ -254,7 +262,9 @@ def test_projector_layout_and_shapes() -> None:
 def test_archs_and_unknown_arch() -> None:
     from lejepa_cli.config import ARCHS as CONFIG_ARCHS
 
-    assert ARCHS == ("vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50")
+    assert ARCHS == (
+        "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet_micro", "resnet18", "resnet50"
+    )
     assert set(ARCHS) == set(CONFIG_ARCHS)
     with pytest.raises(ValueError, match="unknown arch"):
         build_backbone("vit_gigantic", img_size=32)

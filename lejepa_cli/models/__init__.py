@@ -21,9 +21,11 @@ from lejepa_cli.models.projector import Projector
 from lejepa_cli.models.resnet import BasicBlock, Bottleneck, ResNet
 from lejepa_cli.models.vit import VIT_SIZES, VisionTransformer
 
-_RESNETS: dict[str, tuple[tuple[int, int, int, int], type]] = {
-    "resnet18": ((2, 2, 2, 2), BasicBlock),
-    "resnet50": ((3, 4, 6, 3), Bottleneck),
+# name -> (blocks per stage, block, first stage's width)
+_RESNETS: dict[str, tuple[tuple[int, int, int, int], type, int]] = {
+    "resnet_micro": ((1, 1, 1, 1), BasicBlock, 32),  # not a timm size: 28-32 px images on a CPU
+    "resnet18": ((2, 2, 2, 2), BasicBlock, 64),
+    "resnet50": ((3, 4, 6, 3), Bottleneck, 64),
 }
 
 ARCHS: tuple[str, ...] = tuple(VIT_SIZES) + tuple(_RESNETS)
@@ -60,9 +62,15 @@ def build_backbone(
             drop_path=drop_path,
         )
     if arch in _RESNETS:
-        layers, block = _RESNETS[arch]
+        layers, block, width = _RESNETS[arch]
         return ResNet(
-            arch=arch, layers=layers, block=block, img_size=img_size, in_chans=in_chans, small_stem=small_stem
+            arch=arch,
+            layers=layers,
+            block=block,
+            img_size=img_size,
+            in_chans=in_chans,
+            small_stem=small_stem,
+            width=width,
         )
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 

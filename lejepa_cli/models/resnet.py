@@ -1,10 +1,12 @@
-"""ResNet-18 / ResNet-50 backbones with timm-identical parameter names, no classifier.
+"""ResNet-18 / ResNet-50 (and the narrow ResNet-Micro) backbones with timm-identical parameter names, no classifier.
 
 Names follow timm's `ResNet` (`conv1`, `bn1`, `layer{1..4}.{j}.conv{k}` / `bn{k}`,
 `downsample.0` conv + `downsample.1` BN; BasicBlock for 18, Bottleneck with the stride in the
 3x3 conv for 50), so a state dict loads into `timm.create_model("resnet50", num_classes=0)`
 unchanged. `small_stem=True` swaps the 7x7/2 conv + max-pool stem for a 3x3/1 conv (the usual
 CIFAR variant for 28-32 px images); `conv1` keeps its name but not timm's shape then.
+`width` is the first stage's channel count (64 in ResNet-18/50; stages double it): ResNet-Micro
+(one BasicBlock per stage, width 32, 256-d features) is not a timm model but is named the same way.
 
     net = ResNet(arch="resnet18", layers=(2, 2, 2, 2), block=BasicBlock, small_stem=True)
     h = net(images)                 # (N, 512) global-average-pooled features
@@ -108,6 +110,7 @@ class ResNet(nn.Module):
         img_size: int = 224,
         in_chans: int = 3,
         small_stem: bool = False,
+        width: int = 64,
         zero_init_last: bool = True,
     ) -> None:
         super().__init__()
@@ -119,16 +122,17 @@ class ResNet(nn.Module):
         self.grad_checkpointing = False
 
         if small_stem:
-            self.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(width)
         self.act1 = nn.ReLU(inplace=True)
 
-        inplanes = 64
-        for i, (planes, n_blocks, stride) in enumerate(zip((64, 128, 256, 512), layers, (1, 2, 2, 2))):
+        inplanes = width
+        stage_widths = (width, 2 * width, 4 * width, 8 * width)
+        for i, (planes, n_blocks, stride) in enumerate(zip(stage_widths, layers, (1, 2, 2, 2))):
             stage, inplanes = self._make_stage(block, inplanes, planes, n_blocks, stride)
             self.add_module(f"layer{i + 1}", stage)
         self.embed_dim = inplanes
