@@ -240,17 +240,20 @@ def _colour(x: Tensor, u: Tensor, cfg: ViewsConfig) -> Tensor:
     """
     jitter = u[:, _C_JITTER] < cfg.jitter_p  # (B,)
 
-    def factor(amount: float, col: int, identity: float) -> Tensor:
-        lo, hi = (max(0.0, 1 - amount), 1 + amount) if identity else (-amount, amount)
-        return torch.where(jitter, lo + (hi - lo) * u[:, col], identity)  # (B,)
+    def factor(lo: float, hi: float, col: int, identity: float) -> Tensor:
+        """U(lo, hi) from draw column `col` where jitter fired, else the op's identity value: (B,)."""
+        return torch.where(jitter, lo + (hi - lo) * u[:, col], identity)
 
-    bright = factor(cfg.brightness, _C_JITTER + 1, 1.0)
-    contrast = factor(cfg.contrast, _C_JITTER + 2, 1.0)
+    def around_one(amount: float, col: int) -> Tensor:
+        return factor(max(0.0, 1 - amount), 1 + amount, col, 1.0)
+
+    bright = around_one(cfg.brightness, _C_JITTER + 1)
+    contrast = around_one(cfg.contrast, _C_JITTER + 2)
     # contrast blends b * x with the mean luma of b * x, i.e. b * mean(luma(x)): an offset per sample.
     if x.shape[1] == 1:  # brightness and contrast only
         return _affine_mono_(x, torch.stack([bright * contrast, (1 - contrast) * bright], dim=1))
-    sat = factor(cfg.saturation, _C_JITTER + 3, 1.0)
-    hue = factor(cfg.hue, _C_JITTER + 4, 0.0)
+    sat = around_one(cfg.saturation, _C_JITTER + 3)
+    hue = factor(-cfg.hue, cfg.hue, _C_JITTER + 4, 0.0)
     luma = _constant(x.device, _LUMA)  # (3,)
     eye = torch.eye(3, device=x.device)
     to_gray = torch.ones(3, 1, device=x.device) * luma  # (3, 3): every channel <- the luma
