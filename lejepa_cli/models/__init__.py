@@ -63,15 +63,8 @@ def build_backbone(
         )
     if arch in _RESNETS:
         layers, block, width = _RESNETS[arch]
-        return ResNet(
-            arch=arch,
-            layers=layers,
-            block=block,
-            img_size=img_size,
-            in_chans=in_chans,
-            small_stem=small_stem,
-            width=width,
-        )
+        return ResNet(arch=arch, layers=layers, block=block, width=width, img_size=img_size, in_chans=in_chans,
+                      small_stem=small_stem)
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
