@@ -58,7 +58,8 @@ class ModelConfig:
     arch: str = "vit_small"  # vit_micro|vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet_micro|resnet18|resnet50
     patch_size: int = 16  # ViT patch side in pixels
     drop_path: float = 0.1  # stochastic depth rate (ViTs)
-    small_stem: bool = False  # ResNet: 3x3 stride-1 stem without max-pool for 28-32 px images
+    small_stem: bool = False  # ResNet: 3x3 stem (stride stem_stride) without max-pool for 28-32 px images
+    stem_stride: int = 1  # ResNet small stem's stride: 2 halves every feature map (~2.7x faster at 28 px)
     proj_hidden: int = 2048  # projector MLP hidden width
     proj_dim: int = 128  # projector output K (SIGReg dimension)
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
@@ -150,6 +151,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
     "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "model.stem_stride": (lambda v: v in (1, 2), "1 or 2"),
     "model.proj_hidden": (lambda v: v >= 1, "an integer >= 1"),
     "model.proj_dim": (lambda v: v >= 1, "an integer >= 1"),
     "loss.lamb": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -191,6 +193,9 @@ def validate(cfg: Config) -> Config:
             f"config key 'train.batch_size' = {cfg.train.batch_size} must be divisible by "
             f"'train.grad_accum' = {cfg.train.grad_accum}"
         )
+    if cfg.model.stem_stride != 1 and not (cfg.model.small_stem and cfg.model.arch.startswith("resnet")):
+        raise UserError(f"config key 'model.stem_stride' = {cfg.model.stem_stride} sets the stride of a ResNet's "
+                        f"small stem: it needs a ResNet model.arch and model.small_stem=true")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")

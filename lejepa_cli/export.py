@@ -190,9 +190,10 @@ def _check_arch(backbone: nn.Module, arch: dict[str, Any], source: Path | str) -
     """Same architecture family and input layout, named field by field when not."""
     fields = {"arch": "model.arch", "in_chans": "the data's channel count"}
     fields.update({"patch_size": "model.patch_size"} if str(arch.get("arch", "")).startswith("vit") else
-                  {"small_stem": "model.small_stem"})
+                  {"small_stem": "model.small_stem", "stem_stride": "model.stem_stride"})
     ours = backbone.arch_config()
-    diffs = [(k, arch.get(k), ours.get(k)) for k in fields if arch.get(k) != ours.get(k)]
+    stored = {"stem_stride": 1, **arch}  # files written before stem_stride existed had stride 1
+    diffs = [(k, stored.get(k), ours.get(k)) for k in fields if stored.get(k) != ours.get(k)]
     if diffs:
         said = "; ".join(f"{k} {theirs} there, {mine} here" for k, theirs, mine in diffs)
         raise UserError(f"{source} does not fit this run's encoder: {said} (match {', '.join(fields[k] for k, _, _ in diffs)})")
@@ -286,7 +287,7 @@ def timm_config(arch: dict[str, Any], *, num_features: int, mean: Iterable[float
     else:
         name, model_args = arch["arch"], {"in_chans": chans}
         pool, first_conv, classifier = "avg", "conv1", "fc"
-        pool_size = [max(1, size // (8 if arch.get("small_stem") else 32))] * 2
+        pool_size = [max(1, size // (8 * arch.get("stem_stride", 1) if arch.get("small_stem") else 32))] * 2
     pretrained_cfg = {
         "tag": "lejepa",
         "custom_load": False,

@@ -29,6 +29,8 @@ def test_required_keys_exist_and_override():
         ("views.global_scale=[0.5]", "'views.global_scale'"),
         ("train.online_probe=maybe", "'train.online_probe'"),
         ("train", "key.sub=value"),
+        ("model.stem_stride=3", "'model.stem_stride'"),
+        ("model.stem_stride=2", "'model.stem_stride'"),  # the demo's ViT has no ResNet stem
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

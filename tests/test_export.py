@@ -168,10 +168,10 @@ def test_real_timm_loads_export_strictly(exported, trained):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["resnet18", "resnet_micro"])
-def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch):
+@pytest.mark.parametrize("arch,stem_stride", [("resnet18", 1), ("resnet_micro", 1), ("resnet_micro", 2)])
+def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch, stem_stride):
     torch.manual_seed(0)
-    net = build_backbone(arch, img_size=32, small_stem=True, in_chans=1)
+    net = build_backbone(arch, img_size=32, small_stem=True, stem_stride=stem_stride, in_chans=1)
     for m in net.modules():  # non-trivial BatchNorm statistics, so the buffers are checked too
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)

@@ -224,6 +224,22 @@ def test_resnet_micro_is_one_narrow_block_per_stage() -> None:
     assert build_backbone(**m.arch_config()).state_dict().keys() == m.state_dict().keys()
 
 
+def test_resnet_stem_stride_two_halves_every_feature_map() -> None:
+    torch.manual_seed(0)
+    full = build_backbone("resnet_micro", img_size=28, small_stem=True, in_chans=1)
+    half = build_backbone("resnet_micro", img_size=28, small_stem=True, stem_stride=2, in_chans=1)
+    assert half.conv1.stride == (2, 2) and half.state_dict().keys() == full.state_dict().keys()
+    x = torch.randn(2, 1, 28, 28)
+    assert full.feature_map(x).shape[-2:] == (4, 4) and half.feature_map(x).shape[-2:] == (2, 2)
+    assert half(x).shape == (2, 256)
+    again = build_backbone(**half.arch_config())
+    again.load_state_dict(half.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), half.eval()(x))
+    with pytest.raises(ValueError, match="small stem"):
+        build_backbone("resnet18", img_size=224, stem_stride=2)
+
+
 def test_resnet_accepts_channels_last() -> None:
     torch.manual_seed(0)
     m = build_backbone("resnet18", img_size=32, small_stem=True).eval()

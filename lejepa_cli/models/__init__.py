@@ -41,11 +41,13 @@ def build_backbone(
     in_chans: int = 3,
     drop_path: float = 0.0,
     small_stem: bool = False,
+    stem_stride: int = 1,
 ) -> nn.Module:
     """Build a backbone by name.
 
     ViTs use `patch_size` and `drop_path` (stochastic depth rising linearly to it over depth)
-    and ignore `small_stem`; ResNets use `small_stem` and ignore `patch_size` and `drop_path`
+    and ignore `small_stem`; ResNets use `small_stem` (and `stem_stride`, the small stem's
+    stride) and ignore `patch_size` and `drop_path`
     (the recipe's drop-path is a ViT setting). `img_size` is the ViT's native grid (other
     multiples of the patch are accepted at run time); for a ResNet it is informational.
     """
@@ -64,7 +66,7 @@ def build_backbone(
     if arch in _RESNETS:
         layers, block, width = _RESNETS[arch]
         return ResNet(arch=arch, layers=layers, block=block, width=width, img_size=img_size, in_chans=in_chans,
-                      small_stem=small_stem)
+                      small_stem=small_stem, stem_stride=stem_stride)
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 

@@ -5,6 +5,8 @@ Names follow timm's `ResNet` (`conv1`, `bn1`, `layer{1..4}.{j}.conv{k}` / `bn{k}
 3x3 conv for 50), so a state dict loads into `timm.create_model("resnet50", num_classes=0)`
 unchanged. `small_stem=True` swaps the 7x7/2 conv + max-pool stem for a 3x3/1 conv (the usual
 CIFAR variant for 28-32 px images); `conv1` keeps its name but not timm's shape then.
+`stem_stride=2` gives that small stem stride 2: every feature map is halved, so a 28 px image
+costs about a quarter as much (for data whose detail survives a 14x14 first stage).
 `width` is the first stage's channel count (64 in ResNet-18/50; stages double it): ResNet-Micro
 (one BasicBlock per stage, width 32, 256-d features) is not a timm model but is named the same way.
 
@@ -110,6 +112,7 @@ class ResNet(nn.Module):
         img_size: int = 224,
         in_chans: int = 3,
         small_stem: bool = False,
+        stem_stride: int = 1,
         width: int = 64,
         zero_init_last: bool = True,
     ) -> None:
@@ -119,10 +122,13 @@ class ResNet(nn.Module):
         self.patch_size = None  # not a patch model; kept so every backbone has the same attributes
         self.in_chans = in_chans
         self.small_stem = small_stem
+        if stem_stride != 1 and not small_stem:
+            raise ValueError("stem_stride applies to the small stem only (small_stem=True)")
+        self.stem_stride = stem_stride
         self.grad_checkpointing = False
 
         if small_stem:
-            self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, width, 3, stride=stem_stride, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
@@ -167,7 +173,7 @@ class ResNet(nn.Module):
     # --- public API -------------------------------------------------------------------------
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) -> last stage's feature map (N, embed_dim, H/32, W/32), or H/8 with small_stem."""
+        """Images (N, C, H, W) -> last stage's feature map (N, embed_dim, H/32, W/32), or H/(8 * stem_stride) with small_stem."""
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -196,7 +202,8 @@ class ResNet(nn.Module):
 
     def arch_config(self) -> dict:
         """JSON-serialisable kwargs that rebuild this backbone with `build_backbone(**cfg)`."""
-        return {"arch": self.arch, "img_size": self.img_size, "in_chans": self.in_chans, "small_stem": self.small_stem}
+        return {"arch": self.arch, "img_size": self.img_size, "in_chans": self.in_chans, "small_stem": self.small_stem,
+                "stem_stride": self.stem_stride}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage (layer1..layer4) in backward instead of storing its activations.
