@@ -449,7 +449,7 @@ _PATHS = {  # name: (file under lejepa_cli/, regex that marks it)
     "bf16_autocast_on_cuda": ("train.py", r'precision == "auto" and device.type == "cuda"'),
     "fused_adamw_on_cuda": ("train.py", r"fused = device.type == \"cuda\""),
     "scaled_dot_product_attention": ("models/vit.py", r"F\.scaled_dot_product_attention\("),
-    "channels_last_cnn_on_cuda": ("train.py", r'channels_last = cfg.model.arch.startswith\("resnet"\) and device.type == "cuda"'),
+    "channels_last_cnn": ("train.py", r'channels_last = cfg.model.arch.startswith\("resnet"\)$'),
     "channels_last_input": ("lejepa.py", r"memory_format=torch.channels_last"),
     "torch_compile_option": ("train.py", r"torch\.compile\(encoder\)"),
     "values_read_every_log_every": ("train.py", r"done % cfg.log.every == 0"),
