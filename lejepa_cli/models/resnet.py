@@ -173,7 +173,7 @@ class ResNet(nn.Module):
     # --- public API -------------------------------------------------------------------------
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) -> last stage's feature map (N, embed_dim, H/32, W/32), or H/(8 * stem_stride) with small_stem."""
+        """Images (N, C, H, W) -> last feature map (N, embed_dim, H/32, W/32; H/(8 * stem_stride) with small_stem)."""
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
