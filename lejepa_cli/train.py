@@ -145,7 +145,7 @@ def build_run(cfg: Config, device: torch.device) -> Run:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     backbone = build_backbone_from_config(cfg, train_data.channels).to(device)
     projector = build_projector_from_config(cfg, backbone.embed_dim).to(device)
-    # channels-last convolutions: faster on CUDA and, via oneDNN, on CPU too (ResNet-Micro 1.26x)
+    # channels-last convolutions: faster on CUDA and, via oneDNN, on the CPU too (benchmarks/bench_resnet_stem.py)
     channels_last = cfg.model.arch.startswith("resnet")
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from torch.utils.flop_counter import FlopCounterMode
 
 import benchmarks.__main__ as suite
-from benchmarks import bench_memory, bench_sigreg, bench_step, bench_views
+from benchmarks import bench_memory, bench_resnet_stem, bench_sigreg, bench_step, bench_views
 from benchmarks.machine import describe
 from lejepa_cli.cli import app
 from lejepa_cli.data.loader import BatchLoader, StepSampler
@@ -135,6 +135,13 @@ def test_sigreg_bench_matches_the_reference_on_tiny_sizes():
     r = bench_sigreg._measure(64, 16, 32, 17, torch.device("cpu"), quick=True)
     assert r["value_rel_err"] < 1e-5 and r["grad_max_rel_err"] < 1e-4
     assert {"reference_ms", "ours_ms", "matmul_floor_ms", "speedup_vs_reference", "reference_peak_mib"} <= set(r)
+
+
+def test_resnet_stem_bench_times_every_variant_on_a_tiny_batch():
+    r = bench_resnet_stem.run(quick=True, batch=4, rounds=1)
+    assert set(r["images_per_s"]) == set(bench_resnet_stem.VARIANTS)
+    assert all(v > 0 for v in r["images_per_s"].values())
+    assert r["ratio_to_contiguous_stride1"]["contiguous_stride1"] == 1.0 and "cpu" in json.dumps(r["machine"]).lower()
 
 
 def test_views_bench_runs_a_tiny_case(monkeypatch):

@@ -26,6 +26,7 @@ class Module(str, Enum):
     sigreg = "sigreg"
     views = "views"
     step = "step"
+    resnet_stem = "resnet_stem"
     memory = "memory"
     loader = "loader"
 
