@@ -3,10 +3,10 @@
     python -m benchmarks.bench_resnet_stem              # batch 128, 2 x 28 px + 4 x 14 px views
     python -m benchmarks.bench_resnet_stem --quick      # batch 32, 2 rounds
 
-Times one forward + backward of backbone + projector (the `fmnist` preset's shapes: width 32,
-projector hidden 512, 1 channel) for each variant, interleaved round by round so machine noise
-hits all alike, and prints one JSON object: median images/s per variant and the ratios to the
-contiguous stride-1 baseline. This is what chose channels-last ResNets on the CPU and the
+Times one forward + backward of backbone + projector, built from the `fmnist` preset (its model,
+projector and view sizes; 1 channel) with only the memory format and `model.stem_stride` changed,
+the variants interleaved round by round so machine noise hits all alike, and prints one JSON
+object: median images/s per variant and the ratios to the contiguous stride-1 baseline. This is what chose channels-last ResNets on the CPU and the
 `fmnist` recipe's `model.stem_stride: 2`.
 """
 
@@ -20,7 +20,8 @@ import time
 import torch
 
 from benchmarks.machine import describe
-from lejepa_cli.models import build_backbone, build_projector
+from lejepa_cli.config import load_config
+from lejepa_cli.lejepa import build_backbone_from_config, build_projector_from_config
 
 VARIANTS = {  # name: (channels_last, stem_stride)
     "contiguous_stride1": (False, 1),
@@ -30,13 +31,16 @@ VARIANTS = {  # name: (channels_last, stem_stride)
 
 
 def build(channels_last: bool, stem_stride: int, batch: int) -> tuple:
+    """The `fmnist` preset's backbone, projector and views (1 channel), at this layout and stem stride."""
+    cfg = load_config("fmnist", [f"model.stem_stride={stem_stride}"])
     torch.manual_seed(0)
-    backbone = build_backbone("resnet_micro", img_size=28, in_chans=1, small_stem=True, stem_stride=stem_stride)
-    projector = build_projector(backbone.embed_dim, 512, 128)
+    backbone = build_backbone_from_config(cfg, in_chans=1)
+    projector = build_projector_from_config(cfg, backbone.embed_dim)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     backbone = backbone.to(memory_format=fmt)
-    globals_ = torch.randn(2 * batch, 1, 28, 28).contiguous(memory_format=fmt)
-    locals_ = torch.randn(4 * batch, 1, 14, 14).contiguous(memory_format=fmt)
+    v = cfg.views
+    globals_ = torch.randn(v.global_views * batch, 1, v.global_size, v.global_size).contiguous(memory_format=fmt)
+    locals_ = torch.randn(v.local_views * batch, 1, v.local_size, v.local_size).contiguous(memory_format=fmt)
     return backbone, projector, globals_, locals_
 
 
