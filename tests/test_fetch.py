@@ -3,6 +3,7 @@ resume with Range, mismatch, unsafe archives, offline error, local copies, then 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -145,7 +146,7 @@ def test_cifar_archive_extracts_to_preparable_folder(tmp_path):
     assert np.array_equal(load_prepared(tmp_path / "prepared", "val").images[np.arange(4)], data["test_batch.bin"][0])
 
 
-def test_unknown_checksum_downloads_unverified_and_records_sha256(tmp_path):
+def test_imagenette_checks_the_published_sha256_then_prepares(tmp_path):
     staging = tmp_path / "staging"
     for split in ("train", "val"):
         for cls, colour in (("n01", (200, 0, 0)), ("n02", (0, 0, 200))):
@@ -154,12 +155,18 @@ def test_unknown_checksum_downloads_unverified_and_records_sha256(tmp_path):
     (staging / "imagenette2-160" / "noisy_imagenette.csv").write_text("path,label\n")
     serve = tmp_path / "serve"
     serve.mkdir()
-    with tarfile.open(serve / "imagenette2-160.tgz", "w:gz") as tar:
+    archive = serve / "imagenette2-160.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
         tar.add(staging / "imagenette2-160", arcname="imagenette2-160")
+    sha = "sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest()
     with RangeServer(serve) as server:
-        folder = fetch("imagenette", tmp_path / "data", base_url=server.url, progress=False)
+        # The generated archive is not the published one: its SHA-256 must not pass.
+        with pytest.raises(UserError, match="checksum mismatch for imagenette2-160.tgz.*expected sha256 64d0c485"):
+            fetch("imagenette", tmp_path / "data", base_url=server.url, progress=False)
+        assert not list((tmp_path / "data").glob("imagenette2-160.tgz*"))
+        folder = fetch("imagenette", tmp_path / "data", base_url=server.url, checksums={archive.name: sha}, progress=False)
     record = json.loads((folder / MARKER).read_text())["files"]["imagenette2-160.tgz"]
-    assert record["check"].startswith("none known; sha256 ")
+    assert record["check"] == "sha256 matches"
     s = prepare(folder, tmp_path / "prepared", resolution=8, progress=False, workers=0)
     assert s["kind"] == "split-folders" and s["splits"] == {"train": 2, "val": 2} and s["class_names"] == ["n01", "n02"]
 

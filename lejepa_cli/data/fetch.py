@@ -37,7 +37,7 @@ MARKER = ".lejepa-fetch.json"
 @dataclass(frozen=True)
 class Remote:
     url: str  # mirror folder
-    files: tuple[tuple[str, str | None], ...]  # (file name, "md5:<hex>"), None where no checksum is known
+    files: tuple[tuple[str, str], ...]  # (file name, "md5:<hex>" or "sha256:<hex>")
     folder: str  # the folder `prepare` reads, relative to --out
     archive: bool = False  # the files are tar archives that hold `folder`
     local: tuple[str, ...] = ()  # folders that may already hold the files
@@ -49,7 +49,7 @@ _IDX_COUNTS = (("train", 60000), ("t10k", 10000))
 DATASETS: dict[str, Remote] = {
     "mnist": Remote(
         "https://ossci-datasets.s3.amazonaws.com/mnist/",
-        (
+        (  # the MD5s torchvision's MNIST dataset checks (torchvision 0.28, datasets/mnist.py)
             ("train-images-idx3-ubyte.gz", "md5:f68b3c2dcbeaaa9fbdd348bbdeb94873"),
             ("train-labels-idx1-ubyte.gz", "md5:d53e105ee54ea40749a09fcbcd1e9432"),
             ("t10k-images-idx3-ubyte.gz", "md5:9fb629c4189551a2d022fa330f9573f3"),
@@ -61,7 +61,7 @@ DATASETS: dict[str, Remote] = {
     ),
     "fashion-mnist": Remote(
         "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-        (  # the MD5s published in the Fashion-MNIST README
+        (  # the MD5s published in the Fashion-MNIST README (torchvision 0.28 checks the same)
             ("train-images-idx3-ubyte.gz", "md5:8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
             ("train-labels-idx1-ubyte.gz", "md5:25c81989df183df01b3e8a0aad5dffbe"),
             ("t10k-images-idx3-ubyte.gz", "md5:bef4ecab320f06d8554ea6380940ec79"),
@@ -73,22 +73,29 @@ DATASETS: dict[str, Remote] = {
     ),
     "cifar10": Remote(
         "https://www.cs.toronto.edu/~kriz/",
-        (("cifar-10-binary.tar.gz", "md5:c32a1d4ab5d03f1284b67883e8d87530"),),
+        # SHA-256s of the archives and of ImageNette's below: the url_checksums files that
+        # tensorflow-datasets 4.9.10 ships, recorded from real downloads.
+        (("cifar-10-binary.tar.gz", "sha256:c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"),),
         "cifar-10-batches-bin",
         archive=True,
     ),
     "cifar100": Remote(
         "https://www.cs.toronto.edu/~kriz/",
-        (("cifar-100-binary.tar.gz", "md5:03b5dce01913d631647c71ecec9e9cb8"),),
+        (("cifar-100-binary.tar.gz", "sha256:58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40d8ec"),),
         "cifar-100-binary",
         archive=True,
     ),
-    # No checksum is known for certain here: the download is recorded by its sha256, unverified.
     "imagenette": Remote(
-        "https://s3.amazonaws.com/fast-ai-imageclas/", (("imagenette2-160.tgz", None),), "imagenette2-160", archive=True
+        "https://s3.amazonaws.com/fast-ai-imageclas/",
+        (("imagenette2-160.tgz", "sha256:64d0c4859f35a461889e0147755a999a48b49bf38a7e0f9bd27003f10db02fe5"),),
+        "imagenette2-160",
+        archive=True,
     ),
     "imagenette-320": Remote(
-        "https://s3.amazonaws.com/fast-ai-imageclas/", (("imagenette2-320.tgz", None),), "imagenette2-320", archive=True
+        "https://s3.amazonaws.com/fast-ai-imageclas/",
+        (("imagenette2-320.tgz", "sha256:569b4497c98db6dd29f335d1f109cf315fe127053cedf69010d047f0188e158c"),),
+        "imagenette2-320",
+        archive=True,
     ),
 }
 ALIASES = {
@@ -185,15 +192,11 @@ def _download(url: str, part: Path, progress: bool, hint: str) -> None:
                 raise UserError(f"download of {url} was interrupted ({e}); re-run to resume it") from None
 
 
-def _obtain(remote: Remote, fname: str, expected: str | None, dest: Path, base_url: str | None,
+def _obtain(remote: Remote, fname: str, expected: str, dest: Path, base_url: str | None,
             local_dirs: Sequence[Path], progress: bool, hint: str) -> dict:
     """Put a verified `fname` at `dest`; returns how it was obtained and checked."""
-    algo, digest = _split_checksum(expected) if expected else ("sha256", None)
-
-    def verified(path: Path) -> bool:
-        return digest is None or file_digest(path, algo) == digest
-
-    if dest.is_file() and digest is not None and verified(dest):
+    algo, digest = _split_checksum(expected)
+    if dest.is_file() and file_digest(dest, algo) == digest:
         return {"from": "already present", "check": f"{algo} matches"}
     part = dest.with_name(dest.name + ".part")
     for folder in local_dirs:
@@ -201,7 +204,7 @@ def _obtain(remote: Remote, fname: str, expected: str | None, dest: Path, base_u
         if not local.is_file():
             continue
         shutil.copyfile(local, part)
-        if digest is not None and verified(part):
+        if file_digest(part, algo) == digest:
             os.replace(part, dest)
             return {"from": str(local), "check": f"{algo} matches"}
         if remote.idx_counts and _check_idx_gz(part, dict(remote.idx_counts)) is None:
@@ -212,11 +215,6 @@ def _obtain(remote: Remote, fname: str, expected: str | None, dest: Path, base_u
         part.unlink()
     url = (base_url or remote.url).rstrip("/") + "/" + fname
     _download(url, part, progress, hint)
-    if digest is None:
-        sha = file_digest(part, "sha256")
-        os.replace(part, dest)
-        _console().print(f"[yellow]no published checksum is known for {fname}: not verified (sha256 {sha})[/]")
-        return {"from": url, "check": f"none known; sha256 {sha}"}
     got = file_digest(part, algo)
     if got != digest:
         part.unlink()
@@ -315,7 +313,7 @@ def fetch(
     for fname, _ in remote.files:
         dest = downloads / fname
         hint = f"download {(base_url or remote.url).rstrip('/')}/{fname} by hand to {dest} and re-run `lejepa data fetch {key} --out {out}`"
-        record[fname] = _obtain(remote, fname, sums.get(fname), dest, base_url, local, progress, hint)
+        record[fname] = _obtain(remote, fname, sums[fname], dest, base_url, local, progress, hint)
     if remote.archive:
         for fname, _ in remote.files:
             safe_extract(downloads / fname, out)
