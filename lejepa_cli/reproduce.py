@@ -6,7 +6,7 @@ are expected to land in. The verdict compares the measured linear and kNN top-1 
 
     lejepa reproduce demo                 # minutes on a laptop CPU
     lejepa reproduce fashion-mnist        # the CPU recipe for 28 px data (~28 min pretraining on 2 cores)
-    lejepa reproduce imagenette-vit-s --data ~/data/imagenette2-160    # GPU recipes: bring data and GPUs
+    lejepa reproduce imagenette-vit-s8    # GPU recipes: fetch their data, or bring it with --data
 """
 
 from __future__ import annotations
@@ -62,6 +62,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         overrides=("train.steps=14800", "train.batch_size=256", "train.save_every=1000"),
         source_of_expected="expected, not yet measured here: no reference figure is pinned (no GPU in this workplace)",
         budget="~400 epochs of 9.5k images; expected hours on one GPU, not yet measured",
+    ),
+    Recipe(
+        "imagenette-vit-s8", "vit-s8-128",
+        "ViT-S/8 at 128 px on ImageNette (160 px), 800 epochs: the authors' published example; one GPU",
+        fetch="imagenette", prepare=True, resolution=160,
+        expected={"linear_top1": (0.88, 1.0)},
+        source_of_expected=("the authors' figure, not yet measured here: 90.7% online linear top-1 after 800 epochs "
+                            "(rbalestr-lab/lejepa MINIMAL.md, 2025-11-20); kNN is not pinned (they report none)"),
+        budget="authors: ~200 min on one GPU (~15 s per epoch); not yet measured here",
     ),
     Recipe(
         "imagenet100-resnet50", "resnet50", "ResNet-50 on ImageNet-100 (ImageNet layout folder you provide); GPUs",
@@ -127,6 +136,15 @@ def resolve_data(recipe: Recipe, work: Path, data: str | None) -> str:
     return source
 
 
+def _check_eval_split(source: str, split: str, name: str) -> None:
+    """Fail before pretraining, not after it, when the data has no split for the final probe."""
+    from lejepa_cli.data.shards import is_prepared, read_index
+
+    if is_prepared(Path(source)) and split not in read_index(Path(source))["splits"]:
+        raise UserError(f"recipe '{name}' probes on the '{split}' split, which {source} lacks: pass --data a folder "
+                        f"with train/ and {split}/ sub-folders, or one made by `lejepa data prepare --val-fraction 0.1`")
+
+
 def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     keys = []
@@ -164,6 +182,7 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
                         f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); use another --out or delete it")
     if trained is not None:
         cfg = apply_overrides(trained, overrides)  # the run continues as trained, with this call's overrides
+    _check_eval_split(source, cfg.data.eval_split, name)
     t_data = time.perf_counter()
     train(cfg, run_dir, resume="auto", progress=progress)
     t_train = time.perf_counter()

@@ -26,7 +26,8 @@ def test_verdict_compares_every_pinned_metric_with_its_range():
 
 def test_recipes_name_shipped_presets_and_say_where_their_figures_come_from():
     presets = set(list_presets())
-    assert {"demo", "fashion-mnist", "imagenette-vit-s", "imagenet100-resnet50", "imagenet1k-vit-l"} <= set(RECIPES)
+    assert {"demo", "fashion-mnist", "imagenette-vit-s", "imagenette-vit-s8", "imagenet100-resnet50",
+            "imagenet1k-vit-l"} <= set(RECIPES)
     for recipe in RECIPES.values():
         assert recipe.preset in presets, recipe.name
         assert recipe.source_of_expected and recipe.budget, recipe.name
@@ -60,6 +61,32 @@ def test_reproduce_demo_end_to_end_on_tiny_settings(tmp_path, tiny_overrides):
     again = CliRunner().invoke(app, ["reproduce", "demo", "--out", str(tmp_path), "--no-progress", *sets])
     assert again.exit_code == result.exit_code
     assert json.loads((tmp_path / "reproduce.json").read_text())["measured"] == report["measured"]
+
+
+def test_imagenette_vit_s8_prepares_at_160_and_trains_the_authors_views(tmp_path):
+    """The authors' ImageNette recipe on a tiny image folder: prepare at 160 px, 4 x 128 px views and
+    no locals from its preset, then probe and a verdict on the one pinned figure (linear top-1)."""
+    from data_fixtures import make_image_folder
+
+    from lejepa_cli.data.shards import load_prepared
+
+    small = ["model.arch=vit_micro", "model.patch_size=16", "model.proj_hidden=64", "loss.num_slices=32",
+             "train.batch_size=8", "train.steps=2", "train.save_every=2", "train.eval_every=0", "log.every=1",
+             "optim.warmup_steps=1", "train.device=cpu"]
+    # A class folder without a val/ split is refused before any pretraining.
+    with pytest.raises(UserError, match="probes on the 'val' split"):
+        reproduce("imagenette-vit-s8", tmp_path / "flat", data=str(make_image_folder(tmp_path / "flat-images", 2)),
+                  extra=small, progress=False)
+    assert not (tmp_path / "flat" / "run").exists()
+    images = tmp_path / "images"
+    make_image_folder(images / "train", per_class=6)
+    make_image_folder(images / "val", per_class=3, seed=1)
+    report = reproduce("imagenette-vit-s8", tmp_path / "work", data=str(images), extra=small, progress=False)
+    assert load_prepared(tmp_path / "work" / "prepared", "train").images.shape[1:] == (160, 160, 3)
+    views = report["config"]["views"]
+    assert (views["global_views"], views["local_views"], views["global_size"]) == (4, 0, 128)
+    assert report["config"]["loss"]["lamb"] == 0.02 and report["config"]["model"]["proj_dim"] == 16
+    assert [r["metric"] for r in report["checks"]] == ["linear_top1"] and report["verdict"] in ("PASS", "FAIL")
 
 
 def test_unknown_recipe_is_one_line_exit_2():
