@@ -215,3 +215,23 @@ def test_loader_benchmark_pipelines_make_the_same_views_from_the_same_files(tmp_
     data = load_prepared(tmp_path / "prepared", "train")
     assert bench_loader.ours_images_per_s(tmp_path / "prepared", cfg, batch=4, batches=2) > 0
     assert bench_loader.conventional_images_per_s(paths, cfg, data.mean, data.std, batch=4, workers=0, batches=2) > 0
+
+
+def test_selection_sweep_trains_scores_and_reuses_its_runs(tmp_path):
+    """Two tiny runs through `python -m benchmarks.sweep_selection`; the second call reuses them."""
+    import subprocess
+    import sys
+
+    from conftest import TINY as TINY_RUN
+
+    sets = [a for o in TINY_RUN if not o.startswith(("train.steps", "train.save_every")) for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "benchmarks.sweep_selection", "--preset", "demo", "--steps", "2",
+           "--lambdas", "0.05,0.5", "--lrs", "0.001", "--jobs", "1", "--out", str(tmp_path), *sets]
+    first = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+    assert [r["run"] for r in first["runs"]] == ["lamb0.05-lr0.001", "lamb0.5-lr0.001"]
+    assert (first["runs_trained_now"], first["runs_reused"]) == (2, 0)
+    assert all(0 <= r["linear_top1"] <= 1 and r["label_free_score"] > 0 and r["train_s"] > 0 for r in first["runs"])
+    assert set(first["spearman_with_linear_top1"]) == {"label_free_score", "fixed_batch_loss", "train_loss_scaled", "train_loss"}
+    again = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+    assert (again["runs_trained_now"], again["runs_reused"]) == (0, 2)
+    assert [r["label_free_score"] for r in again["runs"]] == [r["label_free_score"] for r in first["runs"]]

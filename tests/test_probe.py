@@ -133,6 +133,26 @@ def test_label_free_ranking_over_run(run_dir):
     assert again["spearman"] is None
 
 
+def test_label_free_score_normalises_with_batch_statistics(run_dir, monkeypatch):
+    """BatchNorm's running averages do not enter the score: training never normalised with them."""
+    from lejepa_cli import probe as probe_mod
+
+    before = rank_checkpoints(run_dir, num_images=16, num_slices=64, device="cpu", with_labels=False)
+    load = probe_mod.load_projector
+
+    def stale_running_stats(path, device):
+        projector = load(path, device)
+        for module in projector.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.running_mean.fill_(5.0)
+                module.running_var.fill_(100.0)
+        return projector
+
+    monkeypatch.setattr(probe_mod, "load_projector", stale_running_stats)
+    after = rank_checkpoints(run_dir, num_images=16, num_slices=64, device="cpu", with_labels=False)
+    assert [r["score"] for r in after["checkpoints"]] == [r["score"] for r in before["checkpoints"]]
+
+
 def test_label_free_cli(run_dir, tmp_path):
     out = tmp_path / "rank.json"
     result = CliRunner().invoke(app, ["probe", "--label-free", str(run_dir), "--json", str(out), "--no-progress"])
