@@ -7,11 +7,11 @@
 Every checkpoint is scored on the same fixed, unlabelled batch: the same images, the same
 augmented views (a seeded generator) and the same SIGReg directions, so the score is a
 deterministic function of the weights. It is computed the way training computes the loss:
-BatchNorm normalises with batch statistics (the backbone's over chunks of the run's micro-batch
-size, the projector's over the whole batch), while drop-path and dropout stay off. The running
-averages of eval mode describe a model that no longer exists at the end of a fast schedule: on
-eight Fashion-MNIST runs they gave a Spearman of 0.24 with linear accuracy, batch statistics
-0.86 (docs/recipes.md). The score is the LeJEPA loss on that batch divided by lambda**0.4, the
+BatchNorm normalises with batch statistics (the backbone's over chunks of train.batch_size /
+train.grad_accum images, the projector's over the whole batch); drop-path and dropout stay off.
+The running averages of eval mode lag the weights after a short, fast schedule: on eight
+Fashion-MNIST runs they gave a Spearman of 0.24 with linear accuracy, batch statistics 0.86
+(docs/recipes.md). The score is the LeJEPA loss on that batch divided by lambda**0.4, the
 statistic the paper found to track linear-probe accuracy (Spearman ~0.99 across runs; METHOD.md
 section 6). Lower is better.
 
@@ -72,7 +72,7 @@ def rank_checkpoints(
 ) -> dict[str, Any]:
     """Score and rank every checkpoint of `run_dir`; see the module docstring. JSON-serialisable.
 
-    `chunk`: images per backbone pass (default: the run's micro-batch, train.batch_size / grad_accum).
+    `chunk`: images per backbone pass (default: train.batch_size / train.grad_accum of the run).
     """
     from lejepa_cli.data.sources import load_dataset
     from lejepa_cli.probe import probe_data_config, select_device
