@@ -123,7 +123,7 @@ def resolve_data(recipe: Recipe, work: Path, data: str | None) -> str:
     if source is None and recipe.fetch is not None:
         from lejepa_cli.data.fetch import fetch
 
-        source = str(fetch(recipe.fetch, work / "data"))
+        source = str(fetch(recipe.fetch, work / "data", rerun=f"lejepa reproduce {recipe.name} --out {work}"))
     if source is None:
         return "builtin"
     if recipe.prepare and not is_prepared(Path(source)):

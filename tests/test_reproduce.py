@@ -89,6 +89,22 @@ def test_imagenette_vit_s8_prepares_at_160_and_trains_the_authors_views(tmp_path
     assert [r["metric"] for r in report["checks"]] == ["linear_top1"] and report["verdict"] in ("PASS", "FAIL")
 
 
+def test_offline_fetch_tells_to_rerun_the_recipe(tmp_path, monkeypatch):
+    """A recipe whose download fails says where to put the file and which command to run again."""
+    import dataclasses
+
+    from lejepa_cli.data import fetch as fetch_mod
+
+    offline = dataclasses.replace(fetch_mod.DATASETS["imagenette"], url="http://127.0.0.1:1/")
+    monkeypatch.setitem(fetch_mod.DATASETS, "imagenette", offline)
+    with pytest.raises(UserError) as e:
+        reproduce("imagenette-vit-s8", tmp_path, progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot download http://127.0.0.1:1/imagenette2-160.tgz" in msg
+    assert f"by hand to {tmp_path / 'data' / 'imagenette2-160.tgz'}" in msg
+    assert msg.endswith(f"re-run `lejepa reproduce imagenette-vit-s8 --out {tmp_path}`")
+
+
 def test_unknown_recipe_is_one_line_exit_2():
     proc = subprocess.run([sys.executable, "-m", "lejepa_cli", "reproduce", "nosuch", "--no-progress"],
                           capture_output=True, text=True, timeout=120)

@@ -290,12 +290,14 @@ def fetch(
     progress: bool = True,
     checksums: dict[str, str] | None = None,
     local_dirs: Sequence[Path] | None = None,
+    rerun: str | None = None,
 ) -> Path:
     """Fetch dataset `name` under `out`; returns the folder to give `lejepa data prepare`.
 
     `base_url` replaces the mirror; `checksums` ({file name: "md5:<hex>" or "sha256:<hex>"})
     replaces the published ones (tests serve generated files); `local_dirs` replaces the list of
-    folders searched for an existing copy.
+    folders searched for an existing copy. `rerun` is the command an offline error tells the
+    user to run again once the file is in place (default: this fetch).
     """
     key = ALIASES.get(name.lower(), name.lower())
     if key not in DATASETS:
@@ -312,7 +314,8 @@ def fetch(
     record = {}
     for fname, _ in remote.files:
         dest = downloads / fname
-        hint = f"download {(base_url or remote.url).rstrip('/')}/{fname} by hand to {dest} and re-run `lejepa data fetch {key} --out {out}`"
+        again = rerun or f"lejepa data fetch {key} --out {out}"
+        hint = f"download {(base_url or remote.url).rstrip('/')}/{fname} by hand to {dest} and re-run `{again}`"
         record[fname] = _obtain(remote, fname, sums[fname], dest, base_url, local, progress, hint)
     if remote.archive:
         for fname, _ in remote.files:
