@@ -60,6 +60,7 @@ class ModelConfig:
     drop_path: float = 0.1  # stochastic depth rate (ViTs)
     small_stem: bool = False  # ResNet: 3x3 stem (stride stem_stride) without max-pool for 28-32 px images
     stem_stride: int = 1  # ResNet small stem's stride: 2 halves every feature map (~3x faster at 28 px)
+    head_width: int = 0  # ResNet: 1x1 conv + BN + ReLU widening the last feature map to this many channels (0: none)
     proj_hidden: int = 2048  # projector MLP hidden width
     proj_dim: int = 128  # projector output K (SIGReg dimension)
     grad_checkpointing: bool = False  # recompute block activations in backward to save memory
@@ -152,6 +153,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.stem_stride": (lambda v: v in (1, 2), "1 or 2"),
+    "model.head_width": (lambda v: v >= 0, "an integer >= 0 (0: no head)"),
     "model.proj_hidden": (lambda v: v >= 1, "an integer >= 1"),
     "model.proj_dim": (lambda v: v >= 1, "an integer >= 1"),
     "loss.lamb": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
@@ -196,6 +198,9 @@ def validate(cfg: Config) -> Config:
     if cfg.model.stem_stride != 1 and not (cfg.model.small_stem and cfg.model.arch.startswith("resnet")):
         raise UserError(f"config key 'model.stem_stride' = {cfg.model.stem_stride} sets the stride of a ResNet's "
                         f"small stem: it needs a ResNet model.arch and model.small_stem=true")
+    if cfg.model.head_width and not cfg.model.arch.startswith("resnet"):
+        raise UserError(f"config key 'model.head_width' = {cfg.model.head_width} widens a ResNet's last feature map: "
+                        f"it needs a ResNet model.arch (set it to 0 for a ViT)")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")

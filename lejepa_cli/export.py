@@ -190,9 +190,9 @@ def _check_arch(backbone: nn.Module, arch: dict[str, Any], source: Path | str) -
     """Same architecture family and input layout, named field by field when not."""
     fields = {"arch": "model.arch", "in_chans": "the data's channel count"}
     fields.update({"patch_size": "model.patch_size"} if str(arch.get("arch", "")).startswith("vit") else
-                  {"small_stem": "model.small_stem", "stem_stride": "model.stem_stride"})
+                  {"small_stem": "model.small_stem", "stem_stride": "model.stem_stride", "head_width": "model.head_width"})
     ours = backbone.arch_config()
-    stored = {"stem_stride": 1, **arch}  # files written before stem_stride existed had stride 1
+    stored = {"stem_stride": 1, "head_width": 0, **arch}  # files written before these keys existed had neither
     diffs = [(k, stored.get(k), ours.get(k)) for k in fields if stored.get(k) != ours.get(k)]
     if diffs:
         said = "; ".join(f"{k} {theirs} there, {mine} here" for k, theirs, mine in diffs)
@@ -308,9 +308,10 @@ def timm_config(arch: dict[str, Any], *, num_features: int, mean: Iterable[float
 
 
 def timm_compatible(arch: dict[str, Any]) -> bool:
-    """timm has no 3x3 stride-1 stem without max-pool, so small-stem ResNets are lejepa-only (as is
-    ResNet-Micro: timm has no model of its widths under a name)."""
-    return arch["arch"] in _TIMM_VIT or (arch["arch"] in ("resnet18", "resnet50") and not arch.get("small_stem"))
+    """timm has no 3x3 stride-1 stem without max-pool and no widening head on its ResNets, so ResNets
+    with either are lejepa-only (as is ResNet-Micro: timm has no model of its widths under a name)."""
+    return arch["arch"] in _TIMM_VIT or (arch["arch"] in ("resnet18", "resnet50") and not arch.get("small_stem")
+                                         and not arch.get("head_width"))
 
 
 @dataclass

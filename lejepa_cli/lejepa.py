@@ -56,7 +56,7 @@ def build_backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
                 raise UserError(f"config key '{key}' = {size} must be a multiple of model.patch_size = {m.patch_size}")
     backbone = build_backbone(
         m.arch, img_size=views.global_size, patch_size=m.patch_size, in_chans=in_chans,
-        drop_path=m.drop_path, small_stem=m.small_stem, stem_stride=m.stem_stride,
+        drop_path=m.drop_path, small_stem=m.small_stem, stem_stride=m.stem_stride, head_width=m.head_width,
     )
     if m.grad_checkpointing:
         backbone.set_grad_checkpointing(True)

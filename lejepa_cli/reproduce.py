@@ -51,10 +51,10 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "fashion-mnist", "fmnist", "ResNet-Micro on Fashion-MNIST (28 px, grayscale), sized for a 2-core CPU",
         fetch="fashion-mnist",
         expected={"linear_top1": (0.87, 1.0), "knn_top1": (0.85, 1.0)},
-        source_of_expected=("measured here (2-core AMD EPYC, 2026-12-01): linear 0.885, kNN 0.869 on the official "
-                            "test split; the same encoder at random init 0.558 / 0.560, raw-pixel logistic regression "
-                            "0.842, the issue's target 0.90"),
-        budget="~30 min on a 2-core CPU (28.2 pretraining incl. 1 min of evaluations, 1.5 probe)",
+        source_of_expected=("measured here (2-core AMD EPYC, 2026-12-02): linear 0.894, kNN 0.860 on the official "
+                            "test split; the same architecture at random init 0.588 / 0.563, raw-pixel logistic "
+                            "regression 0.842, the issue's target 0.90"),
+        budget="~31 min on a 2-core CPU (28.1 pretraining incl. 1 min of evaluations, 2.9 probe)",
     ),
     Recipe(
         "imagenette-vit-s", "vit-s", "ViT-S/16 on ImageNette (10 classes, 224 px); one GPU",

@@ -31,6 +31,8 @@ def test_required_keys_exist_and_override():
         ("train", "key.sub=value"),
         ("model.stem_stride=3", "'model.stem_stride'"),
         ("model.stem_stride=2", "'model.stem_stride'"),  # the demo's ViT has no ResNet stem
+        ("model.head_width=-1", "'model.head_width'"),
+        ("model.head_width=64", "'model.head_width'"),  # nor a ResNet head
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

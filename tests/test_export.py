@@ -168,10 +168,11 @@ def test_real_timm_loads_export_strictly(exported, trained):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch,stem_stride", [("resnet18", 1), ("resnet_micro", 1), ("resnet_micro", 2)])
-def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch, stem_stride):
+@pytest.mark.parametrize("arch,stem_stride,head_width", [("resnet18", 1, 0), ("resnet_micro", 1, 0), ("resnet_micro", 2, 0),
+                                                         ("resnet_micro", 2, 48)])
+def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch, stem_stride, head_width):
     torch.manual_seed(0)
-    net = build_backbone(arch, img_size=32, small_stem=True, stem_stride=stem_stride, in_chans=1)
+    net = build_backbone(arch, img_size=32, small_stem=True, stem_stride=stem_stride, in_chans=1, head_width=head_width)
     for m in net.modules():  # non-trivial BatchNorm statistics, so the buffers are checked too
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
@@ -182,6 +183,14 @@ def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch,
     x = torch.randn(3, 1, 32, 32)
     assert torch.equal(enc(x), net(x))
     assert enc.lejepa_info["step"] is None and enc.lejepa_info["channels"] == 1
+
+
+def test_resnet_with_a_widening_head_is_lejepa_only():
+    from lejepa_cli.export import timm_compatible
+
+    assert timm_compatible({"arch": "resnet50", "small_stem": False})  # written before head_width existed
+    assert timm_compatible({"arch": "resnet50", "small_stem": False, "head_width": 0})
+    assert not timm_compatible({"arch": "resnet50", "small_stem": False, "head_width": 2048})
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------

@@ -240,6 +240,25 @@ def test_resnet_stem_stride_two_halves_every_feature_map() -> None:
         build_backbone("resnet18", img_size=224, stem_stride=2)
 
 
+def test_resnet_head_widens_the_pooled_features() -> None:
+    torch.manual_seed(0)
+    plain = build_backbone("resnet_micro", img_size=28, small_stem=True, stem_stride=2, in_chans=1)
+    wide = build_backbone("resnet_micro", img_size=28, small_stem=True, stem_stride=2, in_chans=1, head_width=96)
+    assert plain.head_width == 0 and not hasattr(plain, "conv_head")
+    assert wide.conv_head.weight.shape == (96, 256, 1, 1) and wide.embed_dim == wide.feature_dim == 96
+    x = torch.randn(4, 1, 28, 28)
+    assert wide(x).shape == (4, 96) and wide.patch_tokens(x).shape == (4, 4, 96)
+    assert (wide(x) >= 0).all()  # pooled after the head's ReLU
+    # The head reads the same trunk: with the plain network's weights, the trunk's output is unchanged.
+    wide.load_state_dict(plain.state_dict(), strict=False)
+    trunk = wide.layer4(wide.layer3(wide.layer2(wide.layer1(wide.act1(wide.bn1(wide.conv1(x)))))))
+    torch.testing.assert_close(trunk.mean(dim=(2, 3)), plain(x))
+    again = build_backbone(**wide.arch_config())
+    again.load_state_dict(wide.state_dict())
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), wide.eval()(x))
+
+
 def test_resnet_accepts_channels_last() -> None:
     torch.manual_seed(0)
     m = build_backbone("resnet18", img_size=32, small_stem=True).eval()

@@ -42,12 +42,13 @@ def build_backbone(
     drop_path: float = 0.0,
     small_stem: bool = False,
     stem_stride: int = 1,
+    head_width: int = 0,
 ) -> nn.Module:
     """Build a backbone by name.
 
     ViTs use `patch_size` and `drop_path` (stochastic depth rising linearly to it over depth)
     and ignore `small_stem`; ResNets use `small_stem` (and `stem_stride`, the small stem's
-    stride) and ignore `patch_size` and `drop_path`
+    stride), `head_width` (a 1x1 widening conv before the pool, 0: none) and ignore `patch_size` and `drop_path`
     (the recipe's drop-path is a ViT setting). `img_size` is the ViT's native grid (other
     multiples of the patch are accepted at run time); for a ResNet it is informational.
     """
@@ -66,7 +67,7 @@ def build_backbone(
     if arch in _RESNETS:
         layers, block, width = _RESNETS[arch]
         return ResNet(arch=arch, layers=layers, block=block, width=width, img_size=img_size, in_chans=in_chans,
-                      small_stem=small_stem, stem_stride=stem_stride)
+                      small_stem=small_stem, stem_stride=stem_stride, head_width=head_width)
     raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
 
 

@@ -9,6 +9,9 @@ CIFAR variant for 28-32 px images); `conv1` keeps its name but not timm's shape 
 costs about a quarter as much (for data whose detail survives a 14x14 first stage).
 `width` is the first stage's channel count (64 in ResNet-18/50; stages double it): ResNet-Micro
 (one BasicBlock per stage, width 32, 256-d features) is not a timm model but is named the same way.
+`head_width > 0` adds a 1x1 conv + BN + ReLU that widens the last feature map before the pool
+(MobileNet/EfficientNet's `conv_head`): wider features for a narrow network at a few % of its
+compute (ResNet-Micro on Fashion-MNIST: linear 0.878 vs 0.862 at 525 steps; docs/recipes.md).
 
     net = ResNet(arch="resnet18", layers=(2, 2, 2, 2), block=BasicBlock, small_stem=True)
     h = net(images)                 # (N, 512) global-average-pooled features
@@ -114,6 +117,7 @@ class ResNet(nn.Module):
         small_stem: bool = False,
         stem_stride: int = 1,
         width: int = 64,
+        head_width: int = 0,
         zero_init_last: bool = True,
     ) -> None:
         super().__init__()
@@ -141,6 +145,12 @@ class ResNet(nn.Module):
         for i, (planes, n_blocks, stride) in enumerate(zip(stage_widths, layers, (1, 2, 2, 2))):
             stage, inplanes = self._make_stage(block, inplanes, planes, n_blocks, stride)
             self.add_module(f"layer{i + 1}", stage)
+        self.head_width = head_width
+        if head_width:
+            self.conv_head = nn.Conv2d(inplanes, head_width, 1, bias=False)
+            self.bn_head = nn.BatchNorm2d(head_width)
+            self.act_head = nn.ReLU(inplace=True)
+            inplanes = head_width
         self.embed_dim = inplanes
         self.feature_dim = inplanes
         self._init_weights(zero_init_last)
@@ -173,7 +183,8 @@ class ResNet(nn.Module):
     # --- public API -------------------------------------------------------------------------
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (N, C, H, W) -> last feature map (N, embed_dim, H/32, W/32; H/(8 * stem_stride) with small_stem)."""
+        """Images (N, C, H, W) -> last feature map (N, embed_dim, H/32, W/32; H/(8 * stem_stride) with small_stem),
+        through the widening head when there is one."""
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -186,6 +197,8 @@ class ResNet(nn.Module):
                 )
             else:
                 x = stage(x)
+        if self.head_width:
+            x = self.act_head(self.bn_head(self.conv_head(x)))
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +216,7 @@ class ResNet(nn.Module):
     def arch_config(self) -> dict:
         """JSON-serialisable kwargs that rebuild this backbone with `build_backbone(**cfg)`."""
         return {"arch": self.arch, "img_size": self.img_size, "in_chans": self.in_chans, "small_stem": self.small_stem,
-                "stem_stride": self.stem_stride}
+                "stem_stride": self.stem_stride, "head_width": self.head_width}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage (layer1..layer4) in backward instead of storing its activations.
