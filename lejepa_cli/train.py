@@ -520,5 +520,6 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
             f.write(json.dumps({"step": last_good_step, "train_s": train_s, **scores}) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if owns_group:
+        dist.barrier()  # no rank tears gloo / NCCL down while another still uses it
         dist.teardown()
     return summary

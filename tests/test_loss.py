@@ -301,6 +301,9 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
             res["w_grad"] /= WORLD
             tensors = {k: v.contiguous().reshape(v.shape or (1,)) for k, v in res.items()}
             save_file(tensors, f"{out_dir}/{name}{rank}.safetensors")
+        # Both ranks past their last collective before either tears gloo down: a rank that
+        # destroys the group while its peer still talks to it can abort (SIGABRT seen once in CI).
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
