@@ -120,3 +120,13 @@ def test_reproduce_refuses_to_continue_a_run_of_another_config(tmp_path, tiny_ov
     train(load_config("demo", tiny_overrides + ["loss.lamb=0.2"]), tmp_path / "run", progress=False)
     with pytest.raises(UserError, match=r"different config .*loss\.lamb"):
         reproduce("demo", tmp_path, extra=tiny_overrides, progress=False)
+
+
+def test_help_names_every_recipe():
+    import typing
+
+    from lejepa_cli.commands.reproduce import reproduce as command
+    from lejepa_cli.reproduce import RECIPES
+
+    help_text = typing.get_type_hints(command, include_extras=True)["name"].__metadata__[0].help
+    assert help_text.removeprefix("Recipe: ").rstrip(".").split(", ") == list(RECIPES)
