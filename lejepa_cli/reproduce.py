@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lejepa_cli import __version__
 from lejepa_cli.errors import UserError
 
@@ -105,6 +103,8 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    import torch  # here, so the CLI can list RECIPES without importing torch
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
             "python": platform.python_version(), "lejepa_cli": __version__}

@@ -9,11 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lejepa_cli.reproduce import RECIPES  # torch-free at import: keeps `lejepa --help` fast
+
 console = Console()
 
 
 def reproduce(
-    name: Annotated[str, typer.Argument(help="Recipe: demo, fashion-mnist, imagenette-vit-s, imagenette-vit-s8, imagenet100-resnet50, imagenet1k-vit-l.")],
+    name: Annotated[str, typer.Argument(help=f"Recipe: {', '.join(RECIPES)}.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Work folder (default: runs/reproduce-NAME); running again continues.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Your copy of the recipe's data (required for the ImageNet recipes).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Extra config override (changes the recipe: the verdict then says so).")] = None,
