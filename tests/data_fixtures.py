@@ -1,4 +1,4 @@
-"""Generators of small test datasets (image folders with bad files, IDX, CIFAR binary) and a
+"""Generators of small test datasets (image folders with bad files, IDX, CIFAR binary and python) and a
 local HTTP server with Range support, shared by test_data_prepare.py and test_fetch.py."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import hashlib
 import http.server
 import io
 import re
+import struct
 import threading
 from pathlib import Path
 
@@ -105,19 +106,77 @@ def make_idx_folder(root: Path, n_train: int = 30, n_test: int = 10, seed: int =
     return arrays
 
 
+def py2_pickle(obj) -> bytes:
+    """`obj` pickled as Python 2's cPickle writes it at protocol 2 (how the CIFAR python batches
+    were made): str as SHORT_BINSTRING / BINSTRING, uint8 arrays through numpy.core.multiarray."""
+    out = bytearray(b"\x80\x02")
+
+    def put(o) -> None:
+        if isinstance(o, bytes):
+            out.extend(b"U" + bytes([len(o)]) + o if len(o) < 256 else b"T" + struct.pack("<i", len(o)) + o)
+        elif isinstance(o, bool) or not isinstance(o, (int, list, dict, np.ndarray)):
+            raise TypeError(type(o))
+        elif isinstance(o, int):
+            out.extend(b"K" + bytes([o]) if 0 <= o < 256 else b"J" + struct.pack("<i", o))
+        elif isinstance(o, list):
+            out.extend(b"](")
+            for v in o:
+                put(v)
+            out.extend(b"e")
+        elif isinstance(o, dict):
+            out.extend(b"}(")
+            for k, v in o.items():
+                put(k)
+                put(v)
+            out.extend(b"u")
+        else:
+            assert o.dtype == np.uint8
+            out.extend(b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R(K\x01(")
+            for d in o.shape:
+                put(d)
+            out.extend(b"tcnumpy\ndtype\nU\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89")
+            put(np.ascontiguousarray(o).tobytes())
+            out.extend(b"tb")
+
+    put(obj)
+    return bytes(out + b".")
+
+
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar10_batches(per_batch: int, seed: int):
+    """(file stem, images NHWC, labels) of the five train batches and the test batch."""
+    rng = np.random.default_rng(seed)
+    for stem in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        yield stem, rng.integers(0, 255, (per_batch, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, per_batch, dtype=np.uint8)
+
+
 def make_cifar10_bin(root: Path, per_batch: int = 6, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """cifar-10-batches-bin layout with `per_batch` records per file; returns (images NHWC, labels)."""
-    rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        images = rng.integers(0, 255, (per_batch, 32, 32, 3), dtype=np.uint8)
-        labels = rng.integers(0, 10, per_batch, dtype=np.uint8)
+    for stem, images, labels in _cifar10_batches(per_batch, seed):
         planes = images.transpose(0, 3, 1, 2).reshape(per_batch, 3072)  # R plane, G plane, B plane
-        (root / name).write_bytes(np.concatenate([labels[:, None], planes], axis=1).tobytes())
-        out[name] = (images, labels)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (root / "batches.meta.txt").write_text("\n".join(names) + "\n\n")
+        (root / f"{stem}.bin").write_bytes(np.concatenate([labels[:, None], planes], axis=1).tobytes())
+        out[f"{stem}.bin"] = (images, labels)
+    (root / "batches.meta.txt").write_text("\n".join(CIFAR10_NAMES) + "\n\n")
+    return out
+
+
+def make_cifar10_python(root: Path, per_batch: int = 6, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """cifar-10-batches-py layout (Python 2 pickles), the same images as make_cifar10_bin for the same seed."""
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for stem, images, labels in _cifar10_batches(per_batch, seed):
+        batch = {b"batch_label": stem.encode(), b"labels": labels.tolist(),
+                 b"data": images.transpose(0, 3, 1, 2).reshape(per_batch, 3072),
+                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
+        (root / stem).write_bytes(py2_pickle(batch))
+        out[stem] = (images, labels)
+    meta = {b"num_cases_per_batch": per_batch, b"label_names": [n.encode() for n in CIFAR10_NAMES], b"num_vis": 3072}
+    (root / "batches.meta").write_bytes(py2_pickle(meta))
     return out
 
 

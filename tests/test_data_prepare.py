@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import BAD_FILES, BLUE, exif_marker_ok, make_cifar10_bin, make_idx_folder, make_image_folder
+from data_fixtures import (
+    BAD_FILES, BLUE, exif_marker_ok, make_cifar10_bin, make_cifar10_python, make_idx_folder, make_image_folder, py2_pickle,
+)
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -215,11 +217,34 @@ def test_cifar_binary_and_python_batches(tmp_path):
     train = load_prepared(tmp_path / "out")
     images, labels = data["data_batch_2.bin"]
     assert np.array_equal(train.images[np.arange(6, 12)], images) and np.array_equal(train.labels[6:12], labels)
-    py = tmp_path / "cifar-10-batches-py"
-    py.mkdir()
-    (py / "data_batch_1").write_bytes(b"\x80\x04")
-    with pytest.raises(UserError, match="binary version"):
-        prepare(py, tmp_path / "out_py", progress=False)
+    # The "python version" of the same images (Python 2 pickles, read without unpickling) prepares to
+    # the same shards, labels and class names.
+    make_cifar10_python(tmp_path / "cifar-10-batches-py")
+    s_py = prepare(tmp_path / "cifar-10-batches-py", tmp_path / "out_py", progress=False)
+    assert {k: s_py[k] for k in ("kind", "splits", "class_names")} == {k: s[k] for k in ("kind", "splits", "class_names")}
+    for split in ("train", "val"):
+        a, b = load_prepared(tmp_path / "out", split), load_prepared(tmp_path / "out_py", split)
+        every = np.arange(len(a))
+        assert np.array_equal(a.images[every], b.images[every]) and np.array_equal(a.labels, b.labels)
+
+
+def test_cifar100_python_keeps_fine_labels(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    pixels = {name: rng.integers(0, 255, (n, 3072), dtype=np.uint8) for name, n in (("train", 8), ("test", 4))}
+    for name, data in pixels.items():
+        fine = list(range(len(data)))
+        (root / name).write_bytes(py2_pickle({b"data": data, b"fine_labels": fine, b"coarse_labels": [0] * len(data)}))
+    (root / "meta").write_bytes(py2_pickle({b"fine_label_names": [f"c{i}".encode() for i in range(100)], b"coarse_label_names": [b"x"]}))
+    s = prepare(root, tmp_path / "out", progress=False)
+    assert s["kind"] == "cifar100" and s["splits"] == {"train": 8, "val": 4} and s["class_names"][:2] == ["c0", "c1"]
+    train = load_prepared(tmp_path / "out")
+    assert np.array_equal(train.labels, np.arange(8))
+    assert np.array_equal(train.images[np.arange(8)], pixels["train"].reshape(8, 3, 32, 32).transpose(0, 2, 3, 1))
+    (root / "test").write_bytes(py2_pickle({b"data": pixels["test"], b"fine_labels": [1]}))  # one label for four images
+    with pytest.raises(UserError, match="fine_labels"):
+        prepare(root, tmp_path / "out2", progress=False)
 
 
 def test_builtin_source(tmp_path):

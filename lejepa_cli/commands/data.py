@@ -14,7 +14,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 SOURCE_HELP = (
-    "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR-binary folder, "
+    "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR folder (binary or python), "
     ".npz/.npy, .parquet, or 'builtin'."
 )
 RESOLUTION_HELP = "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256)."

@@ -8,8 +8,9 @@ Sources (detected from what SOURCE is):
     (Imagenette layout; the official splits are kept);
   - any other folder: every image below it, unlabelled;
   - a file list: .txt (one path per line) or .csv (path[,label]), paths relative to the list;
-  - an IDX folder (MNIST / Fashion-MNIST) and the CIFAR-10/100 *binary* folders
-    (cifar-10-batches-bin, cifar-100-binary): official train/test splits become train/val;
+  - an IDX folder (MNIST / Fashion-MNIST) and the CIFAR-10/100 folders, binary (cifar-10-batches-bin,
+    cifar-100-binary) or "python version" (cifar-10-batches-py, cifar-100-python; their pickles are
+    read by pickle_data.py, never unpickled): official train/test splits become train/val;
   - .npz / .npy arrays; Parquet files or a Hugging Face `save_to_disk` folder (needs pyarrow);
   - "builtin": the procedural shapes dataset.
 
@@ -135,15 +136,10 @@ def detect_source(source: str | Path) -> tuple[str, Path | None]:
 
     if is_idx_folder(path):
         return "idx", path
-    if "data_batch_1.bin" in names:
+    if {"data_batch_1.bin", "data_batch_1"} & names:  # binary or python batches
         return "cifar10", path
-    if {"train.bin", "test.bin"} <= names:
+    if {"train.bin", "test.bin"} <= names or {"train", "test", "meta"} <= names and (path / "meta").is_file():
         return "cifar100", path
-    if "data_batch_1" in names or {"train", "test", "meta"} <= names and (path / "meta").is_file():
-        raise UserError(
-            f"{path} holds the CIFAR python (pickle) batches, which this tool does not unpickle; "
-            "use the binary version: `lejepa data fetch cifar10` (or cifar100)"
-        )
     if any(n.endswith((".parquet", ".arrow")) for n in names) or "dataset_dict.json" in names:
         return "parquet", path
     dirs = {n for n in names if (path / n).is_dir()}
@@ -293,31 +289,93 @@ def _array_items(images: np.ndarray, labels: np.ndarray | None, tag: str) -> Ite
 
 
 def _cifar_source(kind: str, root: Path) -> Source:
-    if kind == "cifar10":
-        files = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "val": ["test_batch.bin"]}
-        record, label_at, names_file = 1 + 3072, 0, "batches.meta.txt"
-    else:  # CIFAR-100: coarse label, fine label, pixels; we keep the 100 fine labels
-        files = {"train": ["train.bin"], "val": ["test.bin"]}
-        record, label_at, names_file = 2 + 3072, 1, "fine_label_names.txt"
+    """CIFAR-10/100 in either official layout: the binary batches or the "python version" pickles."""
+    python = (root / ("data_batch_1" if kind == "cifar10" else "train")).is_file()
     splits = {}
-    for split, names in files.items():
+    for split, (images, labels) in (_cifar_python if python else _cifar_binary)(kind, root).items():
+        images = np.ascontiguousarray(images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # planes -> (N, 32, 32, 3)
+        splits[split] = _array_items(images, labels.astype(np.int64), split)
+    class_names = (_cifar_python_names if python else _cifar_binary_names)(kind, root)
+    all_files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    return Source(kind, str(root), _content_digest(all_files), splits, class_names)
+
+
+def _cifar_files(kind: str, python: bool) -> dict[str, list[str]]:
+    ext = "" if python else ".bin"
+    if kind == "cifar10":
+        return {"train": [f"data_batch_{i}{ext}" for i in range(1, 6)], "val": [f"test_batch{ext}"]}
+    return {"train": [f"train{ext}"], "val": [f"test{ext}"]}
+
+
+def _cifar_file(kind: str, root: Path, name: str) -> Path:
+    f = root / name
+    if not f.is_file():
+        raise UserError(f"{root} looks like {kind} data but has no {name}; fetch it again with `lejepa data fetch {kind}`")
+    return f
+
+
+def _cifar_binary(kind: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Records of label byte(s) + 3072 pixel bytes (CIFAR-100: coarse, fine; we keep the 100 fine labels)."""
+    record, label_at = (1 + 3072, 0) if kind == "cifar10" else (2 + 3072, 1)
+    splits = {}
+    for split, names in _cifar_files(kind, python=False).items():
         chunks = []
         for name in names:
-            f = root / name
-            if not f.is_file():
-                raise UserError(f"{root} looks like {kind} binary data but has no {name}; fetch it again with `lejepa data fetch {kind}`")
+            f = _cifar_file(kind, root, name)
             raw = np.fromfile(f, dtype=np.uint8)
             if raw.size == 0 or raw.size % record:
                 raise UserError(f"{f} is not a {kind} binary batch ({raw.size} bytes is not a multiple of {record})")
             chunks.append(raw.reshape(-1, record))
         raw = np.concatenate(chunks)
-        images = np.ascontiguousarray(raw[:, record - 3072 :].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # (N, 32, 32, 3)
-        splits[split] = _array_items(images, raw[:, label_at].astype(np.int64), split)
-    class_names = None
-    if (root / names_file).is_file():
-        class_names = [n.strip() for n in (root / names_file).read_text().splitlines() if n.strip()]
-    all_files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-    return Source(kind, str(root), _content_digest(all_files), splits, class_names)
+        splits[split] = (raw[:, record - 3072 :], raw[:, label_at])
+    return splits
+
+
+def _cifar_python(kind: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The pickled dicts {data: (N, 3072) uint8, labels | fine_labels: [int]}, read without unpickling."""
+    from lejepa_cli.data.pickle_data import read_pickled_data
+
+    label_key = "labels" if kind == "cifar10" else "fine_labels"
+    splits = {}
+    for split, names in _cifar_files(kind, python=True).items():
+        images, labels = [], []
+        for name in names:
+            f = _cifar_file(kind, root, name)
+            batch = read_pickled_data(f)
+            data, batch_labels = _field(batch, "data", f), _field(batch, label_key, f)
+            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+                raise UserError(f"{f} is not a {kind} python batch: 'data' is not an (N, 3072) uint8 array")
+            batch_labels = np.asarray(batch_labels)
+            if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu":
+                raise UserError(f"{f} is not a {kind} python batch: '{label_key}' does not hold one integer per image")
+            images.append(data)
+            labels.append(batch_labels)
+        splits[split] = (np.concatenate(images), np.concatenate(labels))
+    return splits
+
+
+def _field(d: Any, key: str, path: Path) -> Any:
+    """d[key] for keys pickled as Python 2 str (bytes) or Python 3 str."""
+    if isinstance(d, dict):
+        for k in (key.encode(), key):
+            if k in d:
+                return d[k]
+    raise UserError(f"{path} is not a CIFAR python batch: it has no '{key}' entry")
+
+
+def _cifar_binary_names(kind: str, root: Path) -> list[str] | None:
+    f = root / ("batches.meta.txt" if kind == "cifar10" else "fine_label_names.txt")
+    return [n.strip() for n in f.read_text().splitlines() if n.strip()] if f.is_file() else None
+
+
+def _cifar_python_names(kind: str, root: Path) -> list[str] | None:
+    from lejepa_cli.data.pickle_data import read_pickled_data
+
+    f = root / ("batches.meta" if kind == "cifar10" else "meta")
+    if not f.is_file():
+        return None
+    names = _field(read_pickled_data(f), "label_names" if kind == "cifar10" else "fine_label_names", f)
+    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _idx_source(root: Path) -> Source:
