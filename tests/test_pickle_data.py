@@ -86,3 +86,16 @@ def test_refuses_anything_but_plain_data_and_runs_nothing(tmp_path):
         assert str(f) in str(info.value) and "\n" not in str(info.value), name
         assert message is None or message in str(info.value), (name, str(info.value))
     assert not marker.exists()
+
+
+def test_shared_and_self_referencing_values_stay_linear(tmp_path):
+    """60 lists each holding the previous one twice: 2^60 leaves if copied, 61 lists if kept shared."""
+    nested = [1]
+    for _ in range(60):
+        nested = [nested, nested]
+    loop: list = []
+    loop.append(loop)
+    f = tmp_path / "shared.pkl"
+    f.write_bytes(pickle.dumps({"nested": nested, "loop": loop}, protocol=2))
+    got = read_pickled_data(f)
+    assert got["nested"][0] is got["nested"][1] and got["loop"][0] is got["loop"]

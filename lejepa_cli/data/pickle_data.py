@@ -96,14 +96,14 @@ def read_pickled_data(path: Path) -> Any:
     """The value pickled in `path`, if it is plain data (see the module docstring); else UnsafePickle."""
     with open(path, "rb") as f:
         try:
-            return _run(f, path.name)
+            return _run(f)
         except UnsafePickle as e:
             raise UnsafePickle(f"{path}: {e}") from None
         except (ValueError, EOFError, KeyError, IndexError, TypeError, RecursionError) as e:  # what genops raises on damaged input
             raise UnsafePickle(f"{path}: not a readable pickle ({e})") from None
 
 
-def _run(f, name: str) -> Any:
+def _run(f) -> Any:
     s = _MarkStack()
     memo: dict[int, Any] = {}
     for op, arg, _pos in pickletools.genops(f):
@@ -283,20 +283,34 @@ def _array(raw: Any, pending_dtype: Any, shape: Any, fortran: bool) -> np.ndarra
     return np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def _finished(value: Any) -> Any:
-    """Swap every pending array for the array its BUILD made (they nest inside containers)."""
+def _finished(value: Any, done: dict[int, Any] | None = None) -> Any:
+    """Swap every pending array for the array its BUILD made (they nest inside containers).
+
+    `done` maps id(container) -> its finished copy, so a value shared through the memo is walked
+    once and stays shared: a stream of n lists each holding the previous one twice stays O(n),
+    not 2^n, and self-referencing lists do not loop.
+    """
+    done = {} if done is None else done
+    if id(value) in done:
+        return done[id(value)]
     if isinstance(value, _ArrayPending):
         if value.array is None:
             raise UnsafePickle("malformed pickle: numpy array without its state")
         return value.array
-    if isinstance(value, list):
-        return [_finished(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_finished(v) for v in value)
-    if isinstance(value, dict):
-        return {_finished(k): _finished(v) for k, v in value.items()}
     if isinstance(value, _DtypePending):
         return value.dtype
     if isinstance(value, _Global):
         raise UnsafePickle("refusing a pickle whose value is a callable")
-    return value
+    out: Any
+    if isinstance(value, list):
+        out = done[id(value)] = []
+        out.extend(_finished(v, done) for v in value)
+    elif isinstance(value, dict):
+        out = done[id(value)] = {}
+        for k, v in value.items():
+            _pairs(out, [_finished(k, done), _finished(v, done)])
+    elif isinstance(value, tuple):
+        out = done[id(value)] = tuple(_finished(v, done) for v in value)
+    else:
+        out = value
+    return out
