@@ -99,3 +99,33 @@ def test_shared_and_self_referencing_values_stay_linear(tmp_path):
     f.write_bytes(pickle.dumps({"nested": nested, "loop": loop}, protocol=2))
     got = read_pickled_data(f)
     assert got["nested"][0] is got["nested"][1] and got["loop"][0] is got["loop"]
+
+
+def test_damaged_pickles_fail_as_unsafe_pickle_only(tmp_path):
+    """Random byte edits of valid pickles: each reads, or fails as UnsafePickle (a one-line error),
+    never another exception (lengths claiming exabytes once raised MemoryError)."""
+    import random
+
+    bases = [pickle.dumps({"a": np.arange(10, dtype=np.uint8), "b": [1, "x", b"y", 2.5, (None, True)]}, protocol=p)
+             for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+    bases.append(py2_pickle({b"data": np.zeros((2, 300), np.uint8), b"labels": [1, 2]}))
+    rng = random.Random(0)
+    f = tmp_path / "damaged.pkl"
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(3000):
+        data = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 4)):
+            pos, kind = rng.randrange(len(data)), rng.random()
+            if kind < 0.5:
+                data[pos] = rng.randrange(256)
+            elif kind < 0.75:
+                del data[pos : pos + rng.randint(1, 8)]
+            else:
+                data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        f.write_bytes(bytes(data))
+        try:
+            read_pickled_data(f)
+            outcomes["read"] += 1
+        except UnsafePickle:
+            outcomes["refused"] += 1
+    assert outcomes["read"] > 0 and outcomes["refused"] > 0

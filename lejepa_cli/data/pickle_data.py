@@ -21,8 +21,10 @@ gives them.
 
 from __future__ import annotations
 
+import io
 import math
 import pickletools
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +96,17 @@ class _MarkStack:
 
 def read_pickled_data(path: Path) -> Any:
     """The value pickled in `path`, if it is plain data (see the module docstring); else UnsafePickle."""
-    with open(path, "rb") as f:
-        try:
-            return _run(f)
-        except UnsafePickle as e:
-            raise UnsafePickle(f"{path}: {e}") from None
-        except (ValueError, EOFError, KeyError, IndexError, TypeError, RecursionError) as e:  # what genops raises on damaged input
-            raise UnsafePickle(f"{path}: not a readable pickle ({e})") from None
+    # From memory, not the file: an opcode claiming an 8-byte length would make a file object
+    # allocate that much before finding the end; BytesIO returns what is there.
+    stream = io.BytesIO(path.read_bytes())
+    try:
+        with warnings.catch_warnings():  # genops warns on bad escapes in protocol-0 strings
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _run(stream)
+    except UnsafePickle as e:
+        raise UnsafePickle(f"{path}: {e}") from None
+    except (ValueError, EOFError, KeyError, IndexError, TypeError, RecursionError) as e:  # what genops raises on damaged input
+        raise UnsafePickle(f"{path}: not a readable pickle ({e})") from None
 
 
 def _run(f) -> Any:
