@@ -13,10 +13,10 @@ with `UnsafePickle`; nothing in it is ever imported or called.
 
 The callables a numpy array's pickle names are recognised, not called: numpy's `_reconstruct` +
 `dtype` + BUILD states (protocols 0-4), `_frombuffer` (protocol 5, in-band), and `_codecs.encode`
-and `bytes()`, through which Python 3 writes bytes at protocols 0-2. The array is rebuilt with `np.frombuffer`
-from its raw bytes, for bool, integer, float and complex dtypes only (object arrays would be
-pickles again). Python 2 `str` values come back as bytes, as `pickle.load(f, encoding="bytes")`
-gives them.
+and `bytes()`, through which Python 3 writes bytes at protocols 0-2. The array is rebuilt with
+`np.frombuffer` from its raw bytes, for bool, integer, float and complex dtypes only (object
+arrays would be pickles again). Python 2 `str` values come back as bytes, as
+`pickle.load(f, encoding="bytes")` gives them.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ _NUMERIC_KINDS = set("biufc")  # bool, signed, unsigned, float, complex
 
 
 class _Global:
+    """A callable of `_ALLOWED`, by its role: a name to match in REDUCE, never the callable itself."""
+
     def __init__(self, role: str) -> None:
         self.role = role
 
