@@ -71,6 +71,43 @@ def test_resume_is_bit_exact(tmp_path, tiny_overrides):
     assert steps == sorted(steps)  # lines after the resumed step were trimmed, not duplicated
 
 
+def test_prepared_folder_trains_and_resumes_mid_epoch_exactly(tmp_path, tiny_overrides, capsys):
+    """`lejepa train --data DIR` on `lejepa data prepare` shards: 40 images, batch 8 = 5 steps per
+    epoch; a run stopped after step 3 (mid-epoch 0) resumes to the same weights as a straight run."""
+    import numpy as np
+    from PIL import Image
+
+    from lejepa_cli.cli import main
+    from lejepa_cli.data.prepare import prepare
+
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = tmp_path / "images" / ("even" if i % 2 == 0 else "odd")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    prepare(tmp_path / "images", tmp_path / "prepared", resolution=16, workers=0, progress=False)
+    keep = [o for o in tiny_overrides if not o.startswith(("data.", "train.batch_size", "train.steps", "train.save_every"))]
+    sets = [a for o in keep + ["train.batch_size=8", "train.steps=7", "train.save_every=3"] for a in ("--set", o)]
+
+    def lejepa_train(out: str, *extra: str) -> None:
+        with pytest.raises(SystemExit) as info:
+            main(["train", "--preset", "demo", "--data", str(tmp_path / "prepared"), "--out", str(tmp_path / out),
+                  "--no-progress", *sets, *extra])
+        assert info.value.code in (0, None), capsys.readouterr().err
+
+    lejepa_train("straight")
+    lejepa_train("resumed")
+    ckpts = list_checkpoints(tmp_path / "resumed" / "checkpoints")
+    assert [p.name for p in ckpts] == [f"step-00000000{s}.safetensors" for s in (3, 6, 7)]
+    for later in ckpts[1:]:  # as if killed after the step-3 checkpoint
+        later.unlink()
+    position = load_checkpoint(ckpts[0])[1]["data_position"]
+    assert position == {"step": 3, "epoch": 0, "batch_in_epoch": 3, "steps_per_epoch": 5}
+    lejepa_train("resumed", "--resume", "auto")
+    assert "resuming from" in capsys.readouterr().err
+    assert_same(weights(tmp_path / "straight"), weights(tmp_path / "resumed"))
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_overrides):
     sets = [a for o in tiny_overrides if not o.startswith(("train.steps", "train.save_every")) for a in ("--set", o)]
     sets += ["--set", "train.steps=40", "--set", "train.save_every=5", "--no-progress"]
