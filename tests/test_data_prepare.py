@@ -242,9 +242,12 @@ def test_cifar100_python_keeps_fine_labels(tmp_path):
     train = load_prepared(tmp_path / "out")
     assert np.array_equal(train.labels, np.arange(8))
     assert np.array_equal(train.images[np.arange(8)], pixels["train"].reshape(8, 3, 32, 32).transpose(0, 2, 3, 1))
+    (root / "meta").write_bytes(py2_pickle({b"fine_label_names": 7}))
+    with pytest.raises(UserError, match="not a list of strings"):
+        prepare(root, tmp_path / "out2", progress=False, overwrite=True)
     (root / "test").write_bytes(py2_pickle({b"data": pixels["test"], b"fine_labels": [1]}))  # one label for four images
     with pytest.raises(UserError, match="fine_labels"):
-        prepare(root, tmp_path / "out2", progress=False)
+        prepare(root, tmp_path / "out2", progress=False, overwrite=True)
 
 
 def test_builtin_source(tmp_path):

@@ -346,8 +346,8 @@ def _cifar_python(kind: str, root: Path) -> dict[str, tuple[np.ndarray, np.ndarr
             if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
                 raise UserError(f"{f} is not a {kind} python batch: 'data' is not an (N, 3072) uint8 array")
             batch_labels = np.asarray(batch_labels)
-            if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu":
-                raise UserError(f"{f} is not a {kind} python batch: '{label_key}' does not hold one integer per image")
+            if batch_labels.shape != (len(data),) or batch_labels.dtype.kind not in "iu" or (batch_labels < 0).any():
+                raise UserError(f"{f} is not a {kind} python batch: '{label_key}' does not hold one class number per image")
             images.append(data)
             labels.append(batch_labels)
         splits[split] = (np.concatenate(images), np.concatenate(labels))
@@ -375,7 +375,9 @@ def _cifar_python_names(kind: str, root: Path) -> list[str] | None:
     if not f.is_file():
         return None
     names = _field(read_pickled_data(f), "label_names" if kind == "cifar10" else "fine_label_names", f)
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    if not (isinstance(names, list) and all(isinstance(n, (bytes, str)) for n in names)):
+        raise UserError(f"{f} is not a {kind} meta file: its class names are not a list of strings")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
 def _idx_source(root: Path) -> Source:
