@@ -42,7 +42,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from benchmarks.machine import default_device, describe, sync
 from lejepa_cli.config import ViewsConfig, load_config
-from lejepa_cli.data.loader import BatchLoader, StepSampler
+from lejepa_cli.data.loader import BatchLoader, StepSampler, pins_memory
 from lejepa_cli.data.prepare import prepare
 from lejepa_cli.data.shards import load_prepared
 from lejepa_cli.views import make_views
@@ -159,7 +159,7 @@ def conventional_images_per_s(
     loader = torch.utils.data.DataLoader(
         FileDataset(paths, PilMultiCrop(cfg, mean, std)), batch_size=batch, shuffle=True, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(0), pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0), pin_memory=pins_memory(device),  # as our loader does
     )
     it = iter(loader)
     next(it)  # workers started and warm
@@ -171,7 +171,8 @@ def conventional_images_per_s(
         except StopIteration:
             it = iter(loader)
             continue
-        [v.to(device, non_blocking=True) for v in views]
+        for view in views:
+            view.to(device, non_blocking=True)
         done += 1
     sync(device)
     seconds = time.perf_counter() - t0

@@ -6,9 +6,9 @@
 Times one forward + backward of backbone + projector, built from the `fmnist` preset (its model,
 projector and view sizes; 1 channel) with only the memory format and `model.stem_stride` changed
 and the views and head pinned to what the stem stride was chosen with: 2 global + 4 local views,
-no widening head (the recipe has changed both since). The variants run interleaved, round by round,
-so machine noise hits all alike; prints one JSON object: median images/s per variant and the ratios to the
-contiguous stride-1 baseline. This is what chose channels-last ResNets on the CPU and the
+no widening head (the recipe has changed both since). The variants run interleaved, round by
+round, so machine noise hits all alike; prints one JSON object: median images/s per variant and
+the ratios to the contiguous stride-1 baseline. This is what chose channels-last ResNets on the CPU and the
 `fmnist` recipe's `model.stem_stride: 2`.
 """
 

@@ -59,6 +59,11 @@ class StepSampler:
         return self.global_batch(step)[k * size : (k + 1) * size]
 
 
+def pins_memory(device: torch.device) -> bool:
+    """Whether host batches bound for `device` go through pinned memory (so the copy can overlap compute)."""
+    return device.type == "cuda"
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # (B, C, H, W) uint8 on the device
@@ -76,7 +81,7 @@ class BatchLoader:
         self.dataset, self.sampler, self.device = dataset, sampler, device
         self.rank, self.world, self.num_micro = rank, world, num_micro
         self.prefetch = prefetch
-        self.pin = device.type == "cuda"
+        self.pin = pins_memory(device)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lejepa-loader")
 
     def _load(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:

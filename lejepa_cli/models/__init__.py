@@ -49,8 +49,9 @@ def build_backbone(
     ViTs use `patch_size` and `drop_path` (stochastic depth rising linearly to it over depth)
     and ignore `small_stem`; ResNets use `small_stem` (and `stem_stride`, the small stem's
     stride) and `head_width` (a 1x1 widening conv before the pool, 0: none) and ignore
-    `patch_size` and `drop_path` (the recipe's drop-path is a ViT setting). `img_size` is the ViT's native grid (other
-    multiples of the patch are accepted at run time); for a ResNet it is informational.
+    `patch_size` and `drop_path` (the recipe's drop-path is a ViT setting). `img_size` is the
+    ViT's native grid (other multiples of the patch are accepted at run time); for a ResNet it
+    is informational.
     """
     if arch in VIT_SIZES:
         dim, depth, heads = VIT_SIZES[arch]
