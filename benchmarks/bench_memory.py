@@ -7,7 +7,7 @@
 Each case runs in a fresh subprocess, so one case's allocator caches and high-water mark cannot
 leak into the next: build the run as training does (`train.build_run`, built-in data at the
 preset's image size), take the first batch from `BatchLoader`, then run one whole step
-(`train.lejepa_step` + AdamW step + online probe). Reported, above the state after the build
+(`image_objective.lejepa_step` + AdamW step + online probe). Reported, above the state after the build
 (weights and data already there) at the step's peak: on CUDA, torch.cuda.max_memory_allocated
 minus memory_allocated before the step; on the CPU, the process's peak resident set (VmHWM,
 reset through /proc/self/clear_refs after the build; resource.getrusage's ru_maxrss where there
@@ -109,7 +109,7 @@ def measure(preset: str, batch: int, grad_checkpointing: bool, threads: int | No
             overrides: tuple[str, ...] = ()) -> dict:
     """One case, in this process: memory of one training step above the built run."""
     from benchmarks.bench_step import build_case
-    from lejepa_cli import train as train_mod
+    from lejepa_cli import image_objective, train as train_mod
     from lejepa_cli.config import load_config
     from lejepa_cli.data.loader import BatchLoader, StepSampler
 
@@ -139,7 +139,7 @@ def measure(preset: str, batch: int, grad_checkpointing: bool, threads: int | No
     t0 = time.perf_counter()
     seed = train_mod.step_seed(cfg.train.seed, 0, 0, 0)
     with _SavedTensors(run.modules.values()) as saved:
-        train_mod.lejepa_step(run, [b.images], [b.labels], 0, [seed])
+        image_objective.lejepa_step(run, [b.images], [b.labels], 0, [seed])
     run.optimizer.step()
     if run.probe_optimizer is not None:
         run.probe_optimizer.step()

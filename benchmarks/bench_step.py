@@ -9,7 +9,7 @@ overrides)`, with the built-in dataset at the preset's image size held in memory
 `BatchLoader`) and times, per step: data wait (blocked on the loader), views (`make_views`),
 encoder forward and backward (`ViewEncoder`), projector + loss forward and backward
 (`ViewProjector` + `lejepa_loss`; the backward is split off at the embedding h), the online probe
-and the optimizer step. Steps alternate with whole `train.lejepa_step` calls, so the split can be
+and the optimizer step. Steps alternate with whole `image_objective.lejepa_step` calls, so the split can be
 checked against the real step measured side by side (`split_over_lejepa_step` near 1).
 
 Utilisation: the encoder's FLOPs for one forward + backward are counted with FlopCounterMode;
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from benchmarks.machine import default_device, describe, sync
-from lejepa_cli import train as train_mod
+from lejepa_cli import image_objective, train as train_mod
 from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import BatchLoader, StepSampler
 from lejepa_cli.loss import lejepa_loss
@@ -90,7 +90,7 @@ class _Clock:
 
 
 def build_case(preset: str, side: int, batch: int, device: torch.device,
-               overrides: tuple[str, ...] = ()) -> train_mod.Run:
+               overrides: tuple[str, ...] = ()) -> image_objective.ImageRun:
     """`build_run` for `preset` on built-in data of `side` px, `batch` images per step, on one process."""
     cfg = load_config(preset, [
         f"train.batch_size={batch}", f"data.builtin_train={4 * batch}", "data.builtin_val=10",
@@ -144,7 +144,7 @@ def _optimizer_step(run, step: int) -> None:
 def _whole_step(run, batch, step: int) -> None:
     """The trainer's own `lejepa_step` plus the optimizer steps, as the loop runs them."""
     seed = train_mod.step_seed(run.cfg.train.seed, step, 0, 0)
-    train_mod.lejepa_step(run, [batch.images], [batch.labels], step, [seed])
+    image_objective.lejepa_step(run, [batch.images], [batch.labels], step, [seed])
     _optimizer_step(run, step)
     if run.probe_optimizer is not None:
         run.probe_optimizer.step()
@@ -446,12 +446,12 @@ def _limits(r: dict) -> list[str]:
 # ---- accelerator paths: where they are in the code ----------------------------------------------
 
 _PATHS = {  # name: (file under lejepa_cli/, regex that marks it)
-    "bf16_autocast_on_cuda": ("train.py", r'precision == "auto" and device.type == "cuda"'),
-    "fused_adamw_on_cuda": ("train.py", r"fused = device.type == \"cuda\""),
+    "bf16_autocast_on_cuda": ("optim.py", r'precision == "auto" and device.type == "cuda"'),
+    "fused_adamw_on_cuda": ("optim.py", r"fused=device.type == \"cuda\""),
     "scaled_dot_product_attention": ("models/vit.py", r"F\.scaled_dot_product_attention\("),
-    "channels_last_cnn": ("train.py", r'channels_last = cfg.model.arch.startswith\("resnet"\)$'),
+    "channels_last_cnn": ("image_objective.py", r'channels_last = cfg.model.arch.startswith\("resnet"\)$'),
     "channels_last_input": ("lejepa.py", r"memory_format=torch.channels_last"),
-    "torch_compile_option": ("train.py", r"torch\.compile\(encoder\)"),
+    "torch_compile_option": ("image_objective.py", r"torch\.compile\(encoder\)"),
     "values_read_every_log_every": ("train.py", r"done % cfg.log.every == 0"),
     "non_finite_check_without_sync": ("train.py", r"first_bad = torch.where\("),
     "views_gate_without_sync_on_accelerators": ("views.py", r"avoids the host-device sync"),
@@ -474,9 +474,9 @@ def accelerator_paths() -> dict:
                 hit = {"where": f"lejepa_cli/{rel}:{i}", "line": line.strip()}
                 break
         out[name] = hit
-    src, first = inspect.getsourcelines(train_mod.lejepa_step)
+    src, first = inspect.getsourcelines(image_objective.lejepa_step)
     body = [(first + i, s.strip()) for i, s in enumerate(src) if not s.strip().startswith(("#", '"""'))]
-    out["host_sync_calls_in_lejepa_step"] = [f"lejepa_cli/train.py:{i}: {s}" for i, s in body if _SYNC_CALLS.search(s)]
+    out["host_sync_calls_in_lejepa_step"] = [f"lejepa_cli/image_objective.py:{i}: {s}" for i, s in body if _SYNC_CALLS.search(s)]
     out["note"] = ("grep-level facts; the loop's only per-step host read is `not bool(finite)` under "
                    "train.on_nonfinite=skip (default stop reads values every log.every steps)")
     return out

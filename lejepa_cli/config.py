@@ -110,8 +110,25 @@ class LogConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The world-model objective (objective: world): windows, predictor and evaluation."""
+
+    history: int = 3  # H: latents the predictor sees (its context; LeWM: 3)
+    num_preds: int = 1  # each history position predicts the latent this many window frames ahead
+    frameskip: int = 5  # simulator steps between window frames; the actions in one skip are concatenated
+    depth: int = 6  # predictor transformer blocks (LeWM: 6)
+    heads: int = 16  # attention heads per block (LeWM: 16)
+    head_dim: int = 64  # width of one head (LeWM: 64)
+    mlp_dim: int = 2048  # hidden width of each block's MLP (LeWM: 2048)
+    dropout: float = 0.1  # predictor dropout (LeWM: 0.1)
+    eval_windows: int = 512  # held-out windows for the rollout evaluation (0: every one)
+    eval_horizon: int = 5  # open-loop rollout steps reported at each evaluation
+
+
+@dataclass
 class Config:
     preset: str = ""  # name of the preset this config started from
+    objective: str = "image"  # image (LeJEPA views of images) | world (action-conditioned world model)
     data: DataConfig = field(default_factory=DataConfig)
     views: ViewsConfig = field(default_factory=ViewsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -180,6 +198,17 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "train.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
     "log.every": (lambda v: v >= 1, "an integer >= 1"),
+    "objective": (lambda v: v in ("image", "world"), "image or world"),
+    "world.history": (lambda v: v >= 1, "an integer >= 1"),
+    "world.num_preds": (lambda v: v >= 1, "an integer >= 1"),
+    "world.frameskip": (lambda v: v >= 1, "an integer >= 1"),
+    "world.depth": (lambda v: v >= 1, "an integer >= 1"),
+    "world.heads": (lambda v: v >= 1, "an integer >= 1"),
+    "world.head_dim": (lambda v: v >= 1, "an integer >= 1"),
+    "world.mlp_dim": (lambda v: v >= 1, "an integer >= 1"),
+    "world.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "world.eval_windows": (lambda v: v >= 0, "an integer >= 0 (0: every held-out window)"),
+    "world.eval_horizon": (lambda v: v >= 1, "an integer >= 1"),
     "data.builtin_train": (lambda v: v >= 2, "an integer >= 2"),
     "data.builtin_val": (lambda v: v >= 1, "an integer >= 1"),
     "data.builtin_size": (lambda v: v >= 8, "an integer >= 8"),
@@ -201,6 +230,8 @@ def validate(cfg: Config) -> Config:
     if cfg.model.head_width and not cfg.model.arch.startswith("resnet"):
         raise UserError(f"config key 'model.head_width' = {cfg.model.head_width} widens a ResNet's last feature map: "
                         f"it needs a ResNet model.arch (set it to 0 for a ViT)")
+    if cfg.objective == "world" and (cfg.train.fsdp or cfg.train.grad_accum > 1):
+        raise UserError("objective 'world' trains with DDP and one micro-batch: set train.fsdp=false and train.grad_accum=1")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")

@@ -7,59 +7,39 @@ Every source of randomness in a step (which images, their views, drop-path) is s
 (seed, step, rank, micro-batch), and the learning rate is a pure function of the step, so a run
 resumed from a checkpoint continues bit for bit.
 
-The step order is fixed: lr from step -> views -> encoder forward -> projector + loss parts ->
-backward -> optimizer step -> log -> (evaluate) -> (save).
+The step order is fixed: lr from step -> the objective's step (image: views -> encoder forward ->
+projector + loss parts -> backward; world: encode frames -> predict -> loss parts -> backward) ->
+optimizer step -> log -> (evaluate) -> (save). Both objectives run this one loop; what differs
+lives in image_objective.py and world/objective.py.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lejepa_cli import __version__, dist
 from lejepa_cli.checkpoint import (
-    checkpoint_name, find_resumable, list_checkpoints, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
-    prune, save_checkpoint, split_prefix,
+    checkpoint_name, find_resumable, load_checkpoint, optimizer_from_flat, optimizer_to_flat, prune,
+    save_checkpoint, split_prefix,
 )
 from lejepa_cli.config import Config, config_from_dict, set_key, _parse_scalar, validate
-from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.data.loader import BatchLoader, StepSampler
-from lejepa_cli.data.sources import load_dataset
 from lejepa_cli.errors import RunFailed, UserError
-from lejepa_cli.evaluate import extract_features, knn_classify
-from lejepa_cli.lejepa import (
-    OnlineProbe, ViewEncoder, ViewProjector, build_backbone_from_config, build_projector_from_config,
-)
 from lejepa_cli.logs import RunLogger, Throughput, console, trim_metrics
-from lejepa_cli.loss import lejepa_loss
-from lejepa_cli.views import make_views
+from lejepa_cli.optim import autocast_dtype, lr_at, param_groups  # noqa: F401  (re-exported: the loop's pieces)
 
 
 # ---- small pure pieces -------------------------------------------------------------------------
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup to optim.lr, then cosine decay to lr * min_lr_ratio at the last step."""
-    total, peak = cfg.train.steps, cfg.optim.lr
-    warmup = cfg.optim.warmup_steps or max(1, total // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup - 1)
-    floor = peak * cfg.optim.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -85,24 +65,6 @@ def select_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default; on the CPU only when asked (train.precision=bf16)."""
-    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norms, position embeddings and the CLS token."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("pos_embed", "cls_token"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config | None:
     """The config stored in a run's newest good checkpoint, with `overrides` on top; None if no checkpoint."""
     found = find_resumable(run_dir / "checkpoints", warn=lambda m: console.print(f"[yellow]{m}"))
@@ -118,68 +80,37 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
 # ---- the run -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """Everything a step needs, built once."""
+class Run(Protocol):
+    """What the loop needs of an objective's run (image_objective.ImageRun, world.objective.WorldRun)."""
 
+    kind: str
     cfg: Config
     device: torch.device
-    amp: torch.dtype | None
-    train_data: ImageDataset
-    val_data: ImageDataset | None
-    backbone: nn.Module
-    encoder: nn.Module  # ViewEncoder, possibly DDP- or compile-wrapped
-    projector: nn.Module  # ViewProjector, possibly DDP-wrapped
-    probe: nn.Module | None
-    optimizer: torch.optim.Optimizer
-    probe_optimizer: torch.optim.Optimizer | None
-    modules: dict[str, nn.Module] = field(default_factory=dict)  # unwrapped, for state dicts
+    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, extra) arrays
+    modules: dict[str, nn.Module]  # unwrapped, saved in checkpoints as model.<name>.*
+    optimizer: torch.optim.Optimizer  # updates `optimized`
+    optimized: dict[str, nn.Module]
+    side_optimizers: dict[str, torch.optim.Optimizer]  # e.g. the online probe's, by checkpoint prefix
+
+    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+             seeds: list[int]) -> dict[str, torch.Tensor]: ...
+
+    def evaluate(self) -> dict[str, float]: ...
+
+    def data_meta(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
 
 
 def build_run(cfg: Config, device: torch.device) -> Run:
-    train_data = load_dataset(cfg.data, cfg.data.train_split)
-    try:
-        val_data = load_dataset(cfg.data, cfg.data.eval_split)
-    except UserError:
-        val_data = None  # unlabelled or single-split data: no held-out evaluation
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    backbone = build_backbone_from_config(cfg, train_data.channels).to(device)
-    projector = build_projector_from_config(cfg, backbone.embed_dim).to(device)
-    # channels-last convolutions: faster on CUDA and, via oneDNN, on the CPU too (benchmarks/bench_resnet_stem.py)
-    channels_last = cfg.model.arch.startswith("resnet")
-    if channels_last:
-        backbone = backbone.to(memory_format=torch.channels_last)
-    # In a process group: BatchNorm statistics over the global batch (projector; ResNet backbone),
-    # then FSDP2 sharding if asked; both before the optimizer takes the parameters.
-    backbone, projector = dist.global_batchnorm(backbone, device), dist.global_batchnorm(projector, device)
-    sharded = cfg.train.fsdp and dist.is_distributed()
-    if sharded:
-        dist.shard(backbone, backbone.blocks, methods=("probe_features", "patch_tokens"))
-        dist.shard(projector, ())
-    view_encoder, view_projector = ViewEncoder(backbone, channels_last), ViewProjector(projector)
-    probe = None
-    if cfg.train.online_probe and train_data.labels is not None:
-        probe = OnlineProbe(backbone.embed_dim, max(train_data.num_classes, 2)).to(device)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        param_groups(backbone, cfg.optim.weight_decay) + param_groups(projector, cfg.optim.weight_decay),
-        lr=cfg.optim.lr, betas=cfg.optim.betas, fused=fused,
-    )
-    probe_optimizer = None
-    if probe is not None:
-        probe_optimizer = torch.optim.AdamW(probe.parameters(), lr=cfg.optim.probe_lr, weight_decay=1e-6, fused=fused)
-    modules = {"backbone": backbone, "projector": projector}
-    if probe is not None:
-        modules["probe"] = probe
-    # DDP replicates and all-reduces gradients; FSDP-sharded modules reduce their own.
-    encoder: nn.Module = view_encoder if sharded else dist.ddp(view_encoder, device)
-    view_projector = view_projector if sharded else dist.ddp(view_projector, device)
-    if probe is not None:
-        probe = dist.ddp(probe, device)
-    if cfg.train.compile:
-        encoder = torch.compile(encoder)
-    return Run(cfg, device, autocast_dtype(cfg, device), train_data, val_data, backbone, encoder,
-               view_projector, probe, optimizer, probe_optimizer, modules)
+    """The run of the config's objective: image pretraining or a world model."""
+    if cfg.objective == "world":
+        from lejepa_cli.world.objective import build_world_run
+
+        return build_world_run(cfg, device)
+    from lejepa_cli.image_objective import build_image_run
+
+    return build_image_run(cfg, device)
 
 
 def run_state(run: Run, step: int, sampler: StepSampler) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -188,35 +119,27 @@ def run_state(run: Run, step: int, sampler: StepSampler) -> tuple[dict[str, torc
     # Whole tensors even under FSDP (gathered to rank 0), so any world size can resume.
     for prefix, module in run.modules.items():
         tensors.update({f"model.{prefix}.{k}": v for k, v in dist.full_state_dict(module).items()})
-    opt_state = dist.full_optimizer_state_dict(run.optimizer, _optimized(run))
+    opt_state = dist.full_optimizer_state_dict(run.optimizer, run.optimized)
     # optimizer_to_flat reads .state_dict() from what it is given: hand it the gathered state.
     opt_tensors, opt_meta = optimizer_to_flat(SimpleNamespace(state_dict=lambda: opt_state))
     tensors.update(opt_tensors)
     meta: dict[str, Any] = {"optim": opt_meta}
-    if run.probe_optimizer is not None:
-        probe_tensors, meta["probe_optim"] = optimizer_to_flat(run.probe_optimizer)
-        tensors.update({"probe_" + k: v for k, v in probe_tensors.items()})
+    for name, optimizer in run.side_optimizers.items():  # "optim.<i>.<key>" -> "<name>.<i>.<key>"
+        side_tensors, meta[name] = optimizer_to_flat(optimizer)
+        tensors.update({f"{name}.{k.partition('.')[2]}": v for k, v in side_tensors.items()})
     tensors["rng.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    data = run.train_data
     meta.update({
         "step": step,
         "config": run.cfg.to_dict(),
         "data_position": {"step": step, **sampler.position(step), "steps_per_epoch": sampler.steps_per_epoch},
-        "data": {"name": data.name, "fingerprint": data.fingerprint, "mean": list(data.mean), "std": list(data.std),
-                 "channels": data.channels, "resolution": data.resolution, "num_classes": data.num_classes,
-                 "class_names": data.class_names},
-        "backbone": run.backbone.arch_config(),
+        "data": run.data_meta(),
+        "backbone": run.modules["backbone"].arch_config(),
         "world_size": dist.world_size(),
         "version": __version__,
     })
     return tensors, meta
-
-
-def _optimized(run: Run) -> dict[str, nn.Module]:
-    """The modules whose parameters `run.optimizer` updates."""
-    return {k: run.modules[k] for k in ("backbone", "projector")}
 
 
 def restore_state(run: Run, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
@@ -227,94 +150,15 @@ def restore_state(run: Run, tensors: dict[str, torch.Tensor], meta: dict[str, An
         except RuntimeError as e:
             raise UserError(f"checkpoint does not fit this model ({prefix}): {' '.join(str(e).split())[:300]}") from None
     opt_state = optimizer_from_flat(split_prefix(tensors, "optim"), meta["optim"])
-    dist.load_full_optimizer_state_dict(run.optimizer, opt_state, _optimized(run))
-    if run.probe_optimizer is not None and "probe_optim" in meta:
-        probe_state = optimizer_from_flat(split_prefix(tensors, "probe_optim"), meta["probe_optim"])
-        run.probe_optimizer.load_state_dict(probe_state)
+    dist.load_full_optimizer_state_dict(run.optimizer, opt_state, run.optimized)
+    for name, optimizer in run.side_optimizers.items():
+        if name in meta:
+            optimizer.load_state_dict(optimizer_from_flat(split_prefix(tensors, name), meta[name]))
     torch.set_rng_state(tensors["rng.cpu"])
     return int(meta["step"])
 
 
-# ---- one optimizer step ------------------------------------------------------------------------
-
-
-def lejepa_step(run: Run, micro_batches: list[torch.Tensor], labels: list[torch.Tensor | None], step: int,
-                seeds: list[int]) -> dict[str, torch.Tensor]:
-    """Forward, loss and backward of one optimizer step over its micro-batches.
-
-    One micro-batch: the plain path. Several: the loss is still that of the whole batch, exactly:
-    pass 1 embeds every micro-batch without a graph; the projector, SIGReg (whose statistic
-    couples every sample) and BatchNorm then run once on all embeddings; pass 2 re-embeds each
-    micro-batch with a graph (same seeds, so the same views and drop-path) and back-propagates
-    the embedding gradient from the full-batch loss. The extra cost is one backbone forward.
-    """
-    cfg, amp = run.cfg, run.amp
-    autocast = torch.autocast(run.device.type, dtype=amp) if amp else nullcontext()
-
-    def views_of(m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        gen = torch.Generator(run.device).manual_seed(seeds[m])
-        torch.manual_seed(seeds[m])  # drop-path draws
-        return make_views(micro_batches[m], cfg.views, mean=run.train_data.mean, std=run.train_data.std, generator=gen)
-
-    if len(micro_batches) == 1:
-        with autocast:
-            h = run.encoder(*views_of(0))  # (V, N, D)
-            z = run.projector(h)  # (V, N, K)
-        parts = lejepa_loss(z, num_global=cfg.views.global_views, lamb=cfg.loss.lamb, step=step,
-                            num_slices=cfg.loss.num_slices, t_max=cfg.loss.t_max, num_knots=cfg.loss.num_knots)
-        parts["loss"].backward()
-    else:
-        with torch.no_grad(), autocast:
-            h = torch.cat([run.encoder(*views_of(m)) for m in range(len(micro_batches))], dim=1)
-        h = h.detach().requires_grad_(True)
-        with autocast:
-            z = run.projector(h)
-        parts = lejepa_loss(z, num_global=cfg.views.global_views, lamb=cfg.loss.lamb, step=step,
-                            num_slices=cfg.loss.num_slices, t_max=cfg.loss.t_max, num_knots=cfg.loss.num_knots)
-        parts["loss"].backward()
-        sizes = [len(b) for b in micro_batches]
-        for m, grad in enumerate(h.grad.split(sizes, dim=1)):
-            defer = m < len(micro_batches) - 1  # gradients are reduced across ranks once, after the last
-            with dist.no_grad_sync(run.encoder, defer), autocast:
-                h_m = run.encoder(*views_of(m))
-            with dist.no_grad_sync(run.encoder, defer):
-                h_m.backward(grad.to(h_m.dtype))
-    if run.probe is not None and labels[0] is not None:
-        y = torch.cat(labels)  # (N,)
-        global_h = h[: cfg.views.global_views].detach().float()  # (Vg, N, D)
-        logits = run.probe(global_h.flatten(0, 1))
-        probe_loss = F.cross_entropy(logits, y.repeat(cfg.views.global_views))
-        probe_loss.backward()
-        parts["probe_loss"] = probe_loss.detach()
-        parts["probe_acc"] = (logits.argmax(1) == y.repeat(cfg.views.global_views)).float().mean()
-    return {k: v.detach() for k, v in parts.items()}
-
-
-# ---- evaluation ----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(run: Run, max_train: int = 10_000) -> dict[str, float]:
-    """kNN (k=20) and online-probe top-1 on the held-out split, with the clean eval transform."""
-    if run.val_data is None or run.val_data.labels is None or run.train_data.labels is None:
-        return {}
-    backbone = run.backbone
-    was_training = backbone.training
-    backbone.eval()
-    kwargs = dict(size=run.cfg.views.global_size, device=run.device, mean=run.train_data.mean,
-                  std=run.train_data.std, autocast_dtype=run.amp)
-    train_f, train_y = extract_features(backbone, run.train_data, max_images=max_train, **kwargs)
-    val_f, val_y = extract_features(backbone, run.val_data, **kwargs)
-    backbone.train(was_training)
-    num_classes = max(run.train_data.num_classes, run.val_data.num_classes)
-    out = {"knn_top1": knn_classify(train_f, train_y, val_f, val_y, ks=(20,), num_classes=num_classes)[min(20, len(train_f))]}
-    probe = run.modules.get("probe")
-    if probe is not None:
-        probe.eval()
-        logits = probe(val_f.to(run.device))
-        probe.train()
-        out["online_probe_top1"] = float((logits.argmax(1).cpu() == val_y).float().mean())
-    return out
+# ---- the loop ------------------------------------------------------------------------------------
 
 
 def _before_training(metrics: Path) -> dict[str, float]:
@@ -325,12 +169,9 @@ def _before_training(metrics: Path) -> dict[str, float]:
         return {}
     for line in lines:
         record = json.loads(line)
-        if record.get("step") == 0 and "knn_top1" in record:
-            return {f"{k}_before_training": v for k, v in record.items() if k.endswith("_top1")}
+        if record.get("step") == 0 and len(record) > 2:  # more than step and train_s: an evaluation
+            return {f"{k}_before_training": v for k, v in record.items() if k not in ("step", "train_s")}
     return {}
-
-
-# ---- the loop ------------------------------------------------------------------------------------
 
 
 class _StopSignal:
@@ -407,7 +248,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     elif init_from is not None:
         from lejepa_cli.export import load_backbone_weights
 
-        load_backbone_weights(run.backbone, init_from)
+        load_backbone_weights(run.modules["backbone"], init_from)
     if must_clear:
         clear_run_dir(out)  # only now: a bad --init-from or data error must not cost the old run
     if dist.is_main():
@@ -418,13 +259,13 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
         trim_metrics(out / "metrics.jsonl", start if start > 0 else -1)
     logger = RunLogger(out, cfg.log, enabled=dist.is_main(), total_steps=cfg.train.steps, start_step=start,
                        show_progress=progress, run_config=cfg.to_dict())
-    logger.print(f"{cfg.preset or 'custom'}: {cfg.model.arch} on {run.train_data.name} ({len(run.train_data)} images), "
-                 f"device {device}{' bf16' if run.amp else ''}, global batch {cfg.train.batch_size} = "
+    logger.print(f"{cfg.preset or 'custom'}: {run.describe()}, "
+                 f"device {device}{' bf16' if autocast_dtype(cfg, device) else ''}, global batch {cfg.train.batch_size} = "
                  f"{world} process(es) x {cfg.train.grad_accum} micro-batch(es) x {per_rank}"
-                 f"{' (FSDP)' if dist.is_sharded(run.backbone) else ''}")
+                 f"{' (FSDP)' if dist.is_sharded(run.modules['backbone']) else ''}")
 
     if cfg.train.eval_every and start == 0:  # where the curve starts: the encoder before any update
-        logger.log({"step": 0, "train_s": 0.0, **evaluate(run)})
+        logger.log({"step": 0, "train_s": 0.0, **run.evaluate()})
     loader = BatchLoader(run.train_data, sampler, device, rank=rank, world=world, num_micro=cfg.train.grad_accum)
     meter = Throughput()
     started = time.perf_counter()  # evaluations carry the training seconds so far (this process)
@@ -454,7 +295,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
             for step, micro, batch in loader.iterate(start, cfg.train.steps):
                 micro_x.append(batch.images)
                 micro_y.append(batch.labels)
-                meter.add(len(batch.images) * world, batch.wait_s)
+                meter.add(batch.images.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
                 if micro < cfg.train.grad_accum - 1:
                     continue
                 lr = lr_at(step, cfg)
@@ -464,7 +305,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                 # skip mode: a skipped step must not leave its NaNs in BatchNorm statistics either
                 buffers = [b for m in run.modules.values() for b in m.buffers()] if cfg.train.on_nonfinite == "skip" else []
                 saved = [b.clone() for b in buffers]
-                parts = lejepa_step(run, micro_x, micro_y, step, seeds)
+                parts = run.step(micro_x, micro_y, step, seeds)
                 micro_x, micro_y = [], []
                 # The mean over ranks, so every rank takes the same stop/skip decision.
                 finite = torch.isfinite(dist.all_reduce_mean(parts["loss"]))
@@ -473,15 +314,15 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                     run.optimizer.zero_grad(set_to_none=True)
                     for buffer, old in zip(buffers, saved):
                         buffer.copy_(old)
-                    if run.probe_optimizer is not None:  # the probe saw the same non-finite features
-                        run.probe_optimizer.zero_grad(set_to_none=True)
+                    for side in run.side_optimizers.values():  # e.g. the probe saw the same non-finite features
+                        side.zero_grad(set_to_none=True)
                 else:
                     first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
-                if run.probe_optimizer is not None:
-                    run.probe_optimizer.step()
-                    run.probe_optimizer.zero_grad(set_to_none=True)
+                for side in run.side_optimizers.values():
+                    side.step()
+                    side.zero_grad(set_to_none=True)
 
                 done = step + 1
                 is_last = done == cfg.train.steps
@@ -497,7 +338,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                 else:
                     logger.advance(done)
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
-                    logger.log({"step": done, "train_s": round(time.perf_counter() - started, 1), **evaluate(run)})
+                    logger.log({"step": done, "train_s": round(time.perf_counter() - started, 1), **run.evaluate()})
                 # A signal may reach the ranks in different steps: all of them stop after the same one.
                 stopping = dist.any_rank(stop.signum is not None)
                 if done % cfg.train.save_every == 0 or is_last or stopping:
@@ -512,7 +353,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
         logger.close()
 
     train_s = round(time.perf_counter() - started, 1)
-    scores = evaluate(run)
+    scores = run.evaluate()
     summary = {"step": last_good_step, "train_s": train_s, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores,
                **_before_training(out / "metrics.jsonl")}
     if dist.is_main():

@@ -31,12 +31,13 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import lejepa_cli.train as train_mod
+import lejepa_cli.image_objective as image_mod
 from lejepa_cli import dist
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint
 from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import StepSampler
-from lejepa_cli.train import build_run, lejepa_step, restore_state, run_state, train
+from lejepa_cli.image_objective import lejepa_step
+from lejepa_cli.train import build_run, restore_state, run_state, train
 
 from conftest import TINY
 
@@ -83,12 +84,12 @@ def fixed_views(images, cfg, *, mean, std, generator):
 
 @contextmanager
 def views_fixed() -> Iterator[None]:
-    real = train_mod.make_views
-    train_mod.make_views = fixed_views
+    real = image_mod.make_views
+    image_mod.make_views = fixed_views
     try:
         yield
     finally:
-        train_mod.make_views = real
+        image_mod.make_views = real
 
 
 def one_step(case: str) -> dict[str, torch.Tensor]:
@@ -378,7 +379,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     script = tmp_path / "fail_on_rank1.py"
     script.write_text(
         "import os, sys\n"
-        "import lejepa_cli.train as t\n"
+        "import lejepa_cli.image_objective as t\n"
         "real = t.lejepa_step\n"
         "def failing(run, micro, labels, step, seeds):\n"
         "    if step == 2 and os.environ['RANK'] == '1':\n"

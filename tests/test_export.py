@@ -299,17 +299,17 @@ def test_embed_parquet(exported, tmp_path):
 
 
 def test_init_from_export_starts_a_new_run_from_its_weights(exported, tmp_path, monkeypatch):
-    import lejepa_cli.train as train_mod
+    import lejepa_cli.image_objective as image_mod
 
     seen: dict[str, torch.Tensor] = {}
-    original = train_mod.lejepa_step
+    original = image_mod.lejepa_step
 
     def first_step(run, *args, **kwargs):  # the weights the first optimizer step starts from
         if not seen:
             seen.update({k: v.detach().clone() for k, v in run.backbone.state_dict().items()})
         return original(run, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "lejepa_step", first_step)
+    monkeypatch.setattr(image_mod, "lejepa_step", first_step)
     sets = [a for o in RUN_SETS if not o.startswith("train.steps") for a in ("--set", o)]
     code = cli("train", "--preset", "demo", *sets, "--set", "train.steps=1", "--set", "train.seed=7",
                "--out", tmp_path / "run2", "--init-from", exported, "--no-progress")

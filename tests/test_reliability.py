@@ -32,7 +32,7 @@ import torch
 from conftest import TINY
 
 import lejepa_cli.checkpoint as checkpoint_mod
-import lejepa_cli.train as train_mod
+import lejepa_cli.image_objective as image_mod
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint
 from lejepa_cli.cli import main
 from lejepa_cli.config import load_config
@@ -430,7 +430,7 @@ def test_read_only_checkpoint_folder_ends_the_run_cleanly(trained, tmp_path, cap
 
 def _poison_views(monkeypatch, bad_steps: set[int], value: float = float("nan")) -> None:
     """One NaN (or inf) pixel in the global views of the given 0-based steps."""
-    real, calls = train_mod.make_views, [0]
+    real, calls = image_mod.make_views, [0]
 
     def make_views(*args, **kwargs):
         global_views, local_views = real(*args, **kwargs)
@@ -440,7 +440,7 @@ def _poison_views(monkeypatch, bad_steps: set[int], value: float = float("nan"))
         calls[0] += 1
         return global_views, local_views
 
-    monkeypatch.setattr(train_mod, "make_views", make_views)
+    monkeypatch.setattr(image_mod, "make_views", make_views)
 
 
 def test_nan_input_found_at_a_save_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
@@ -457,14 +457,14 @@ def test_nan_input_found_at_a_save_names_the_step_and_keeps_the_last_good_checkp
 
 
 def test_inf_loss_on_the_first_step_says_no_checkpoint_was_written(tmp_path, monkeypatch):
-    real = train_mod.lejepa_loss
+    real = image_mod.lejepa_loss
 
     def poisoned(z, *, step, **kw):
         parts = real(z, step=step, **kw)
         parts["loss"] = parts["loss"] + float("inf")
         return parts
 
-    monkeypatch.setattr(train_mod, "lejepa_loss", poisoned)
+    monkeypatch.setattr(image_mod, "lejepa_loss", poisoned)
     with pytest.raises(RunFailed, match=r"non-finite loss at step 0; stopping \(no checkpoint was written\)"):
         train(load_config("demo", fast()), tmp_path / "run", progress=False)
     assert not list_checkpoints(tmp_path / "run" / "checkpoints")

@@ -128,9 +128,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_overrides):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
-    import lejepa_cli.train as train_mod
+    import lejepa_cli.image_objective as image_mod
 
-    real = train_mod.lejepa_loss
+    real = image_mod.lejepa_loss
 
     def poisoned(z, *, step, **kw):
         parts = real(z, step=step, **kw)
@@ -138,7 +138,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_over
             parts["loss"] = parts["loss"] * float("nan")
         return parts
 
-    monkeypatch.setattr(train_mod, "lejepa_loss", poisoned)
+    monkeypatch.setattr(image_mod, "lejepa_loss", poisoned)
     cfg = load_config("demo", tiny_overrides)
     with pytest.raises(RunFailed, match="non-finite loss at step 2"):
         train(cfg, tmp_path, progress=False)
@@ -149,9 +149,9 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_over
 
 
 def test_skip_mode_survives_a_nonfinite_step(tmp_path, tiny_overrides, monkeypatch):
-    import lejepa_cli.train as train_mod
+    import lejepa_cli.image_objective as image_mod
 
-    real = train_mod.lejepa_loss
+    real = image_mod.lejepa_loss
 
     def poisoned(z, *, step, **kw):
         parts = real(z, step=step, **kw)
@@ -159,7 +159,7 @@ def test_skip_mode_survives_a_nonfinite_step(tmp_path, tiny_overrides, monkeypat
             parts["loss"] = parts["loss"] * float("inf")
         return parts
 
-    monkeypatch.setattr(train_mod, "lejepa_loss", poisoned)
+    monkeypatch.setattr(image_mod, "lejepa_loss", poisoned)
     cfg = load_config("demo", tiny_overrides + ["train.on_nonfinite=skip"])
     train(cfg, tmp_path, progress=False)
     tensors, _ = load_checkpoint(list_checkpoints(tmp_path / "checkpoints")[-1])

@@ -66,8 +66,8 @@ def pins_memory(device: torch.device) -> bool:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, C, H, W) uint8 on the device
-    labels: torch.Tensor | None  # (B,) int64 on the device
+    images: torch.Tensor  # (B, C, H, W) uint8 on the device; a world's windows: (B, T, C, H, W)
+    labels: torch.Tensor | None  # (B,) int64 on the device; a world's action blocks: (B, T, A) float32
     wait_s: float  # time the training loop spent blocked waiting for this batch
 
 
@@ -86,8 +86,11 @@ class BatchLoader:
 
     def _load(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         images, labels = self.dataset.batch(index)
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (B, C, H, W) uint8 view
-        y = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
+        # (B, H, W, C) -> (B, C, H, W), or a world's windows (B, T, H, W, C) -> (B, T, C, H, W); uint8 views
+        x = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3)
+        # Class labels as int64; a world's action blocks (B, T, A) stay float32.
+        kind = np.float32 if labels is not None and np.asarray(labels).dtype.kind == "f" else np.int64
+        y = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels, kind))
         if self.pin:
             x = x.contiguous().pin_memory()
             y = None if y is None else y.pin_memory()
