@@ -1,0 +1,1 @@
+"""World models: action-conditioned LeJEPA (LeWM) on trajectories of frames and actions."""

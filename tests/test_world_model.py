@@ -1,0 +1,100 @@
+"""The world model's pieces: AdaLN-zero identity at init, causality, rollout, and the world loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lejepa_cli.loss import sigreg
+from lejepa_cli.models import build_backbone
+from lejepa_cli.world.loss import rollout_errors, world_loss
+from lejepa_cli.world.model import ConditionedBlock, WorldModel
+
+
+def tiny_model(action_dim: int = 4, history: int = 3) -> WorldModel:
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_micro", img_size=16, patch_size=4, in_chans=3)
+    return WorldModel(backbone, latent_dim=16, action_dim=action_dim, history=history, proj_hidden=32, depth=2,
+                      heads=2, head_dim=8, mlp_dim=32, dropout=0.0)
+
+
+def test_adaln_zero_block_starts_as_the_identity():
+    block = ConditionedBlock(16, heads=2, head_dim=8, mlp_dim=32, dropout=0.0)
+    x, c = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    assert torch.equal(block(x, c), x)
+
+
+def test_predictor_is_causal_in_latents_and_actions():
+    model = tiny_model().eval()
+    with torch.no_grad():  # make the blocks non-trivial (AdaLN-zero starts them as the identity)
+        for p in model.predictor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z, a = torch.randn(4, 3, 16), torch.randn(4, 3, 4)
+    base = model.predict(z, a)
+    z2, a2 = z.clone(), a.clone()
+    z2[:, 2] += 1.0
+    a2[:, 2] += 1.0
+    changed = model.predict(z2, a2)
+    assert torch.allclose(changed[:, :2], base[:, :2], atol=1e-6)  # positions before t see nothing of t
+    assert not torch.allclose(changed[:, 2], base[:, 2])
+    # the action at t conditions the prediction at t
+    a3 = a.clone()
+    a3[:, 1] += 1.0
+    assert not torch.allclose(model.predict(z, a3)[:, 1], base[:, 1])
+
+
+def test_rollout_feeds_predictions_back_over_a_sliding_history():
+    model = tiny_model(history=2).eval()
+    with torch.no_grad():
+        for p in model.predictor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z, a, future = torch.randn(3, 2, 16), torch.randn(3, 2, 4), torch.randn(3, 3, 4)
+    out = model.rollout(z, a, future)
+    assert out.shape == (3, 4, 16)
+    zs, acts, expected = z, a, []
+    for k in range(4):
+        nxt = model.predict(zs[:, -2:], acts[:, -2:])[:, -1:]
+        expected.append(nxt)
+        if k < 3:
+            zs, acts = torch.cat([zs, nxt], 1), torch.cat([acts, future[:, k : k + 1]], 1)
+    assert torch.allclose(out, torch.cat(expected, 1), atol=1e-6)
+
+
+def test_passive_world_has_no_action_weights_and_still_predicts():
+    model = tiny_model(action_dim=0)
+    assert not any(n.startswith("action_encoder") for n, _ in model.named_parameters())
+    frames = torch.randn(2, 4, 3, 16, 16)
+    z, p = model(frames, torch.zeros(2, 4, 0), 3)
+    assert z.shape == (2, 4, 16) and p.shape == (2, 3, 16)
+
+
+def test_world_loss_predicts_num_preds_ahead_with_gradients_into_targets():
+    torch.manual_seed(0)
+    z = torch.randn(64, 5, 8, requires_grad=True)
+    p = torch.randn(64, 3, 8, requires_grad=True)
+    parts = world_loss(z, p, num_preds=2, lamb=0.1, step=7, num_slices=64)
+    assert torch.allclose(parts["pred"], (p - z[:, 2:5]).square().mean())
+    per_position = torch.stack([sigreg(z[:, t], step=7, num_slices=64) for t in range(5)]).mean()
+    assert torch.allclose(parts["sigreg"], per_position, rtol=1e-5)
+    assert torch.allclose(parts["loss"], parts["pred"] + 0.1 * parts["sigreg"])
+    parts["pred"].backward()
+    assert z.grad[:, 2:].abs().sum() > 0 and z.grad[:, :2].abs().sum() == 0  # no stop-gradient on targets
+
+
+def test_world_loss_sigreg_oracles_per_position():
+    torch.manual_seed(1)
+    gaussian = torch.randn(256, 3, 128)
+    collapsed = torch.zeros(256, 3, 128)
+    p = torch.zeros(256, 2, 128)
+    assert 0.8 < float(world_loss(gaussian, p, num_preds=1, lamb=0.1, step=0)["sigreg"]) < 1.3
+    assert float(world_loss(collapsed, p, num_preds=1, lamb=0.1, step=0)["sigreg"]) == pytest.approx(0.40 * 256, rel=0.1)
+
+
+def test_rollout_errors_compare_with_the_nothing_changes_guess():
+    model = tiny_model(history=2).eval()
+    z = torch.randn(5, 6, 16)
+    a = torch.randn(5, 6, 4)
+    errors = rollout_errors(model, z, a, history=2, horizon=4)
+    assert errors["model"].shape == errors["copy"].shape == (4,)
+    target = z[:, 2:6]
+    assert torch.allclose(errors["copy"], (z[:, 1:2] - target).square().mean(dim=(0, 2)))
