@@ -122,10 +122,12 @@ def train(
 # ---- entry point ---------------------------------------------------------------------------------
 
 
-# Topic modules: `data` is a sub-app (lejepa data prepare|info|fetch); the others add top-level commands.
-from lejepa_cli.commands import bench, data, export, probe, reproduce  # noqa: E402
+# Topic modules: `data` and `world` are sub-apps (lejepa data prepare|info|fetch, lejepa world
+# list|simulate); the others add top-level commands.
+from lejepa_cli.commands import bench, data, export, probe, reproduce, world  # noqa: E402
 
 app.add_typer(data.app, name="data")
+app.add_typer(world.app, name="world")
 for _module in (probe, export, reproduce, bench):
     _module.register(app)
 

@@ -9,13 +9,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Prepare, inspect and fetch image datasets.", no_args_is_help=True)
+app = typer.Typer(help="Prepare, inspect and fetch image datasets (and trajectory files for world models).", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
 SOURCE_HELP = (
     "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR folder (binary or python), "
-    ".npz/.npy, .parquet, or 'builtin'."
+    ".npz/.npy, .parquet, or 'builtin'. Trajectories for world models: an .npz with frames (or pixels) "
+    "(T, H, W[, C]) uint8, actions (T, A) (shape (T, 0) for a passive video), episode_starts (E or E+1 offsets) "
+    "or episode_idx (T,), optional state (T, S) and state_names (S,); or an .h5/.hdf5 file in LeWM's layout "
+    "(pixels, action, episode_idx, step_idx or ep_offset/ep_len, state/proprio; needs h5py)."
 )
 RESOLUTION_HELP = "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256)."
 
@@ -25,7 +28,7 @@ def prepare(
     source: Annotated[str, typer.Argument(help=SOURCE_HELP)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the prepared shards to.")],
     resolution: Annotated[Optional[int], typer.Option(help=RESOLUTION_HELP)] = None,
-    val_fraction: Annotated[float, typer.Option(help="Fraction held out as 'val' when the source has no official split.")] = 0.0,
+    val_fraction: Annotated[float, typer.Option(help="Fraction held out as 'val' when the source has no official split (of episodes, for trajectories).")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     workers: Annotated[int, typer.Option(help="Decoding processes (0: decode in this process).")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
@@ -34,6 +37,12 @@ def prepare(
     from lejepa_cli.data.prepare import prepare as run_prepare
 
     s = run_prepare(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed, workers=workers, overwrite=overwrite)
+    if s.get("kind") == "trajectories":
+        counts = ", ".join(f"{split} {e['episodes']} episodes ({e['steps']} steps)" for split, e in s["splits"].items())
+        state = "already up to date" if s["up_to_date"] else "done"
+        err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px x {s['channels']} ch, "
+                          f"{s['action_dim']}-D actions, {s['state_dim']}-D state -> {s['out']}", highlight=False)
+        return
     counts = ", ".join(f"{split} {n}" for split, n in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else ("resumed and finished" if s["resumed"] else "done")
     shape = f"{s['resolution']}px x {s['channels']} ch, {s['num_classes']} classes"
@@ -44,13 +53,16 @@ def prepare(
 
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(help="A folder written by `lejepa data prepare`.")],
+    path: Annotated[Path, typer.Argument(help="A folder written by `lejepa data prepare` or `lejepa world simulate`.")],
     verify: Annotated[bool, typer.Option("--verify", help="Re-read every shard and check its checksum.")] = False,
 ) -> None:
     """Show what a prepared folder holds, and whether its source changed since."""
     from lejepa_cli.data.prepare import info as read_info
     from lejepa_cli.data.shards import verify as verify_folder
+    from lejepa_cli.world.store import is_trajectory_folder
 
+    if is_trajectory_folder(path):
+        return _trajectory_info(path, verify)
     d = read_info(path)
     names = d["class_names"] or []
     classes = f"{d['num_classes']}" + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "")
@@ -70,12 +82,43 @@ def info(
     if d["source_status"] == "changed":
         err_console.print("[yellow]the source changed since it was prepared; re-run prepare with --overwrite to refresh[/]")
     if verify:
-        problems = verify_folder(path)
-        for p in problems:
-            err_console.print(f"[red]{p}[/]", highlight=False)
-        if problems:
-            raise typer.Exit(1)
-        err_console.print("[green]verified: every shard matches its checksum[/]")
+        _report_problems(verify_folder(path))
+
+
+def _report_problems(problems: list[str]) -> None:
+    """--verify's verdict: each problem in red and exit 1, or one green line."""
+    for p in problems:
+        err_console.print(f"[red]{p}[/]", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    err_console.print("[green]verified: every shard matches its checksum[/]")
+
+
+def _trajectory_info(path: Path, verify: bool) -> None:
+    from lejepa_cli.world.store import read_index, verify as verify_folder
+
+    index = read_index(path)
+    names = index.get("state_names") or []
+    state = f"{index['state_dim']}" + (f" ({', '.join(names[:12])}{', ...' if len(names) > 12 else ''})" if names else "")
+    options = index.get("world_options") or {}
+    table = Table(title=str(path), show_header=False)
+    for key, value in (
+        ("kind", "trajectories (for world models)"),
+        ("splits", ", ".join(f"{s}: {e['episodes']} episodes, {e['steps']} steps" for s, e in index["splits"].items())),
+        ("resolution", str(index["resolution"])),
+        ("channels", str(index["channels"])),
+        ("action dim", str(index["action_dim"])),
+        ("state dim", state),
+        ("world", index.get("world") or "-"),
+        ("world options", ", ".join(f"{k}={v}" for k, v in options.items()) or "-"),
+        ("mean / std", f"{[round(m, 4) for m in index['mean']]} / {[round(s, 4) for s in index['std']]}"),
+        ("source", f"{index['source'].get('path')} ({index['source'].get('kind')})"),
+        ("fingerprint", index["splits"]["train"].get("fingerprint", "")),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+    if verify:
+        _report_problems(verify_folder(path))
 
 
 @app.command()

@@ -944,7 +944,17 @@ def prepare(
 
     `fmt` forces a source kind (one of KINDS) instead of detecting it.
     `shard_size` (images per shard) defaults to 4096, fewer for large images (~256 MiB a shard).
+    A trajectory file (.npz with frames + actions, or .h5/.hdf5) becomes a trajectory folder
+    instead (world/build.py); its summary has kind "trajectories".
     """
+    if fmt == "auto" and str(source) != "builtin":
+        from lejepa_cli.world.files import is_trajectory_file
+
+        if is_trajectory_file(Path(source).expanduser()):
+            from lejepa_cli.world.build import prepare_trajectory_file
+
+            return prepare_trajectory_file(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed,
+                                           overwrite=overwrite, progress=progress)
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
     if resolution is not None and not 8 <= resolution <= 4096:

@@ -30,6 +30,7 @@ from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
 
 FORMAT = "lejepa-prepared"
+TRAJECTORY_FORMAT = "lejepa-trajectories"  # world/store.py's folders: refused here with a pointer
 VERSION = 1
 INDEX = "index.json"
 SKIPPED = "skipped.jsonl"
@@ -214,6 +215,8 @@ def read_index(path: Path) -> dict:
         index = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{index_file} is garbled ({e}); re-run prepare with --overwrite") from None
+    if isinstance(index, dict) and index.get("format") == TRAJECTORY_FORMAT:
+        raise UserError(f"{path} is a trajectory dataset (episodes with actions): use a world preset (e.g. --preset world-tworoom), not an image preset")
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UserError(f"{index_file} is not a lejepa prepared-dataset index; re-run prepare with --overwrite")
     if index.get("version") != VERSION:

@@ -143,6 +143,10 @@ def load_dataset(cfg: DataConfig, split: str) -> ImageDataset:
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data source '{source}' does not exist (give 'builtin', an IDX folder, an .npz or a prepared folder)")
+    from lejepa_cli.world.trajectories import is_trajectory_source
+
+    if is_trajectory_source(path):
+        raise UserError(f"{source} is a trajectory dataset (episodes with actions): use a world preset (e.g. --preset world-tworoom), not an image preset")
     if path.is_file() and path.suffix == ".npz":
         return load_npz(path, split)
     if path.is_dir() and (path / "index.json").is_file():

@@ -1,0 +1,135 @@
+"""Writing prepared trajectory folders: from a built-in world (`lejepa world simulate`) and from
+a user's trajectory file (`lejepa data prepare FILE.npz|FILE.h5`). Format: store.py.
+
+Both are deterministic (seeded simulation, seeded split by episode) and refuse to replace a
+folder holding something else unless told to; re-running with the same arguments on a
+finished folder does nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.world.store import TrajectoryWriter, prepare_out
+
+MAX_EPISODES = 1_000_000
+FILE_CHUNK_BYTES = 64 << 20  # frames read from a source file at a time
+
+
+def _progress(enabled: bool) -> Any:
+    from lejepa_cli.data.prepare import _progress as bar
+
+    return bar(enabled)
+
+
+def simulate_dataset(
+    name: str, out: Path, *, episodes: int, steps: int, val_episodes: int = 0, size: int = 64, seed: int = 0,
+    sets: list[str] | None = None, overwrite: bool = False, progress: bool = True,
+) -> dict:
+    """Simulate a built-in world into a trajectory folder; returns a summary dict."""
+    from lejepa_cli.world.sim import make_world, simulate
+
+    t0 = time.perf_counter()
+    if not 1 <= episodes <= MAX_EPISODES or not 0 <= val_episodes <= MAX_EPISODES:
+        raise UserError(f"--episodes must be in [1, {MAX_EPISODES}] and --val-episodes in [0, {MAX_EPISODES}], got {episodes} and {val_episodes}")
+    if not 1 <= steps <= 100_000:
+        raise UserError(f"--steps must be in [1, 100000], got {steps}")
+    world = make_world(name, size=size, sets=sets)
+    out = Path(out).expanduser().resolve()
+    plan = {"world": name, "options": world.options, "size": size, "episodes": episodes, "steps": steps,
+            "val_episodes": val_episodes, "seed": seed}
+    if prepare_out(out, plan, overwrite):
+        return _summary(out, time.perf_counter() - t0, up_to_date=True)
+    writer = TrajectoryWriter(out, world.size, 3, world.action_dim, world.state_names)
+    with _progress(progress) as bar:
+        for split, n, stream in (("train", episodes, 0), ("val", val_episodes, 1)):
+            if n == 0:
+                continue
+            task = bar.add_task(f"simulate {name} ({split})", total=n)
+            writer.begin(split)
+            for chunk in simulate(world, n, steps, seed, stream):
+                writer.add(chunk.frames, chunk.actions, chunk.state, [steps] * chunk.episodes)
+                bar.advance(task, chunk.episodes)
+    source = {"path": f"world:{name}", "kind": "world", "fingerprint": "", "plan": plan}
+    writer.finish(source, world=name, world_options=dict(world.options))
+    return _summary(out, time.perf_counter() - t0, up_to_date=False)
+
+
+def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Episode ids per split: a seeded random `val_fraction` of the episodes (at least one) as 'val'."""
+    ids = np.arange(num_episodes)
+    if val_fraction <= 0:
+        return {"train": ids}
+    n_val = max(1, int(round(num_episodes * val_fraction)))
+    if n_val >= num_episodes:
+        raise UserError(f"--val-fraction {val_fraction} of {num_episodes} episodes leaves none to train on; lower it or give more episodes")
+    val = np.sort(np.random.default_rng(seed).permutation(num_episodes)[:n_val])
+    return {"train": np.setdiff1d(ids, val), "val": val}
+
+
+def prepare_trajectory_file(
+    source: str | Path, out: Path, *, resolution: int | None = None, val_fraction: float = 0.0, seed: int = 0,
+    overwrite: bool = False, progress: bool = True,
+) -> dict:
+    """A trajectory .npz or LeWM HDF5 file -> a trajectory folder (frames squared and resized to
+    `resolution`, default: the frames' shorter side); returns a summary dict."""
+    from lejepa_cli.data.prepare import decode
+    from lejepa_cli.data.shards import sha256_file
+    from lejepa_cli.world.files import read_trajectory_file
+
+    t0 = time.perf_counter()
+    path = Path(source).expanduser().resolve()
+    if resolution is not None and not 8 <= resolution <= 4096:
+        raise UserError(f"--resolution must be between 8 and 4096, got {resolution}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    raw = read_trajectory_file(path)
+    T, H, W, C = raw.frames.shape
+    R = resolution or min(H, W)
+    out = Path(out).expanduser().resolve()
+    plan = {"source": str(path), "fingerprint": sha256_file(path)[:16], "resolution": R, "val_fraction": val_fraction, "seed": seed}
+    if prepare_out(out, plan, overwrite):
+        return _summary(out, time.perf_counter() - t0, up_to_date=True)
+    splits = split_episodes(len(raw.episode_starts) - 1, val_fraction, seed)
+    writer = TrajectoryWriter(out, R, C, raw.actions.shape[1], raw.state_names)
+    starts = raw.episode_starts
+    with _progress(progress) as bar:
+        task = bar.add_task(f"prepare {path.name}", total=T)
+        for split, episodes in splits.items():
+            writer.begin(split)
+            group: list[int] = []
+            for e in list(episodes) + [None]:  # episodes in groups of ~FILE_CHUNK_BYTES of frames
+                if e is not None:
+                    group.append(int(e))
+                    if sum(starts[g + 1] - starts[g] for g in group) * H * W * C < FILE_CHUNK_BYTES:
+                        continue
+                if not group:
+                    continue
+                rows = np.concatenate([np.arange(starts[g], starts[g + 1]) for g in group])
+                frames = np.concatenate([raw.frames[int(starts[g]) : int(starts[g + 1])] for g in group])
+                if (H, W) != (R, R):
+                    frames = np.stack([decode(f if C == 3 else f[..., 0], R, C) for f in frames])
+                writer.add(frames, raw.actions[rows], None if raw.state is None else raw.state[rows],
+                           [int(starts[g + 1] - starts[g]) for g in group])
+                bar.advance(task, len(rows))
+                group = []
+    src = {"path": str(path), "kind": raw.kind, "fingerprint": plan["fingerprint"], "plan": plan}
+    writer.finish(src)
+    return _summary(out, time.perf_counter() - t0, up_to_date=False)
+
+
+def _summary(out: Path, seconds: float, *, up_to_date: bool) -> dict:
+    from lejepa_cli.world.store import read_index
+
+    index = read_index(out)
+    return {
+        "out": str(out), "kind": "trajectories", "up_to_date": up_to_date, "seconds": round(seconds, 3),
+        "world": index.get("world"), "resolution": index["resolution"], "channels": index["channels"],
+        "action_dim": index["action_dim"], "state_dim": index["state_dim"],
+        "splits": {s: {"episodes": e["episodes"], "steps": e["steps"]} for s, e in index["splits"].items()},
+    }

@@ -1,0 +1,164 @@
+"""`push`: an agent disc pushes a square block whose mass and friction are hidden.
+
+The agent is velocity-controlled (its velocity is `speed * action` each step) with mass 1;
+the block (axis-aligned square, no rotation) gets an inelastic contact impulse when the agent
+runs into it, so a heavy block moves less and slows the agent more; it then slides and
+loses `friction * FRICTION_SCALE` of speed per step (Coulomb friction) and bounces softly off
+the arena's edges. Each episode draws block_mass and block_friction uniformly from the option
+ranges; they stay constant within the episode and never change how a single frame looks, so
+only the history of motion reveals them. A goal is a block position; it is reached when the
+block's centre is within `success_radius` = 0.06 of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.world import render
+from lejepa_cli.world.sim import Option, World, ou_step
+
+COLOURS = {"background": (0.9, 0.9, 0.92), "agent": (0.15, 0.35, 0.85), "block": (0.9, 0.55, 0.1)}
+FRICTION_SCALE = 0.002  # speed lost per step per unit of friction (arena units per step)
+AGENT_MASS = 1.0
+WALL_RESTITUTION = 0.5
+
+
+class Push(World):
+    name = "push"
+    description = "agent disc pushes a block with hidden mass and friction; 2-D velocity actions"
+    action_dim = 2
+    success_radius = 0.06
+    options_spec = (
+        Option("speed", 0.03, "agent speed per step at full action (arena side = 1)", 0.001, 0.1),
+        Option("radius", 0.05, "agent radius", 0.01, 0.15),
+        Option("block", 0.12, "block side length", 0.02, 0.4),
+        Option("mass_min", 0.5, "lowest hidden block mass (agent mass = 1)", 0.05, 100.0),
+        Option("mass_max", 3.0, "highest hidden block mass", 0.05, 100.0),
+        Option("friction_min", 0.5, "lowest hidden block friction", 0.0, 50.0),
+        Option("friction_max", 4.0, "highest hidden block friction", 0.0, 50.0),
+    )
+
+    @property
+    def state_names(self) -> list[str]:
+        return ["agent_x", "agent_y", "agent_vx", "agent_vy", "block_x", "block_y", "block_vx", "block_vy", "block_mass", "block_friction"]
+
+    def check_options(self) -> None:
+        o = self.options
+        for key in ("mass", "friction"):
+            if o[f"{key}_min"] > o[f"{key}_max"]:
+                raise UserError(f"push: {key}_min ({o[f'{key}_min']}) is above {key}_max ({o[f'{key}_max']})")
+
+    def _half(self) -> float:
+        return self.options["block"] / 2
+
+    def reset(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        o, h, r = self.options, self._half(), self.options["radius"]
+        block = rng.uniform(h + 0.1, 1 - h - 0.1, (n, 2))
+        # Agent somewhere not touching the block: a random direction at a clear distance.
+        angle = rng.uniform(0, 2 * np.pi, n)
+        reach = rng.uniform(h * 1.5 + r + 0.02, 0.45, n)
+        agent = np.clip(block + reach[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1), r, 1 - r)
+        mass = rng.uniform(o["mass_min"], o["mass_max"], n)
+        friction = rng.uniform(o["friction_min"], o["friction_max"], n)
+        state = np.concatenate([agent, np.zeros((n, 2)), block, np.zeros((n, 2)), mass[:, None], friction[:, None]], axis=1)
+        return self._separate(state)
+
+    def _contact(self, agent: np.ndarray, block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Penetration depth (B,) and unit normal from agent to block (B, 2) of disc vs square."""
+        h, r = self._half(), self.options["radius"]
+        closest = np.clip(agent, block - h, block + h)
+        d = closest - agent
+        dist = np.linalg.norm(d, axis=1)
+        outside = dist > 1e-12
+        normal = np.divide(d, dist[:, None], out=np.zeros_like(d), where=outside[:, None])
+        depth = r - dist
+        # Agent centre inside the square: push out along the axis of least penetration.
+        rel = block - agent
+        pen = h - np.abs(rel)  # (B, 2)
+        axis = np.argmin(pen, axis=1)
+        inner_normal = np.zeros_like(rel)
+        inner_normal[np.arange(len(rel)), axis] = np.where(rel[np.arange(len(rel)), axis] >= 0, 1.0, -1.0)
+        normal = np.where(outside[:, None], normal, inner_normal)
+        depth = np.where(outside, depth, r + pen[np.arange(len(rel)), axis])
+        return depth, normal
+
+    def _separate(self, state: np.ndarray) -> np.ndarray:
+        """Resolve overlap, mass-weighted (the block against an arena edge cannot give way)."""
+        s = state.copy()
+        h, r = self._half(), self.options["radius"]
+        for _ in range(3):
+            depth, normal = self._contact(s[:, 0:2], s[:, 4:6])
+            hit = (depth > 0)[:, None]
+            inv_a, inv_b = 1.0 / AGENT_MASS, 1.0 / s[:, 8:9]
+            share_b = inv_b / (inv_a + inv_b)
+            s[:, 4:6] = np.where(hit, np.clip(s[:, 4:6] + share_b * depth[:, None] * normal, h, 1 - h), s[:, 4:6])
+            depth, normal = self._contact(s[:, 0:2], s[:, 4:6])
+            s[:, 0:2] = np.where((depth > 0)[:, None], np.clip(s[:, 0:2] - depth[:, None] * normal, r, 1 - r), s[:, 0:2])
+        return s
+
+    def step(self, state: np.ndarray, action: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        o, h, r = self.options, self._half(), self.options["radius"]
+        s = state.copy()
+        v_agent = o["speed"] * np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
+        v_block = s[:, 6:8] + self.kicks(rng, len(s), o["speed"])
+        mass = s[:, 8:9]
+        # Contact impulse (perfectly inelastic along the normal) when the agent is about to hit.
+        depth, normal = self._contact(s[:, 0:2] + v_agent, s[:, 4:6] + v_block)
+        closing = np.sum((v_agent - v_block) * normal, axis=1, keepdims=True)
+        impulse = np.where((depth[:, None] > 0) & (closing > 0), closing / (1 / AGENT_MASS + 1 / mass), 0.0)
+        v_agent = v_agent - impulse / AGENT_MASS * normal
+        v_block = v_block + impulse / mass * normal
+        # Coulomb friction on the block.
+        speed = np.linalg.norm(v_block, axis=1, keepdims=True)
+        slow = np.maximum(speed - s[:, 9:10] * FRICTION_SCALE, 0.0)
+        v_block = v_block * np.divide(slow, speed, out=np.zeros_like(speed), where=speed > 0)
+        agent = np.clip(s[:, 0:2] + v_agent, r, 1 - r)
+        block = s[:, 4:6] + v_block
+        # Soft bounce off the arena edges.
+        low, high = block < h, block > 1 - h
+        v_block = np.where(low | high, -WALL_RESTITUTION * v_block, v_block)
+        block = np.clip(block, h, 1 - h)
+        s[:, 0:2], s[:, 4:6], s[:, 6:8] = agent, block, v_block
+        s = self._separate(s)
+        s[:, 2:4] = s[:, 0:2] - state[:, 0:2]  # the agent's realised velocity
+        return s
+
+    def render(self, state: np.ndarray) -> np.ndarray:
+        colours = self.palette(COLOURS)
+        canvas = render.blank(len(state), self.size, colours["background"])
+        render.squares(canvas, state[:, 4:6], self._half(), colours["block"])
+        render.discs(canvas, state[:, 0:2], self.options["radius"], colours["agent"])
+        return render.finish(canvas)
+
+    def sample_goal(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        goal = self.reset(rng, n)
+        h = self._half()
+        goal[:, 4:6] = rng.uniform(h + 0.05, 1 - h - 0.05, (n, 2))
+        return self._separate(goal)
+
+    def goal_distance(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(state[:, 4:6] - goal[:, 4:6], axis=1)
+
+    # -- exploration: walk behind the block relative to a random target, then push towards it,
+    # with OU noise, so episodes contain many pushes in many directions.
+
+    def explore_init(self, rng: np.random.Generator, state: np.ndarray) -> dict:
+        h = self._half()
+        return {"ou": np.zeros((len(state), 2)), "target": rng.uniform(h, 1 - h, (len(state), 2))}
+
+    def explore(self, state: np.ndarray, memory: dict, rng: np.random.Generator) -> np.ndarray:
+        h, r, speed = self._half(), self.options["radius"], self.options["speed"]
+        agent, block, target = state[:, 0:2], state[:, 4:6], memory["target"]
+        to_target = target - block
+        direction = to_target / np.maximum(np.linalg.norm(to_target, axis=1, keepdims=True), 1e-9)
+        behind = block - direction * (h * 1.4 + r)
+        ready = np.linalg.norm(agent - behind, axis=1) < 0.05
+        aim = np.where(ready[:, None], target, behind)
+        offset = aim - agent
+        dist = np.linalg.norm(offset, axis=1, keepdims=True)
+        steer = offset / np.maximum(dist, 1e-9) * np.minimum(1.0, dist / speed)
+        action = np.clip(0.8 * steer + ou_step(memory["ou"], rng), -1.0, 1.0)
+        renew = (np.linalg.norm(to_target, axis=1) < 0.08) | (rng.random(len(agent)) < 1 / 50)
+        memory["target"] = np.where(renew[:, None], rng.uniform(h, 1 - h, (len(agent), 2)), target)
+        return action

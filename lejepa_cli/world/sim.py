@@ -1,0 +1,265 @@
+"""The World protocol, its options, the registry of built-in worlds, and `simulate`.
+
+A world is a batched numpy simulator. Its state is a plain float64 array (B, S) whose columns
+are named by `state_names` (positions, velocities and hidden parameters), so a planner can copy
+it, a probe can regress on it, and a surprise test can edit it (teleport an object by writing
+its x, y) without knowing the world's internals:
+
+    world = make_world("two-room", size=64, sets=["noise=0.05"])
+    rng = np.random.default_rng(0)
+    state = world.reset(rng, 8)                     # (8, S)
+    frames = world.render(state)                    # (8, 64, 64, 3) uint8, clean
+    state = world.step(state, actions, rng)         # actions (8, A); rng=None: no disturbances
+    goal = world.sample_goal(rng, 8); world.success(state, goal)   # (8,) bool
+
+Observation knobs (pixel noise, dropped frames) live in `observe`, not in `render`, so a
+planner's goal image and a probe's clean frame stay clean; colour knobs are part of `render`
+(they are what the world looks like). The simulator knows nothing about models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from lejepa_cli.errors import UserError
+
+EPISODE_CHUNK = 32  # episodes simulated together; each chunk has its own seeded generator
+
+
+@dataclass(frozen=True)
+class Option:
+    """One world setting, settable with `--set name=value`."""
+
+    name: str
+    default: float | int
+    help: str
+    low: float
+    high: float
+
+    def parse(self, text: str) -> float | int:
+        try:
+            value: float | int = int(text) if isinstance(self.default, int) else float(text)
+        except ValueError:
+            kind = "an integer" if isinstance(self.default, int) else "a number"
+            raise UserError(f"world option {self.name} must be {kind}, got '{text}'") from None
+        if not (self.low <= value <= self.high) or (isinstance(value, float) and not math.isfinite(value)):
+            raise UserError(f"world option {self.name} must be in [{self.low}, {self.high}], got {text}")
+        return value
+
+
+# Knobs every world has (the conditions a deployed world model meets: sensor noise, frame
+# drops, distribution shift in colour, unmodelled disturbances).
+COMMON_OPTIONS = (
+    Option("noise", 0.0, "pixel noise std, in [0, 1] pixel units, added to every recorded frame", 0.0, 1.0),
+    Option("drop_prob", 0.0, "probability that a recorded frame is dropped (the previous one repeats)", 0.0, 1.0),
+    Option("hue_shift", 0.0, "rotate the hue of every colour by this many degrees", -360.0, 360.0),
+    Option("bg_shift", 0.0, "added to the background brightness (0 = default background)", -1.0, 1.0),
+    Option("kick_prob", 0.0, "probability per step of a random push the actions did not cause", 0.0, 1.0),
+    Option("kick_strength", 1.0, "size of a random push, in units of the world's top speed", 0.0, 20.0),
+)
+
+
+class World:
+    """Base class of the built-in worlds; subclasses fill in the class attributes and methods."""
+
+    name: str = ""
+    description: str = ""
+    action_dim: int = 0
+    options_spec: tuple[Option, ...] = ()
+    success_radius: float = 0.05  # goal reached when goal_distance < this (arena side = 1)
+
+    def __init__(self, size: int = 64, **options: Any):
+        if not 8 <= int(size) <= 1024:
+            raise UserError(f"--size must be between 8 and 1024 pixels, got {size}")
+        self.size = int(size)
+        spec = {o.name: o for o in (*COMMON_OPTIONS, *self.options_spec)}
+        unknown = sorted(set(options) - set(spec))
+        if unknown:
+            raise UserError(f"world {self.name} has no option {unknown[0]} (it has: {', '.join(spec)})")
+        self.options = {name: options.get(name, o.default) for name, o in spec.items()}
+        for name, value in self.options.items():
+            if not spec[name].low <= value <= spec[name].high:
+                raise UserError(f"world option {name} must be in [{spec[name].low}, {spec[name].high}], got {value}")
+        self.check_options()
+
+    # -- what subclasses provide -----------------------------------------------------------
+
+    @property
+    def state_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def check_options(self) -> None:
+        """Raise UserError for option combinations that make no sense (e.g. min > max)."""
+
+    def reset(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, S) float64 initial states, hidden parameters drawn per episode."""
+        raise NotImplementedError
+
+    def step(self, state: np.ndarray, action: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Next state (B, S) after actions (B, A) (clipped to [-1, 1]); random pushes only with an rng."""
+        raise NotImplementedError
+
+    def render(self, state: np.ndarray) -> np.ndarray:
+        """(B, R, R, 3) uint8 clean frames of the states (colour knobs applied, no noise)."""
+        raise NotImplementedError
+
+    def sample_goal(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """(n, S) goal states (reachable: in free space, at rest)."""
+        raise NotImplementedError
+
+    def goal_distance(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """(B,) distance, in arena units, between what the goal asks for and the state."""
+        raise NotImplementedError
+
+    def explore_init(self, rng: np.random.Generator, state: np.ndarray) -> dict:
+        """Memory of the exploration policy for a batch of new episodes."""
+        return {"ou": np.zeros((len(state), self.action_dim))}
+
+    def explore(self, state: np.ndarray, memory: dict, rng: np.random.Generator) -> np.ndarray:
+        """(B, A) smooth random actions in [-1, 1] (mutates `memory`)."""
+        return np.clip(ou_step(memory["ou"], rng), -1.0, 1.0)
+
+    # -- shared -----------------------------------------------------------------------------
+
+    @property
+    def state_dim(self) -> int:
+        return len(self.state_names)
+
+    def column(self, name: str) -> int:
+        """Index of a state column, e.g. world.column("agent_x")."""
+        try:
+            return self.state_names.index(name)
+        except ValueError:
+            raise UserError(f"world {self.name} has no state variable {name} (it has: {', '.join(self.state_names)})") from None
+
+    def state_vector(self, state: np.ndarray) -> np.ndarray:
+        """(B, S) float32 copy of the state, as stored in a trajectory dataset."""
+        return np.asarray(state, dtype=np.float32).copy()
+
+    def set_state(self, vector: np.ndarray) -> np.ndarray:
+        """A simulator state (B, S) float64 from a stored or edited state vector."""
+        vector = np.asarray(vector, dtype=np.float64)
+        if vector.ndim != 2 or vector.shape[1] != self.state_dim:
+            raise UserError(f"world {self.name} states have shape (B, {self.state_dim}), got {vector.shape}")
+        return vector.copy()
+
+    def success(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """(B,) bool: the goal is reached, i.e. goal_distance < success_radius."""
+        return self.goal_distance(state, goal) < self.success_radius
+
+    def palette(self, colours: dict[str, tuple[float, float, float]]) -> dict[str, np.ndarray]:
+        """The world's colours after the hue/background knobs ('background' gets bg_shift)."""
+        from lejepa_cli.world.render import rotate_hue
+
+        out = {k: rotate_hue(np.asarray(v, dtype=np.float64), self.options["hue_shift"]) for k, v in colours.items()}
+        out["background"] = np.clip(out["background"] + self.options["bg_shift"], 0.0, 1.0)
+        return out
+
+    def kicks(self, rng: np.random.Generator | None, n: int, scale: float) -> np.ndarray:
+        """(n, 2) random pushes (zero where none happens this step), `scale` = the world's top speed."""
+        if rng is None or self.options["kick_prob"] <= 0:
+            return np.zeros((n, 2))
+        hit = rng.random(n) < self.options["kick_prob"]
+        return hit[:, None] * rng.normal(0.0, self.options["kick_strength"] * scale, (n, 2))
+
+
+def ou_step(x: np.ndarray, rng: np.random.Generator, theta: float = 0.15, sigma: float = 0.3) -> np.ndarray:
+    """One Ornstein-Uhlenbeck step in place (smooth, mean-reverting noise); returns x."""
+    x += -theta * x + sigma * rng.standard_normal(x.shape)
+    return x
+
+
+def observe(world: World, clean: np.ndarray, previous: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """What the camera records: clean frames (B, R, R, 3) with pixel noise and dropped frames."""
+    frames = clean
+    noise = world.options["noise"]
+    if noise > 0:
+        noisy = clean.astype(np.float32) + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise * 255.0)
+        frames = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+    drop = world.options["drop_prob"]
+    if drop > 0 and previous is not None:
+        dropped = rng.random(len(frames)) < drop
+        frames = np.where(dropped[:, None, None, None], previous, frames)
+    return frames
+
+
+@dataclass
+class Chunk:
+    """Simulated episodes, concatenated episode after episode."""
+
+    frames: np.ndarray  # (b * T, R, R, 3) uint8
+    actions: np.ndarray  # (b * T, A) float32; a_t acts between frame t and frame t + 1
+    state: np.ndarray  # (b * T, S) float32, the state shown in frame t
+    episodes: int
+
+
+def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0) -> Iterator[Chunk]:
+    """Roll out `episodes` episodes of `steps` frames with the exploration policy, in chunks.
+
+    Chunk c uses the generator seeded by (seed, stream, c): the data depend only on the seed,
+    the stream (0 train, 1 val: disjoint episodes), the options, the episode count and length.
+    """
+    if episodes < 1 or steps < 1:
+        raise UserError(f"--episodes and --steps must be >= 1, got {episodes} and {steps}")
+    for c, first in enumerate(range(0, episodes, EPISODE_CHUNK)):
+        b = min(EPISODE_CHUNK, episodes - first)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, stream, c]))
+        R = world.size
+        frames = np.empty((b, steps, R, R, 3), dtype=np.uint8)
+        actions = np.empty((b, steps, world.action_dim), dtype=np.float32)
+        states = np.empty((b, steps, world.state_dim), dtype=np.float32)
+        state = world.reset(rng, b)
+        memory = world.explore_init(rng, state)
+        previous = None
+        for t in range(steps):
+            previous = observe(world, world.render(state), previous, rng)
+            frames[:, t] = previous
+            states[:, t] = world.state_vector(state)
+            action = world.explore(state, memory, rng)
+            actions[:, t] = action
+            state = world.step(state, action, rng)
+        yield Chunk(frames.reshape(b * steps, R, R, 3), actions.reshape(b * steps, -1), states.reshape(b * steps, -1), b)
+
+
+def world_names() -> list[str]:
+    return list(_registry())
+
+
+def world_class(name: str) -> type[World]:
+    worlds = _registry()
+    if name not in worlds:
+        raise UserError(f"unknown world '{name}' (choose from {', '.join(worlds)})")
+    return worlds[name]
+
+
+def parse_sets(cls: type[World], sets: list[str] | None) -> dict[str, float | int]:
+    """`["noise=0.1", "mass_max=4"]` -> typed options of world `cls`; UserError on bad input."""
+    spec = {o.name: o for o in (*COMMON_OPTIONS, *cls.options_spec)}
+    options: dict[str, float | int] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set takes key=value, got '{item}'")
+        if key not in spec:
+            raise UserError(f"world {cls.name} has no option {key} (it has: {', '.join(spec)}; see `lejepa world list`)")
+        options[key] = spec[key].parse(value.strip())
+    return options
+
+
+def make_world(name: str, size: int = 64, sets: list[str] | None = None, **options: Any) -> World:
+    """A built-in world by name, with `--set key=value` strings and/or keyword options."""
+    cls = world_class(name)
+    return cls(size=size, **{**parse_sets(cls, sets), **options})
+
+
+def _registry() -> dict[str, type[World]]:
+    from lejepa_cli.world.balls import Balls
+    from lejepa_cli.world.push import Push
+    from lejepa_cli.world.two_room import TwoRoom
+
+    return {cls.name: cls for cls in (TwoRoom, Push, Balls)}

@@ -1,0 +1,208 @@
+"""TrajectoryDataset: episodes of frames, actions and (optionally) true state, and their windows.
+
+    ds = load_trajectories("worlds/two-room", "train")  # prepared folder, .npz or LeWM .h5
+    starts = require_windows(ds, num_frames=4, frameskip=5)   # (W,) valid window starts
+    frames, actions, state = ds.windows(starts[:32], 4, 5)
+    # frames (32, 4, R, R, C) uint8; actions (32, 4, 5 * A) raw; state (32, 4, S) or None
+
+A window of `num_frames` frames taken every `frameskip` steps starts at row t when every frame
+t + k * frameskip (k < num_frames) and every action t .. t + num_frames * frameskip - 1 lie in
+t's episode, so windows never cross an episode end. Action block k concatenates the
+`frameskip` actions a_{t+k*fs} .. a_{t+k*fs+fs-1} that lead from window frame k to frame k + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lejepa_cli.data.dataset import ImageArray, channel_stats
+from lejepa_cli.errors import UserError
+
+
+@dataclass
+class TrajectoryDataset:
+    frames: ImageArray  # (T_total, R, R, C) uint8, all episodes of one split concatenated
+    actions: np.ndarray  # (T_total, A) float32 raw; a_t acts between frame t and frame t + 1
+    episode_starts: np.ndarray  # (E + 1,) int64; episode e is rows [starts[e], starts[e + 1])
+    state: np.ndarray | None = None  # (T_total, S) float32 true simulator state (probes only)
+    state_names: list[str] | None = None
+    mean: Sequence[float] = (0.5,)  # per-channel pixel mean/std in [0, 1] units, TRAIN split
+    std: Sequence[float] = (0.25,)
+    action_mean: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # (A,) TRAIN split
+    action_std: np.ndarray = field(default_factory=lambda: np.ones(0, np.float32))  # (A,) >= 1e-6
+    name: str = ""
+    fingerprint: str = ""
+    world: str | None = None
+    world_options: dict | None = None
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def channels(self) -> int:
+        return int(self.frames.shape[-1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def action_dim(self) -> int:
+        return int(self.actions.shape[1])
+
+    @property
+    def state_dim(self) -> int:
+        return 0 if self.state is None else int(self.state.shape[1])
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episode_starts) - 1
+
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self.episode_starts)
+
+    def window_starts(self, num_frames: int, frameskip: int) -> np.ndarray:
+        """(W,) int64 rows t whose window of num_frames frames every frameskip steps (and all its
+        actions) lies inside t's episode; empty when no episode is long enough."""
+        if num_frames < 1 or frameskip < 1:
+            raise UserError(f"num_frames and frameskip must be >= 1, got {num_frames} and {frameskip}")
+        span = num_frames * frameskip
+        starts, ends = self.episode_starts[:-1], self.episode_starts[1:]
+        counts = np.maximum(ends - starts - span + 1, 0)  # (E,) windows per episode
+        if counts.sum() == 0:
+            return np.zeros(0, dtype=np.int64)
+        first = np.repeat(starts, counts)
+        offset = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return (first + offset).astype(np.int64)
+
+    def windows(self, starts: np.ndarray, num_frames: int, frameskip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Frames (B, F, R, R, C) uint8, actions (B, F, frameskip * A) float32 raw, state (B, F, S) or None."""
+        starts = np.asarray(starts, dtype=np.int64)
+        B, F, A = len(starts), num_frames, self.action_dim
+        rows = starts[:, None] + frameskip * np.arange(F)  # (B, F) frame rows
+        frames = self.frames[rows.ravel()].reshape(B, F, *self.frames.shape[1:])
+        action_rows = rows[:, :, None] + np.arange(frameskip)  # (B, F, fs)
+        actions = self.actions[action_rows.ravel()].reshape(B, F, frameskip * A)
+        state = None if self.state is None else self.state[rows.ravel()].reshape(B, F, -1)
+        return frames, np.ascontiguousarray(actions, dtype=np.float32), state
+
+
+def require_windows(ds: TrajectoryDataset, num_frames: int, frameskip: int) -> np.ndarray:
+    """`ds.window_starts(...)`, or a one-line UserError naming the shortest episode when empty."""
+    starts = ds.window_starts(num_frames, frameskip)
+    if len(starts) == 0:
+        lengths = ds.episode_lengths()
+        shortest = int(np.argmin(lengths)) if len(lengths) else 0
+        need = num_frames * frameskip
+        raise UserError(
+            f"{ds.name or 'the dataset'}: no episode is long enough for one window of {num_frames} frames every "
+            f"{frameskip} steps ({need} steps, actions included); the longest has {int(lengths.max(initial=0))} steps, "
+            f"the shortest (episode {shortest}) {int(lengths.min(initial=0))}; lower the history, frameskip or "
+            f"predicted steps, or record longer episodes"
+        )
+    return starts
+
+
+def is_trajectory_source(source: str | Path) -> bool:
+    """A prepared trajectory folder, a trajectory .npz (frames + actions) or an .h5/.hdf5 file."""
+    from lejepa_cli.world.files import is_trajectory_file
+    from lejepa_cli.world.store import is_trajectory_folder
+
+    path = Path(source).expanduser()
+    return is_trajectory_folder(path) if path.is_dir() else is_trajectory_file(path)
+
+
+def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
+    """One split of a prepared trajectory folder (memory-mapped), a trajectory .npz or an HDF5 file
+    in LeWM's layout (a raw file is one split, 'train'; prepare it for a validation split)."""
+    from lejepa_cli.world.files import H5_SUFFIXES, is_trajectory_file
+    from lejepa_cli.world.store import is_trajectory_folder
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"trajectory source {source} does not exist (give a folder from `lejepa world simulate`, a trajectory .npz or an .h5 file)")
+    if path.is_dir():
+        if is_trajectory_folder(path):
+            return _load_folder(path, split)
+        from lejepa_cli.data.shards import is_prepared
+
+        if is_prepared(path):
+            raise UserError(f"{path} is an image dataset: use an image preset (e.g. --preset demo), not a world preset")
+        raise UserError(f"{path} is not a trajectory dataset; make one with `lejepa world simulate NAME --out DIR` or `lejepa data prepare FILE --out DIR`")
+    if path.suffix.lower() == ".npz" and not is_trajectory_file(path):
+        from lejepa_cli.world.files import read_trajectory_file
+
+        read_trajectory_file(path)  # names what is missing (frames, or actions for a passive video)
+    if path.suffix.lower() not in (".npz", *H5_SUFFIXES):
+        raise UserError(f"{path.name} is not a trajectory source: give a prepared trajectory folder, an .npz or an .h5/.hdf5 file")
+    return _load_file(path, split)
+
+
+def _load_folder(path: Path, split: str) -> TrajectoryDataset:
+    from lejepa_cli.data.shards import ShardedImages
+    from lejepa_cli.world.store import read_index
+
+    index = read_index(path)
+    if split not in index["splits"]:
+        raise UserError(f"split '{split}' is not in {path} (it has: {', '.join(index['splits'])})")
+    entry = index["splits"][split]
+    folder = path / split
+    R, C, A, S = (int(index[k]) for k in ("resolution", "channels", "action_dim", "state_dim"))
+    for f in [s["file"] for s in entry["shards"]] + [entry[k]["file"] for k in ("actions", "episode_starts", "state") if entry.get(k)]:
+        if not (folder / f).is_file():
+            raise UserError(f"{folder / f} is missing; re-create the dataset with --overwrite")
+    frames = ShardedImages([folder / s["file"] for s in entry["shards"]], [int(s["count"]) for s in entry["shards"]], (R, R, C))
+
+    def array(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        try:
+            a = np.load(folder / entry[key]["file"], mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {folder / entry[key]['file']} ({e}); re-create the dataset with --overwrite") from None
+        if a.shape != shape or a.dtype != dtype:
+            raise UserError(f"{folder / entry[key]['file']} holds {a.dtype}{a.shape}, expected {np.dtype(dtype)}{shape}; re-create the dataset")
+        return a
+
+    T = int(entry["steps"])
+    if len(frames) != T:
+        raise UserError(f"{path}/index.json is garbled: split '{split}' frame shards add up to {len(frames)}, not {T}")
+    starts = np.asarray(array("episode_starts", (int(entry["episodes"]) + 1,), np.int64))
+    if starts[0] != 0 or starts[-1] != T or np.any(np.diff(starts) <= 0):
+        raise UserError(f"{folder / 'episode_starts.npy'} is not a list of increasing offsets from 0 to {T}; re-create the dataset")
+    return TrajectoryDataset(
+        frames=frames,
+        actions=array("actions", (T, A), np.float32),
+        episode_starts=starts,
+        state=array("state", (T, S), np.float32) if entry.get("state") else None,
+        state_names=index.get("state_names"),
+        mean=tuple(index["mean"]), std=tuple(index["std"]),
+        action_mean=np.asarray(index["action_mean"], dtype=np.float32).reshape(A),
+        action_std=np.maximum(np.asarray(index["action_std"], dtype=np.float32).reshape(A), 1e-6),
+        name=f"{path.name}/{split}", fingerprint=entry.get("fingerprint", ""),
+        world=index.get("world"), world_options=index.get("world_options"),
+    )
+
+
+def _load_file(path: Path, split: str) -> TrajectoryDataset:
+    from lejepa_cli.world.files import read_trajectory_file
+
+    if split != "train":
+        raise UserError(f"{path.name} has one split, 'train'; for a '{split}' split run "
+                        f"`lejepa data prepare {path} --out DIR --val-fraction 0.1` and use DIR")
+    raw = read_trajectory_file(path)
+    _, H, W, _ = raw.frames.shape
+    if H != W:
+        raise UserError(f"{path.name} has {H}x{W} frames; square frames are needed: run `lejepa data prepare {path} --out DIR --resolution {min(H, W)}`")
+    mean, std = channel_stats(raw.frames)
+    from lejepa_cli.data.shards import sha256_file
+
+    return TrajectoryDataset(
+        frames=raw.frames, actions=raw.actions, episode_starts=raw.episode_starts, state=raw.state,
+        state_names=raw.state_names, mean=tuple(mean), std=tuple(std),
+        action_mean=raw.actions.mean(0) if len(raw.actions) else np.zeros(raw.actions.shape[1], np.float32),
+        action_std=np.maximum(raw.actions.std(0), 1e-6).astype(np.float32),
+        name=path.stem, fingerprint=sha256_file(path)[:16],
+    )
