@@ -31,7 +31,7 @@ import torch
 
 from benchmarks.machine import default_device, describe
 
-MODULES = ("sigreg", "views", "step", "resnet_stem", "memory", "loader")  # benchmarks/bench_<name>.py: run(quick, threads=...) -> dict
+MODULES = ("sigreg", "views", "step", "resnet_stem", "memory", "loader", "world")  # benchmarks/bench_<name>.py: run(quick, threads=...) -> dict
 
 
 def choose_threads(threads: int | None) -> tuple[int | None, str]:

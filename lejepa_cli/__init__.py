@@ -9,4 +9,8 @@ def __getattr__(name: str):
         from lejepa_cli.export import load_encoder
 
         return load_encoder
+    if name == "load_world_model":
+        from lejepa_cli.world.export import load_world_model
+
+        return load_world_model
     raise AttributeError(f"module 'lejepa_cli' has no attribute {name!r}")

@@ -55,7 +55,7 @@ class ViewsConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "vit_small"  # vit_micro|vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet_micro|resnet18|resnet50
+    arch: str = "vit_small"  # vit_nano|vit_micro|vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet_micro|resnet18|resnet50
     patch_size: int = 16  # ViT patch side in pixels
     drop_path: float = 0.1  # stochastic depth rate (ViTs)
     small_stem: bool = False  # ResNet: 3x3 stem (stride stem_stride) without max-pool for 28-32 px images

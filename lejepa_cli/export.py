@@ -58,7 +58,8 @@ ONNX_TOLERANCE = 1e-3  # max abs difference accepted at export; fp32 kernels typ
 
 # Our ViT sizes -> the timm model with the same widths; patch / image size go in model_args.
 _TIMM_VIT = {
-    "vit_micro": "vit_tiny_patch16_224",  # a narrower, shallower tiny: model_args carry its sizes
+    "vit_nano": "vit_tiny_patch16_224",  # narrower, shallower tinies: model_args carry their sizes
+    "vit_micro": "vit_tiny_patch16_224",
     "vit_tiny": "vit_tiny_patch16_224",
     "vit_small": "vit_small_patch16_224",
     "vit_base": "vit_base_patch16_224",
@@ -278,10 +279,10 @@ def timm_config(arch: dict[str, Any], *, num_features: int, mean: Iterable[float
         name = _TIMM_VIT[arch["arch"]]
         # dynamic_img_size: timm then resamples pos_embed per input as our ViT does.
         model_args = {"img_size": size, "patch_size": int(arch["patch_size"]), "in_chans": chans, "dynamic_img_size": True}
-        if arch["arch"] == "vit_micro":
+        if arch["arch"] in ("vit_nano", "vit_micro"):
             from lejepa_cli.models.vit import VIT_SIZES
 
-            dim, depth, heads = VIT_SIZES["vit_micro"]
+            dim, depth, heads = VIT_SIZES[arch["arch"]]
             model_args.update(embed_dim=dim, depth=depth, num_heads=heads)
         pool, first_conv, classifier, pool_size = "token", "patch_embed.proj", "head", None
     else:
@@ -388,8 +389,10 @@ def export_backbone(
 
 
 def export_encoder(source: str | Path, out: str | Path, *, dtype: str = "fp32", format: str = "safetensors",
-                   overwrite: bool = False) -> Exported:
-    """`lejepa export`: the encoder of a checkpoint, run folder or export, written to `out`."""
+                   overwrite: bool = False, extra: dict[str, Any] | None = None) -> Exported:
+    """`lejepa export`: the encoder of a checkpoint, run folder or export, written to `out`.
+
+    `extra` adds sections to config.json's "lejepa" part (a world model's "world" section)."""
     from lejepa_cli.models import build_backbone
 
     state, info = read_encoder(source, verify=True)  # an artefact others will use: check the checksum
@@ -400,6 +403,7 @@ def export_encoder(source: str | Path, out: str | Path, *, dtype: str = "fp32", 
     keep = ("step", "preset", "lambda", "views", "data", "config", "probe")
     meta = {k: info.get(k) for k in keep}
     meta["trained_with"] = info.get("trained_with") or info.get("version")  # the source may be an export
+    meta.update(extra or {})
     return export_backbone(backbone, out, mean=info["mean"], std=info["std"], dtype=dtype, format=format,
                            meta=meta, overwrite=overwrite)
 

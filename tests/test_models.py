@@ -29,6 +29,7 @@ def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
 # --- ViT ---------------------------------------------------------------------------------------
 
 VIT_CASES = [  # (arch, patch, native img, local img)
+    ("vit_nano", 8, 32, 16),
     ("vit_micro", 4, 32, 16),
     ("vit_tiny", 4, 32, 16),
     ("vit_small", 4, 32, 16),
@@ -298,7 +299,7 @@ def test_archs_and_unknown_arch() -> None:
     from lejepa_cli.config import ARCHS as CONFIG_ARCHS
 
     assert ARCHS == (
-        "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet_micro", "resnet18", "resnet50"
+        "vit_nano", "vit_micro", "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet_micro", "resnet18", "resnet50"
     )
     assert set(ARCHS) == set(CONFIG_ARCHS)
     with pytest.raises(ValueError, match="unknown arch"):

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from lejepa_cli.errors import UserError
+
 err_console = Console(stderr=True)
 
 
@@ -38,8 +40,14 @@ def export(
 ) -> None:
     """Export the encoder alone (no projector, optimizer or probe) for downstream use."""
     from lejepa_cli.export import export_encoder
+    from lejepa_cli.world.export import export_world, is_world_checkpoint
 
-    r = export_encoder(source, out, dtype=dtype.value, format=fmt.value, overwrite=overwrite)
+    if is_world_checkpoint(source):  # encoder + projector, action encoder and predictor
+        if fmt != Format.safetensors or dtype != Dtype.fp32:
+            raise UserError("a world model exports as fp32 safetensors only: drop --format / --dtype")
+        r = export_world(source, out, overwrite=overwrite)
+    else:
+        r = export_encoder(source, out, dtype=dtype.value, format=fmt.value, overwrite=overwrite)
     files = ", ".join(f"{p.name} ({p.stat().st_size / 2**20:.1f} MiB)" for p in r.files)
     err_console.print(f"[green]exported[/] {r.info['arch_config']['arch']} (step {r.info.get('step')}, {r.dtype}) -> {r.out}: {files}")
     if r.timm_compatible:

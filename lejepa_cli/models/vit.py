@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 # name -> (embed_dim, depth, num_heads)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "vit_nano": (64, 4, 2),  # not a timm size: world models of small rendered worlds on a CPU
     "vit_micro": (128, 6, 4),  # not a timm size: for CPU demos and tests
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),

@@ -1,0 +1,189 @@
+"""World-model training, the objective `lejepa train` runs for a world preset (objective: world).
+
+`build_world_run(cfg, device)` loads the trajectory splits, builds the world model (any backbone
+of the registry + projector, action encoder, predictor) and its optimizer; the shared loop in
+train.py then calls `run.step(...)` per optimizer step and `run.evaluate()` at evaluations, as
+it does for image pretraining. A training sample is a window of history + num_preds frames taken
+every `frameskip` steps with the actions inside each skip concatenated; windows never cross an
+episode end, and the loop's step sampler draws them, so a resumed run continues mid-epoch.
+
+Evaluation (held-out split): the one-step and `world.eval_horizon`-step open-loop rollout errors
+(mean squared error per latent dimension), each next to the error of the "nothing changes" guess
+(z_{t+k} = z_t) and as a ratio to it, plus SIGReg of the held-out latents.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lejepa_cli import dist
+from lejepa_cli.config import Config
+from lejepa_cli.errors import UserError
+from lejepa_cli.evaluate import eval_transform
+from lejepa_cli.lejepa import build_backbone_from_config
+from lejepa_cli.loss import sigreg
+from lejepa_cli.optim import adamw, autocast_dtype, param_groups
+from lejepa_cli.world.loss import rollout_errors, world_loss
+from lejepa_cli.world.model import WorldModel
+from lejepa_cli.world.trajectories import TrajectoryDataset, load_trajectories, require_windows
+
+EVAL_BATCH = 64  # windows per evaluation forward
+
+
+class Windows:
+    """Training windows of a trajectory split, in the form the batch loader reads.
+
+    len() = number of valid windows; batch(index) -> frames (B, T, R, R, C) uint8 and action
+    blocks (B, T, frameskip x A) float32, normalised with the training split's statistics.
+    """
+
+    def __init__(self, data: TrajectoryDataset, num_frames: int, frameskip: int):
+        self.data, self.num_frames, self.frameskip = data, num_frames, frameskip
+        self.starts = data.window_starts(num_frames, frameskip)
+        self.name = data.name
+        # One block holds `frameskip` consecutive actions: tile the per-dimension statistics.
+        self.action_mean = np.tile(np.asarray(data.action_mean, np.float32), frameskip)
+        self.action_std = np.tile(np.asarray(data.action_std, np.float32), frameskip)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        frames, actions, _ = self.data.windows(self.starts[np.asarray(index, np.int64)], self.num_frames, self.frameskip)
+        return frames, (actions - self.action_mean) / self.action_std
+
+
+@dataclass
+class WorldRun:
+    cfg: Config
+    device: torch.device
+    amp: torch.dtype | None
+    train_data: Windows
+    val_data: TrajectoryDataset | None
+    model: WorldModel  # unwrapped
+    trainer: nn.Module  # the model, DDP-wrapped in a process group
+    optimizer: torch.optim.Optimizer
+
+    kind = "world"
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        m = self.model
+        return {"backbone": m.backbone, "projector": m.projector, "action_encoder": m.action_encoder,
+                "predictor": m.predictor}
+
+    @property
+    def optimized(self) -> dict[str, nn.Module]:
+        return self.modules
+
+    @property
+    def side_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}  # every module trains with the one optimizer
+
+    def frames_in(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 windows (B, T, C, R, R) -> normalised float frames at the encoder's size."""
+        b, t = frames.shape[:2]
+        data = self.train_data.data
+        x = eval_transform(frames.flatten(0, 1), self.cfg.views.global_size, data.mean, data.std)
+        return x.view(b, t, *x.shape[1:])
+
+    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+             seeds: list[int]) -> dict[str, torch.Tensor]:
+        w, loss_cfg = self.cfg.world, self.cfg.loss
+        torch.manual_seed(seeds[0])  # dropout and drop-path draws: a pure function of the step
+        autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            z, p = self.trainer(self.frames_in(micro_x[0]), micro_y[0], w.history)  # (B, T, D), (B, H, D)
+        parts = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
+                           t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
+        parts["loss"].backward()
+        return {k: v.detach() for k, v in parts.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        return evaluate_rollouts(self) if self.val_data is not None else {}
+
+    def data_meta(self) -> dict[str, Any]:
+        d = self.train_data.data
+        return {"name": d.name, "fingerprint": d.fingerprint, "mean": list(d.mean), "std": list(d.std),
+                "channels": d.channels, "resolution": d.resolution, "num_classes": 0, "class_names": None,
+                "kind": "trajectories", "world": d.world, "action_dim": d.action_dim,
+                "action_mean": [float(v) for v in d.action_mean], "action_std": [float(v) for v in d.action_std],
+                "state_names": d.state_names}
+
+    def describe(self) -> str:
+        d, w = self.train_data.data, self.cfg.world
+        return (f"world model ({self.cfg.model.arch}) on {d.name} ({d.num_episodes} episodes, {len(self.train_data)} "
+                f"windows of {w.history}+{w.num_preds} frames every {w.frameskip} steps)")
+
+
+def build_world_model(cfg: Config, channels: int, action_dim: int) -> WorldModel:
+    """The world model a config describes, for frames of `channels` and actions of `action_dim` per step."""
+    w = cfg.world
+    return WorldModel(build_backbone_from_config(cfg, channels), latent_dim=cfg.model.proj_dim,
+                      action_dim=w.frameskip * action_dim, history=w.history, proj_hidden=cfg.model.proj_hidden,
+                      depth=w.depth, heads=w.heads, head_dim=w.head_dim, mlp_dim=w.mlp_dim, dropout=w.dropout)
+
+
+def build_world_run(cfg: Config, device: torch.device) -> WorldRun:
+    if cfg.data.source == "builtin":
+        raise UserError("a world preset trains on trajectories: give --data (a folder from `lejepa world simulate` "
+                        "or `lejepa data prepare`), not the built-in image set")
+    w = cfg.world
+    train = load_trajectories(cfg.data.source, cfg.data.train_split)
+    num_frames = w.history + w.num_preds
+    require_windows(train, num_frames, w.frameskip)
+    try:
+        val = load_trajectories(cfg.data.source, cfg.data.eval_split)
+    except UserError:
+        val = None  # no held-out episodes: no rollout evaluation
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_world_model(cfg, train.channels, train.action_dim).to(device)
+    model = dist.global_batchnorm(model, device)  # BatchNorm over the global batch in a process group
+    optimizer = adamw(param_groups(model, cfg.optim.weight_decay), cfg, device)
+    return WorldRun(cfg, device, autocast_dtype(cfg, device), Windows(train, num_frames, w.frameskip), val, model,
+                    dist.ddp(model, device), optimizer)
+
+
+def evaluate_rollouts(run: WorldRun) -> dict[str, float]:
+    """Held-out rollout errors next to the 'nothing changes' guess; {} when no episode is long enough."""
+    w, model = run.cfg.world, run.model
+    horizon = w.eval_horizon
+    windows = Windows(run.val_data, w.history + horizon, w.frameskip)
+    windows.action_mean, windows.action_std = run.train_data.action_mean, run.train_data.action_std
+    if len(windows) == 0:
+        return {}
+    count = len(windows) if w.eval_windows == 0 else min(w.eval_windows, len(windows))
+    chosen = np.linspace(0, len(windows) - 1, count).round().astype(np.int64)  # evenly spread, deterministic
+    was_training = model.training
+    model.eval()
+    sums = {"model": 0.0, "copy": 0.0}
+    latents = []
+    for i in range(0, count, EVAL_BATCH):
+        frames, actions = windows.batch(chosen[i : i + EVAL_BATCH])
+        x = run.frames_in(torch.from_numpy(frames).movedim(-1, -3).to(run.device))
+        a = torch.from_numpy(np.ascontiguousarray(actions, np.float32)).to(run.device)
+        z = model.encode(x).float()  # (B, H + K, D)
+        errors = rollout_errors(model, z, a, w.history, horizon)
+        n = len(frames)
+        sums = {k: sums[k] + errors[k] * n for k in sums}
+        latents.append(z[:, w.history - 1])
+    model.train(was_training)
+    err, copy = sums["model"] / count, sums["copy"] / count  # (K,) each
+    held_out = torch.cat(latents)
+    out = {
+        "one_step_err": float(err[0]), "one_step_copy_err": float(copy[0]),
+        "one_step_ratio": float(err[0] / copy[0].clamp_min(1e-12)),
+        f"rollout{horizon}_err": float(err[-1]), f"rollout{horizon}_copy_err": float(copy[-1]),
+        f"rollout{horizon}_ratio": float(err[-1] / copy[-1].clamp_min(1e-12)),
+    }
+    if len(held_out) >= 2:  # SIGReg of held-out latents on fixed directions (step 0)
+        out["val_sigreg"] = float(sigreg(held_out, step=0, num_slices=run.cfg.loss.num_slices, t_max=run.cfg.loss.t_max,
+                                         num_knots=run.cfg.loss.num_knots))
+    return out
