@@ -17,6 +17,7 @@ from lejepa_cli.data.shards import ShardedImages
 from lejepa_cli.data.sources import load_dataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.build import simulate_dataset
+from lejepa_cli.world.sim import make_world, simulate
 from lejepa_cli.world.trajectories import TrajectoryDataset, is_trajectory_source, load_trajectories, require_windows
 
 
@@ -104,12 +105,14 @@ def test_prepared_folder_is_memory_mapped_and_consistent(simulated):
     assert np.all(train.action_std >= 1e-6) and len(train.mean) == 3
     assert train.fingerprint and train.fingerprint != val.fingerprint
     # The stored episodes are the simulator's: re-simulate and compare.
-    from lejepa_cli.world.sim import make_world, simulate
-
     chunk = next(simulate(make_world("push", size=16), 4, 12, seed=3))
     np.testing.assert_array_equal(train.frames[np.arange(48)], chunk.frames)
     np.testing.assert_array_equal(np.asarray(train.state), chunk.state)
     assert is_trajectory_source(simulated)
+    # The stored world name and options rebuild the simulator (planners and surprise tests need it).
+    world = make_world(train.world, size=train.resolution, **train.world_options)
+    again = world.render(world.set_state(np.asarray(train.state[:12])))
+    assert np.abs(again.astype(int) - train.frames[np.arange(12)].astype(int)).max() <= 1  # float32 state: <= 1 level
 
 
 def test_simulate_refuses_to_clobber(simulated, tmp_path):
@@ -135,8 +138,14 @@ def test_cli_simulate_then_info(tmp_path, capsys):
     assert "train4episodesx12steps" in squash(capsys.readouterr().err)
     assert cli("data", "info", out, "--verify") == 0
     text = squash(capsys.readouterr().out)
-    for part in ("train:4episodes,48steps", "val:1episodes,12steps", "two-room", "agent_x", "noise=0.05"):
+    for part in ("train:4episodes,48steps", "val:1episodes,12steps", "two-room", "agent_x", "noise=0.05", "actiondim│2"):
         assert part in text
+    actions = out / "val" / "actions.npy"
+    original = actions.read_bytes()
+    actions.write_bytes(original[:-4] + b"\x00\x00\x80\x7f")  # the last action becomes inf
+    assert cli("data", "info", out, "--verify") == 1
+    assert "val/actions.npy: checksum mismatch" in capsys.readouterr().err
+    actions.write_bytes(original)
     ds = load_trajectories(out, "train")
     assert ds.world_options["noise"] == 0.05 and ds.frames.shape == (48, 16, 16, 3)
     assert cli("world", "list") == 0
@@ -213,15 +222,16 @@ def write_lewm_h5(path: Path, lengths=(6, 9, 5), channels_first=True, offsets=Fa
     return cols
 
 
-@pytest.mark.parametrize("offsets", [False, True])
-def test_lewm_hdf5_prepare_round_trip(tmp_path, offsets):
+@pytest.mark.parametrize("offsets,channels_first", [(False, True), (True, False)])
+def test_lewm_hdf5_prepare_round_trip(tmp_path, offsets, channels_first):
     src = tmp_path / "lewm.h5"
-    cols = write_lewm_h5(src, offsets=offsets)
+    cols = write_lewm_h5(src, offsets=offsets, channels_first=channels_first)
     assert is_trajectory_source(src)
     direct = load_trajectories(src, "train")
     assert direct.episode_starts.tolist() == [0, 6, 15, 20] and direct.state_dim == 6
     assert direct.state_names == [f"state_{i}" for i in range(4)] + ["proprio_0", "proprio_1"]
-    np.testing.assert_array_equal(direct.frames[np.array([7, 2, 7])], cols["pixels"][[7, 2, 7]].transpose(0, 2, 3, 1))
+    expect = cols["pixels"][[7, 2, 7]]
+    np.testing.assert_array_equal(direct.frames[np.array([7, 2, 7])], expect.transpose(0, 2, 3, 1) if channels_first else expect)
     import pickle  # only to check that a DataLoader worker would receive a path, not the file handle
 
     clone = pickle.loads(pickle.dumps(direct.frames))

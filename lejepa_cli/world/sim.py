@@ -84,7 +84,7 @@ class World:
         for name, value in self.options.items():
             if not spec[name].low <= value <= spec[name].high:
                 raise UserError(f"world option {name} must be in [{spec[name].low}, {spec[name].high}], got {value}")
-        self.check_options()
+        self.configure()
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -92,8 +92,8 @@ class World:
     def state_names(self) -> list[str]:
         raise NotImplementedError
 
-    def check_options(self) -> None:
-        """Raise UserError for option combinations that make no sense (e.g. min > max)."""
+    def configure(self) -> None:
+        """Check option combinations (UserError, e.g. min > max) and precompute what the options fix."""
 
     def reset(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """(n, S) float64 initial states, hidden parameters drawn per episode."""

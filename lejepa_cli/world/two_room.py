@@ -38,13 +38,12 @@ class TwoRoom(World):
     def state_names(self) -> list[str]:
         return ["agent_x", "agent_y", "agent_vx", "agent_vy"]
 
-    def check_options(self) -> None:
+    def configure(self) -> None:
         o = self.options
         if o["door"] <= 2 * o["radius"]:
             raise UserError(f"two-room: door ({o['door']}) must be wider than the agent (2 x radius = {2 * o['radius']})")
         if abs(o["door_y"] - 0.5) + o["door"] / 2 > 0.5:
             raise UserError("two-room: the door must lie inside the arena (door_y +- door/2 within [0, 1])")
-        o = self.options
         self._slab = (0.5 - o["wall"] / 2 - o["radius"], 0.5 + o["wall"] / 2 + o["radius"])  # centre may not enter...
         self._door = (o["door_y"] - o["door"] / 2 + o["radius"], o["door_y"] + o["door"] / 2 - o["radius"])  # ...except here
         self._background = self._draw_background()
