@@ -121,6 +121,13 @@ def test_simulate_refuses_to_clobber(simulated, tmp_path):
     assert s["up_to_date"]
     with pytest.raises(UserError, match="already holds a different trajectory dataset"):
         simulate_dataset("push", simulated, episodes=5, steps=12, size=16, seed=3, progress=False)
+    # killed before index.json was written: the same command starts again without --overwrite
+    killed = tmp_path / "killed"
+    simulate_dataset("balls", killed, episodes=2, steps=4, size=16, progress=False)
+    (killed / "index.json").unlink()
+    (killed / "train" / "actions.npy").unlink()
+    assert not simulate_dataset("balls", killed, episodes=2, steps=4, size=16, progress=False)["up_to_date"]
+    assert load_trajectories(killed, "train").num_episodes == 2
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
@@ -169,11 +176,17 @@ def write_npz(path: Path, lengths=(10, 7, 9, 8), A=3, size=(12, 10), with_state=
     return arrays
 
 
-def test_npz_prepare_round_trip(tmp_path):
+def test_npz_prepare_round_trip(tmp_path, monkeypatch):
+    import lejepa_cli.world.build as build
+    import lejepa_cli.world.store as store
+
+    monkeypatch.setattr(build, "FILE_CHUNK_BYTES", 8 * 8 * 3 * 12)  # read a few episodes at a time...
+    monkeypatch.setattr(store, "SHARD_BYTES", 8 * 8 * 3 * 5)  # ...into several frame shards
     src = tmp_path / "traj.npz"
     arrays = write_npz(src, size=(8, 8))
     assert is_trajectory_source(src)
     s = prepare(src, tmp_path / "p", val_fraction=0.25, seed=1, progress=False)
+    assert len(json.loads((tmp_path / "p" / "index.json").read_text())["splits"]["train"]["shards"]) > 3
     assert s["kind"] == "trajectories" and s["splits"]["val"] == {"episodes": 1, "steps": s["splits"]["val"]["steps"]}
     train, val = load_trajectories(tmp_path / "p", "train"), load_trajectories(tmp_path / "p", "val")
     assert train.num_episodes == 3 and train.state_names == ["pos", "vel"]
