@@ -274,6 +274,7 @@ def test_hdf5_without_h5py_is_one_line(tmp_path, monkeypatch):
         ({"actions": np.full((34, 1), np.inf)}, "actions hold NaN or inf (first at row 0)"),
         ({"episode_idx": np.array([0, 1] * 17)}, "the rows of an episode are not together"),
         ({"frames": np.zeros((34, 8, 8, 3), np.float32)}, "frames must be uint8"),
+        ({"state_names": np.array([{"pickled": 1}], dtype=object)}, "is not a readable .npz file"),  # never unpickled
     ],
 )
 def test_bad_trajectory_files_are_one_line_errors(tmp_path, capsys, extra, message):
