@@ -20,7 +20,10 @@ SOURCE_HELP = (
     "or episode_idx (T,), optional state (T, S) and state_names (S,); or an .h5/.hdf5 file in LeWM's layout "
     "(pixels, action, episode_idx, step_idx or ep_offset/ep_len, state/proprio; needs h5py)."
 )
-RESOLUTION_HELP = "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256)."
+RESOLUTION_HELP = (
+    "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256; "
+    "trajectory frames: their shorter side)."
+)
 
 
 @app.command()

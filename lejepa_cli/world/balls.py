@@ -46,7 +46,7 @@ class Balls(World):
         per_ball = [f"ball{i}_{v}" for i in range(n) for v in ("x", "y", "vx", "vy")]
         return per_ball + [f"ball{i}_mass" for i in range(n)]
 
-    def check_options(self) -> None:
+    def configure(self) -> None:
         if self.options["mass_min"] > self.options["mass_max"]:
             raise UserError(f"balls: mass_min ({self.options['mass_min']}) is above mass_max ({self.options['mass_max']})")
 

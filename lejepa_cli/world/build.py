@@ -103,10 +103,12 @@ def prepare_trajectory_file(
         for split, episodes in splits.items():
             writer.begin(split)
             group: list[int] = []
+            group_rows = 0
             for e in list(episodes) + [None]:  # episodes in groups of ~FILE_CHUNK_BYTES of frames
                 if e is not None:
                     group.append(int(e))
-                    if sum(starts[g + 1] - starts[g] for g in group) * H * W * C < FILE_CHUNK_BYTES:
+                    group_rows += int(starts[e + 1] - starts[e])
+                    if group_rows * H * W * C < FILE_CHUNK_BYTES:
                         continue
                 if not group:
                     continue
@@ -117,7 +119,7 @@ def prepare_trajectory_file(
                 writer.add(frames, raw.actions[rows], None if raw.state is None else raw.state[rows],
                            [int(starts[g + 1] - starts[g]) for g in group])
                 bar.advance(task, len(rows))
-                group = []
+                group, group_rows = [], 0
     src = {"path": str(path), "kind": raw.kind, "fingerprint": plan["fingerprint"], "plan": plan}
     writer.finish(src)
     return _summary(out, time.perf_counter() - t0, up_to_date=False)

@@ -97,7 +97,8 @@ class RawTrajectories:
 
 
 def is_trajectory_file(path: Path) -> bool:
-    """An .h5/.hdf5 file, or an .npz with both a frames/pixels and an actions/action array."""
+    """An .h5/.hdf5 file, or an .npz with a frames/pixels array (image .npz files use other keys;
+    one without actions is still a trajectory file, so the user hears what is missing)."""
     if not path.is_file():
         return False
     if path.suffix.lower() in H5_SUFFIXES:
@@ -109,7 +110,7 @@ def is_trajectory_file(path: Path) -> bool:
             keys = set(z.files)
     except (OSError, ValueError):
         return False
-    return bool(keys & set(FRAME_KEYS)) and bool(keys & set(ACTION_KEYS))
+    return bool(keys & set(FRAME_KEYS))
 
 
 def read_trajectory_file(path: Path) -> RawTrajectories:
@@ -133,6 +134,8 @@ def _read_npz(path: Path) -> RawTrajectories:
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable .npz file ({str(e).splitlines()[0]})") from None
     frame_key = _first(arrays, FRAME_KEYS)
+    if frame_key is None and {"x_train", "images", "x"} & set(arrays):
+        raise UserError(f"{path} is an image dataset: use an image preset (e.g. --preset demo), not a world preset")
     if frame_key is None:
         raise UserError(f"{path} has no 'frames' (or 'pixels') array (found: {', '.join(arrays) or 'nothing'})")
     frames = _frames(arrays[frame_key], path)

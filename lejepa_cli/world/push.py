@@ -43,7 +43,7 @@ class Push(World):
     def state_names(self) -> list[str]:
         return ["agent_x", "agent_y", "agent_vx", "agent_vy", "block_x", "block_y", "block_vx", "block_vy", "block_mass", "block_friction"]
 
-    def check_options(self) -> None:
+    def configure(self) -> None:
         o = self.options
         for key in ("mass", "friction"):
             if o[f"{key}_min"] > o[f"{key}_max"]:

@@ -80,11 +80,9 @@ class World:
         unknown = sorted(set(options) - set(spec))
         if unknown:
             raise UserError(f"world {self.name} has no option {unknown[0]} (it has: {', '.join(spec)})")
-        self.options = {name: options.get(name, o.default) for name, o in spec.items()}
-        for name, value in self.options.items():
-            if not spec[name].low <= value <= spec[name].high:
-                raise UserError(f"world option {name} must be in [{spec[name].low}, {spec[name].high}], got {value}")
-        self.check_options()
+        # Keyword options (from Python or a dataset's index.json) pass the same checks as --set.
+        self.options = {name: spec[name].parse(str(options[name])) if name in options else o.default for name, o in spec.items()}
+        self.configure()
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -92,8 +90,8 @@ class World:
     def state_names(self) -> list[str]:
         raise NotImplementedError
 
-    def check_options(self) -> None:
-        """Raise UserError for option combinations that make no sense (e.g. min > max)."""
+    def configure(self) -> None:
+        """Check option combinations (UserError, e.g. min > max) and precompute what the options fix."""
 
     def reset(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """(n, S) float64 initial states, hidden parameters drawn per episode."""

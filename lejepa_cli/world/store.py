@@ -162,7 +162,8 @@ def prepare_out(out: Path, plan: dict, overwrite: bool) -> bool:
     """Make `out` ready for a new dataset; True when it already holds exactly this one (done).
 
     Refuses a non-empty folder that is not a trajectory dataset, and a different dataset
-    unless `overwrite`; with it, deletes only what a trajectory writer puts there.
+    unless `overwrite`; with it, deletes only what a trajectory writer puts there. The files
+    of an interrupted write (no index.json yet) are replaced without asking.
     """
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder")
@@ -177,7 +178,8 @@ def prepare_out(out: Path, plan: dict, overwrite: bool) -> bool:
             index = None
     if index is not None and index.get("source", {}).get("plan") == plan:
         return True
-    if not overwrite:
+    unfinished = not (out / shards.INDEX).exists() and all(_is_ours(entry) for entry in out.iterdir())
+    if not overwrite and not unfinished:  # an interrupted write is useless without its index: start again
         what = "a different trajectory dataset" if index is not None else "files that are not a trajectory dataset"
         raise UserError(f"--out {out} already holds {what}; pass --overwrite to replace it, or choose an empty folder")
     if index is None and not is_trajectory_folder(out):

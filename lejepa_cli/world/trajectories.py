@@ -96,13 +96,14 @@ def require_windows(ds: TrajectoryDataset, num_frames: int, frameskip: int) -> n
     starts = ds.window_starts(num_frames, frameskip)
     if len(starts) == 0:
         lengths = ds.episode_lengths()
-        shortest = int(np.argmin(lengths)) if len(lengths) else 0
-        need = num_frames * frameskip
+        if len(lengths) == 0:
+            raise UserError(f"{ds.name or 'the dataset'} holds no episodes")
+        shortest = int(np.argmin(lengths))
         raise UserError(
             f"{ds.name or 'the dataset'}: no episode is long enough for one window of {num_frames} frames every "
-            f"{frameskip} steps ({need} steps, actions included); the longest has {int(lengths.max(initial=0))} steps, "
-            f"the shortest (episode {shortest}) {int(lengths.min(initial=0))}; lower the history, frameskip or "
-            f"predicted steps, or record longer episodes"
+            f"{frameskip} steps ({num_frames * frameskip} steps, actions included); the longest has "
+            f"{int(lengths.max())} steps, the shortest (episode {shortest}) {int(lengths[shortest])}; lower the "
+            f"history, frameskip or predicted steps, or record longer episodes"
         )
     return starts
 
@@ -136,7 +137,7 @@ def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
     if path.suffix.lower() == ".npz" and not is_trajectory_file(path):
         from lejepa_cli.world.files import read_trajectory_file
 
-        read_trajectory_file(path)  # names what is missing (frames, or actions for a passive video)
+        read_trajectory_file(path)  # names what is missing: the frames
     if path.suffix.lower() not in (".npz", *H5_SUFFIXES):
         raise UserError(f"{path.name} is not a trajectory source: give a prepared trajectory folder, an .npz or an .h5/.hdf5 file")
     return _load_file(path, split)

@@ -19,6 +19,7 @@ from lejepa_cli.world import render
 from lejepa_cli.world.sim import Option, World, ou_step
 
 COLOURS = {"background": (0.93, 0.92, 0.88), "wall": (0.25, 0.25, 0.3), "agent": (0.85, 0.2, 0.15)}
+SWITCH_ROOM = 0.7  # chance that the exploration's next waypoint lies in the other room
 
 
 class TwoRoom(World):
@@ -38,24 +39,23 @@ class TwoRoom(World):
     def state_names(self) -> list[str]:
         return ["agent_x", "agent_y", "agent_vx", "agent_vy"]
 
-    def check_options(self) -> None:
+    def configure(self) -> None:
         o = self.options
         if o["door"] <= 2 * o["radius"]:
             raise UserError(f"two-room: door ({o['door']}) must be wider than the agent (2 x radius = {2 * o['radius']})")
         if abs(o["door_y"] - 0.5) + o["door"] / 2 > 0.5:
             raise UserError("two-room: the door must lie inside the arena (door_y +- door/2 within [0, 1])")
-        o = self.options
         self._slab = (0.5 - o["wall"] / 2 - o["radius"], 0.5 + o["wall"] / 2 + o["radius"])  # centre may not enter...
         self._door = (o["door_y"] - o["door"] / 2 + o["radius"], o["door_y"] + o["door"] / 2 - o["radius"])  # ...except here
         self._background = self._draw_background()
 
     # -- geometry ---------------------------------------------------------------------------
 
-    def free_positions(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """(n, 2) uniform positions in either room (not in the wall)."""
+    def free_positions(self, rng: np.random.Generator, n: int, left: np.ndarray | None = None) -> np.ndarray:
+        """(n, 2) uniform positions in the left (True) or right room, by default either."""
         r = self.options["radius"]
         lo, hi = self._slab
-        left = rng.random(n) < 0.5
+        left = rng.random(n) < 0.5 if left is None else left
         x = np.where(left, rng.uniform(r, lo, n), rng.uniform(hi, 1 - r, n))
         return np.stack([x, rng.uniform(r, 1 - r, n)], axis=1)
 
@@ -136,5 +136,8 @@ class TwoRoom(World):
         steer = offset / np.maximum(dist, 1e-9) * np.minimum(1.0, dist / self.options["speed"])
         action = np.clip(0.8 * steer + ou_step(memory["ou"], rng), -1.0, 1.0)
         renew = (np.linalg.norm(waypoint - pos, axis=1) < 0.05) | (rng.random(len(pos)) < 1 / 40)
-        memory["waypoint"] = np.where(renew[:, None], self.free_positions(rng, len(pos)), waypoint)
+        left_now = pos[:, 0] < 0.5
+        switch = rng.random(len(pos)) < SWITCH_ROOM  # new waypoints mostly in the other room
+        fresh = self.free_positions(rng, len(pos), left=np.where(switch, ~left_now, left_now))
+        memory["waypoint"] = np.where(renew[:, None], fresh, waypoint)
         return action
