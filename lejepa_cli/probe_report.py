@@ -10,7 +10,7 @@ from typing import Any, Callable
 from rich.table import Table
 
 from lejepa_cli.errors import UserError
-from lejepa_cli.terminal import plural
+from lejepa_cli.terminal import plural, unwrapped
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -33,7 +33,7 @@ def _pct(x: float | None) -> str:
 def report_tables(report: dict[str, Any]) -> list[Table]:
     """Rich tables of a probe report, for the terminal."""
     title = f"{report['checkpoint']}" + (" (random init)" if report["random_init"] else f" (step {report['step']})")
-    main = Table("metric", "value", title=title)
+    main = Table("metric", "value", title=unwrapped(title))
     main.add_row("linear top-1 / top-5", f"{_pct(report['linear_top1'])} / {_pct(report['linear_top5'])} %")
     best = f"{report['linear']['best_lr']:g}"
     main.add_row("linear best lr (val top-1)", f"{best} ({_pct(report['linear']['val_top1'][best])} %)")

@@ -8,6 +8,7 @@ so there the console is as wide as the text: tables keep every character and lin
 from __future__ import annotations
 
 from rich.console import Console
+from rich.text import Text
 
 UNWRAPPED_WIDTH = 10_000  # wider than any table or line the tool prints
 
@@ -27,3 +28,8 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
     if many is None:
         many = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
     return f"{count} {many}"
+
+
+def unwrapped(text: str) -> Text:
+    """A table title (or cell) kept on one line: a path in it stays whole and copyable."""
+    return Text(text, no_wrap=True, overflow="ignore")
