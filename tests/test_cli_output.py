@@ -12,28 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cli_run import invoke as run
 from conftest import TINY
 from data_fixtures import BAD_FILES, make_image_folder
-from lejepa_cli.cli import app, main, preset_description
+from lejepa_cli.cli import app, preset_description
 from lejepa_cli.config import list_presets, load_config, preset_path
 from lejepa_cli.errors import UserError
 from lejepa_cli.outputs import check_output_file, check_output_folder
 from lejepa_cli.terminal import plural
 
 ROOT_SKIP = pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    """`lejepa ARGV` in this process; stdout and stderr are pipes here, not a terminal."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    else:
-        raise AssertionError("main() returned instead of exiting")
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # ---- presets ------------------------------------------------------------------------------------------

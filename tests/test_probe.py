@@ -357,4 +357,4 @@ def test_viz_image_count_is_bounded(run_dir, tmp_path):
     # The most allowed: several rows of image / map pairs, drawn in seconds.
     written = write_viz(run_dir, tmp_path / "v", num_images=MAX_PCA_IMAGES, device="cpu")
     with Image.open(written[-1]) as im:
-        assert im.size[1] > 3 * 380  # 32 pairs at 8 per row: 4 rows
+        assert im.size[1] > 380 * 3 // 2  # 16 pairs at 8 per row: 2 rows
