@@ -20,6 +20,7 @@ Outputs, one row per decodable image in the source's order:
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,7 @@ def embed(
         raise UserError(f"--features {features} is not allowed: expected one of {', '.join(FEATURES)}")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
     from lejepa_cli.outputs import check_output_file
 

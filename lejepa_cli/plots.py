@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -224,7 +225,7 @@ def sample_images(dataset: "ImageDataset", count: int) -> np.ndarray:
 def check_image_count(count: Any, option: str) -> None:
     """PCA maps are drawn for 1 to MAX_PCA_IMAGES images (more makes a figure nobody can read,
     and took minutes to draw)."""
-    if not (isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= MAX_PCA_IMAGES):
+    if not (isinstance(count, numbers.Integral) and not isinstance(count, bool) and 1 <= count <= MAX_PCA_IMAGES):
         raise UserError(f"{option} must be between 1 and {MAX_PCA_IMAGES}, got {count!r}")
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,7 @@ from lejepa_cli.conditions import diagnose
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.evaluate import knn_classify
-from lejepa_cli.features import FeatureSource, cache_root, usable_cache_dir  # noqa: F401 (cache_root: API)
+from lejepa_cli.features import FeatureSource, cache_root, usable_cache_dir
 from lejepa_cli.limits import MAX_EPOCHS, MIN_TRAIN
 from lejepa_cli.shift import CORRUPTIONS, SEVERITIES
 
@@ -92,7 +93,8 @@ class ProbeOptions:
         """One-line UserError for a value the probe cannot run with (the CLI checks ranges first;
         this protects the Python API)."""
         def whole(name: str, value: Any, low: int, high: int | None = None) -> None:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+            ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+                  and (high is None or value <= high))
             if not ok:
                 allowed = f"between {low} and {high}" if high is not None else f"a whole number >= {low}"
                 raise UserError(f"--{name.replace('_', '-')} must be {allowed}, got {value!r}")
@@ -112,9 +114,9 @@ class ProbeOptions:
                 raise UserError(f"{name} must list at least one value")
             for v in values:
                 whole(name, v, 1)
-        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+        if not (isinstance(self.val_fraction, numbers.Real) and 0 < self.val_fraction < 1):
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
-        if not self.lrs or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in self.lrs):
+        if not self.lrs or not all(isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0 for lr in self.lrs):
             raise UserError(f"lrs must be finite learning rates > 0, got {list(self.lrs)!r}")
         if self.preset is not None and not self.random_init:
             raise UserError("--preset names an untrained architecture: use it with --random-init")

@@ -9,7 +9,6 @@ from typing import Any, Callable
 
 from rich.table import Table
 
-from lejepa_cli.errors import UserError
 from lejepa_cli.terminal import plural, unwrapped
 
 
@@ -23,7 +22,7 @@ def write_json(report: dict[str, Any], path: Path) -> None:
         os.replace(tmp, path)
     except OSError as e:  # name the file the user asked for, not the temp file
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _pct(x: float | None) -> str:
