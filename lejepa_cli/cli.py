@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,14 +19,47 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from lejepa_cli import __version__
 from lejepa_cli.errors import UserError
+from lejepa_cli.terminal import make_console
 
-console = Console()
+console = make_console()  # piped or redirected: tables keep whole paths, lines are not wrapped
 err_console = Console(stderr=True)
 
+
+def _plain_flags(command: TyperGroup) -> None:
+    """Flags take no value, so --help shows none: typer's rich help would print `<bool>` beside
+    --flag / --no-flag. An empty metavar drops it (click itself never shows a flag's metavar)."""
+    for param in command.params:
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):  # typer may vendor click: duck-typed
+            param.metavar = ""
+    make_help = command.get_help_option  # --help is built on demand, outside command.params
+
+    def plain_help(ctx, make_help=make_help):
+        option = make_help(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    if not getattr(make_help, "plain", False):
+        plain_help.plain = True
+        command.get_help_option = plain_help
+    for sub in getattr(command, "commands", {}).values():
+        _plain_flags(sub)
+
+
+class _LejepaGroup(TyperGroup):
+    """The root command group: flags made plain before any parsing or help (also under CliRunner)."""
+
+    def main(self, *args, **kwargs):
+        _plain_flags(self)
+        return super().main(*args, **kwargs)
+
+
 app = typer.Typer(
+    cls=_LejepaGroup,
     name="lejepa",
     help="Pretrain your own vision encoder with LeJEPA: multi-view invariance + SIGReg, one hyper-parameter.",
     no_args_is_help=True,
@@ -55,24 +89,46 @@ def _root(
 # ---- presets -------------------------------------------------------------------------------------
 
 
+def preset_description(text: str, name: str) -> str:
+    """The first sentence of a preset file's opening comment paragraph, without the "NAME: " prefix.
+
+    A sentence may run over several comment lines (a line that ends mid-sentence continues on a
+    line starting in lower case); it ends at ". " or where a line is followed by one starting
+    with a capital (a new sentence such as "Source: ...") or by the end of the paragraph.
+    """
+    lines: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line.startswith("#") or not line.lstrip("#").strip():
+            break  # the paragraph ends at the first blank comment or YAML line
+        line = line.lstrip("#").strip()
+        if lines and line[0].isupper():
+            break
+        lines.append(line)
+    joined = " ".join(lines)
+    end = re.search(r"\.(\s|$)", joined)
+    sentence = joined[: end.start() + 1] if end else joined
+    return sentence.removeprefix(f"{name}:").strip()
+
+
 @presets_app.command("list")
 def presets_list() -> None:
     """List the presets that ship with the package."""
-    from lejepa_cli.config import preset_path, list_presets
+    from lejepa_cli.config import list_presets, preset_path
 
     table = Table("preset", "description")
     for name in list_presets():
-        first = preset_path(name).read_text().splitlines()[0]
-        table.add_row(name, first.lstrip("# ").strip())
+        table.add_row(name, preset_description(preset_path(name).read_text(), name))
     console.print(table)
 
 
 @presets_app.command("show")
 def presets_show(name: Annotated[str, typer.Argument(help="Preset name, e.g. vit-s.")]) -> None:
-    """Print a preset's YAML, comments included."""
+    """Print a preset's YAML, comments included (verbatim: `lejepa presets show NAME > my.yaml` is a valid config)."""
     from lejepa_cli.config import preset_path
 
-    console.print(preset_path(name).read_text(), markup=False, highlight=False)
+    sys.stdout.write(preset_path(name).read_text())  # never through rich: it would wrap long lines
+    sys.stdout.flush()
 
 
 # ---- train ---------------------------------------------------------------------------------------

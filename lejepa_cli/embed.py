@@ -9,7 +9,10 @@ without class sub-folders, file list, IDX, .npz, builtin ...); raw sources are d
 batch as prepare decodes them (shorter side to the encoder's image size, centre crop). Images
 are normalised with the encoder's training mean/std, never the new data's.
 
-Outputs, one row per image in the source's order:
+Files a raw source holds that cannot be decoded are skipped, as `lejepa data prepare` skips
+them, and listed in FILE.skipped.jsonl beside the output.
+
+Outputs, one row per decodable image in the source's order:
   .npy      float32 (N, D), plus FILE.ids.json: {"ids", "labels" (or null), "class_names", ...}
   .parquet  columns id, label (when known), embedding (fixed-size list of float32); needs pyarrow
 """
@@ -17,6 +20,7 @@ Outputs, one row per image in the source's order:
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -33,11 +37,17 @@ SUFFIXES = (".npy", ".parquet")
 
 
 class DecodedOnRequest:
-    """The ImageArray protocol over undecoded source items: each batch is decoded when indexed."""
+    """The ImageArray protocol over undecoded source items: each batch is decoded when indexed.
+
+    A file that cannot be decoded is skipped as `lejepa data prepare` skips it: its row is
+    filled with zeros, its position and reason are recorded in `skipped`, and `embed` drops
+    the row before writing.
+    """
 
     def __init__(self, items: Any, size: int, channels: int):
         self.items = items
         self.shape = (len(items), size, size, channels)
+        self.skipped: dict[int, str] = {}  # position -> reason
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -45,12 +55,12 @@ class DecodedOnRequest:
     def __getitem__(self, index: np.ndarray) -> np.ndarray:
         from lejepa_cli.data.prepare import Skip, decode
 
-        out = np.empty((len(index), *self.shape[1:]), np.uint8)  # (B, R, R, C)
+        out = np.zeros((len(index), *self.shape[1:]), np.uint8)  # (B, R, R, C)
         for j, i in enumerate(np.asarray(index).tolist()):
             try:
                 out[j] = decode(self.items.payloads[i], self.shape[1], self.shape[3])
             except Skip as e:
-                raise UserError(f"cannot embed {self.items.ids[i]}: {e} (remove it, or prepare the data first: prepare skips such files)") from None
+                self.skipped[i] = str(e)
         return out
 
 
@@ -97,14 +107,21 @@ def embed(
         raise UserError(f"--features {features} is not allowed: expected one of {', '.join(FEATURES)}")
     if out.exists() and not overwrite:
         raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
+    from lejepa_cli.outputs import check_output_file
+
+    check_output_file(out, "--out")  # before the work: a read-only disk fails now, not after it
     if out.suffix == ".parquet":
         _require_pyarrow()
-    from lejepa_cli.train import select_device
+    from lejepa_cli.probe import select_device  # errors name --device, the option the user gave
 
     dev = select_device(device)
     model = load_encoder(encoder, dev)
     info = model.lejepa_info
     dataset = open_data(data, split, size=info["image_size"], channels=info["channels"])
+    if len(dataset) == 0:
+        raise UserError(f"{data} holds no images to embed" + (f" in split '{split}'" if split else ""))
     fn = model if features == "embedding" else model.probe_features
     kwargs = dict(size=info["image_size"], device=dev, mean=info["mean"], std=info["std"], batch_size=batch_size)
     if progress:
@@ -120,21 +137,48 @@ def embed(
     ids = dataset.ids if dataset.ids is not None else [str(i) for i in range(len(dataset))]
     array = feats.numpy().astype(np.float32, copy=False)  # (N, D)
     labels_np = None if labels is None else labels.numpy()
+    skipped = getattr(dataset.images, "skipped", {})
+    skip_file = skipped_path(out)
+    if skipped:  # rows of undecodable files are dropped; the files are listed beside the output
+        if len(skipped) == len(ids):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _write_skipped(skip_file, ids, skipped)
+            raise UserError(f"no decodable images in {data} ({len(skipped)} skipped, reasons in {skip_file})")
+        keep = np.array([i not in skipped for i in range(len(ids))])
+        array, ids = array[keep], [x for x, k in zip(ids, keep) if k]
+        labels_np = None if labels_np is None else labels_np[keep]
     sidecar = {"ids": ids, "labels": None if labels_np is None else labels_np.tolist(),
                "class_names": dataset.class_names, "encoder": str(encoder), "data": str(data),
-               "features": features, "count": len(ids), "dim": int(array.shape[1]), "step": info.get("step")}
+               "features": features, "count": len(ids), "dim": int(array.shape[1]), "step": info.get("step"),
+               "skipped": len(skipped)}
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         _write_npy(out, array, sidecar)
     else:
         _write_parquet(out, array, ids, labels_np)
+    if skipped:
+        _write_skipped(skip_file, dataset.ids or [], skipped)
+    else:
+        skip_file.unlink(missing_ok=True)  # a list left by the output this one replaced
     return {"out": str(out), "rows": len(ids), "dim": int(array.shape[1]), "labels": labels_np is not None,
-            "features": features, "device": str(dev)}
+            "features": features, "device": str(dev), "skipped": len(skipped),
+            "skipped_file": str(skip_file) if skipped else None}
 
 
 def ids_path(out: Path) -> Path:
     """emb.npy -> emb.ids.json"""
     return out.with_suffix(".ids.json")
+
+
+def skipped_path(out: Path) -> Path:
+    """emb.npy -> emb.skipped.jsonl: one {"path", "reason"} line per file that could not be decoded."""
+    return out.with_suffix(".skipped.jsonl")
+
+
+def _write_skipped(path: Path, ids: list[str], skipped: dict[int, str]) -> None:
+    lines = "".join(json.dumps({"path": ids[i], "reason": reason}, ensure_ascii=False) + "\n"
+                    for i, reason in sorted(skipped.items()))
+    path.write_text(lines)
 
 
 def _write_npy(out: Path, array: np.ndarray, sidecar: dict[str, Any]) -> None:

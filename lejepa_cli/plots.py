@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -23,10 +24,15 @@ from torch import nn
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.evaluate import eval_transform
+from lejepa_cli.limits import MAX_PCA_IMAGES
+from lejepa_cli.terminal import plural
 
 if TYPE_CHECKING:
     from lejepa_cli.data.dataset import ImageDataset
-    from lejepa_cli.probe import FeatureSource
+    from lejepa_cli.features import FeatureSource
+
+
+PCA_COLUMNS = 8  # image / map pairs per row
 
 
 def _figure(width: float, height: float):
@@ -46,8 +52,10 @@ def _save(fig, out: Path) -> Path:
 # ---- training curves -------------------------------------------------------------------------------
 
 
-def find_metrics(source: str | Path) -> Path | None:
+def find_metrics(source: str | Path | None) -> Path | None:
     """metrics.jsonl of the run a checkpoint (run/checkpoints/step-*.safetensors) or run folder belongs to."""
+    if source is None:  # an untrained encoder of a preset: no run
+        return None
     path = Path(source)
     for candidate in (path / "metrics.jsonl", path.parent.parent / "metrics.jsonl"):
         if candidate.is_file():
@@ -130,7 +138,7 @@ def plot_shift(shift: dict[str, Any], out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 %")
     axes[1].legend(fontsize=8)
-    fig.suptitle(f"robustness under shift ({shift['images']} images)")
+    fig.suptitle(f"robustness under shift ({plural(shift['images'], 'image')})")
     return _save(fig, out)
 
 
@@ -144,9 +152,9 @@ def pca_feature_maps(encoder: nn.Module, images: np.ndarray, *, device: torch.de
     info = encoder.lejepa_info
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)  # (B, C, H, W) uint8
     if x.shape[1] != int(info["channels"]):
-        from lejepa_cli.probe import _match_channels
+        from lejepa_cli.features import match_channels
 
-        x = _match_channels(x, int(info["channels"]))
+        x = match_channels(x, int(info["channels"]))
     x = eval_transform(x, int(info["image_size"]), info["mean"], info["std"])
     tokens = encoder.patch_tokens(x).float().cpu()  # (B, L, D)
     b, length, d = tokens.shape
@@ -165,19 +173,26 @@ def pca_feature_maps(encoder: nn.Module, images: np.ndarray, *, device: torch.de
 
 
 def plot_pca_maps(images: np.ndarray, maps: np.ndarray, out: Path) -> Path:
-    """Each image above its PCA feature map."""
+    """Each image above its PCA feature map, at most PCA_COLUMNS pairs per row."""
     b = len(images)
-    fig = _figure(1.8 * b, 3.8)
-    axes = fig.subplots(2, b, squeeze=False)
+    cols = min(b, PCA_COLUMNS)
+    rows = math.ceil(b / cols)
+    fig = _figure(1.8 * cols, 3.8 * rows)
+    axes = fig.subplots(2 * rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
     for i in range(b):
+        top, bottom = axes[2 * (i // cols), i % cols], axes[2 * (i // cols) + 1, i % cols]
         img = images[i]
-        axes[0, i].imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
-        axes[1, i].imshow(maps[i], interpolation="nearest")
-        for ax in axes[:, i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    axes[0, 0].set_ylabel("image")
-    axes[1, 0].set_ylabel("PCA of patches")
+        top.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None)
+        bottom.imshow(maps[i], interpolation="nearest")
+        top.set_frame_on(True)
+        bottom.set_frame_on(True)
+    for r in range(rows):
+        axes[2 * r, 0].set_ylabel("image")
+        axes[2 * r + 1, 0].set_ylabel("PCA of patches")
     return _save(fig, out)
 
 
@@ -200,8 +215,18 @@ def load_image_files(paths: Sequence[Path], channels: int) -> np.ndarray:
 
 def sample_images(dataset: "ImageDataset", count: int) -> np.ndarray:
     """`count` evenly spaced images (B, H, W, C) uint8 of a dataset."""
+    check_image_count(count, "--num-images")
+    if len(dataset) == 0:
+        raise UserError(f"{dataset.name or 'the data'} holds no images to show")
     index = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).astype(np.int64)
     return np.asarray(dataset.batch(index)[0])
+
+
+def check_image_count(count: Any, option: str) -> None:
+    """PCA maps are drawn for 1 to MAX_PCA_IMAGES images (more makes a figure nobody can read,
+    and took minutes to draw)."""
+    if not (isinstance(count, numbers.Integral) and not isinstance(count, bool) and 1 <= count <= MAX_PCA_IMAGES):
+        raise UserError(f"{option} must be between 1 and {MAX_PCA_IMAGES}, got {count!r}")
 
 
 # ---- bundles used by the commands ------------------------------------------------------------------
@@ -235,6 +260,13 @@ def write_viz(source: str | Path, out: Path, *, images: Sequence[Path] = (), num
     from lejepa_cli.data.sources import load_dataset
     from lejepa_cli.probe import load_probe_encoder, probe_data_config, select_device
 
+    from lejepa_cli.outputs import check_output_folder
+
+    if images:
+        check_image_count(len(images), "--image (the number of files)")
+    else:
+        check_image_count(num_images, "--num-images")
+    check_output_folder(out, "--out")  # before the work, not after it
     dev = select_device(device)
     encoder = load_probe_encoder(source, device=dev)
     written = []

@@ -2,6 +2,7 @@
 
     lejepa probe runs/demo/checkpoints/step-000000300.safetensors --json probe.json
     lejepa probe exports/demo --data /usr/share/datasets/fashion-mnist --plots plots/
+    lejepa probe --random-init --preset fmnist --data DIR      # the untrained baseline, before any run
 
     from lejepa_cli.probe import ProbeOptions, run_probe
     report = run_probe("runs/demo", ProbeOptions(shift=False))
@@ -9,7 +10,7 @@
 
 What it measures, on labelled train and evaluation splits (by default the data the checkpoint
 was trained on: its train split and its held-out "val" split):
-- linear probe (METHOD.md section 6): LayerNorm + linear on `backbone.probe_features` (the
+- linear probe (docs/method.md): LayerNorm + linear on `backbone.probe_features` (the
   concatenated CLS tokens of the last two blocks for a ViT, pooled features for a CNN); a grid
   of learning rates trained together on cached features, the best chosen on a validation part
   carved from the train split; top-1 / top-5 on the evaluation split;
@@ -22,9 +23,8 @@ was trained on: its train split and its held-out "val" split):
   collapse / anisotropy / heavy tails fails; for a training checkpoint also the projector
   output z, the space SIGReg acts on.
 
-Features are cached under $LEJEPA_CACHE_DIR/features (default ~/.cache/lejepa/features) as
-safetensors + a JSON description, keyed by a digest of the encoder's weights, the data
-fingerprint and the transform, so probing the same encoder and data again skips extraction.
+Features come from `features.FeatureSource` (cached on disk); the tables and the JSON file are
+written by `probe_report`.
 """
 
 from __future__ import annotations
@@ -32,30 +32,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
+import numbers
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lejepa_cli import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from lejepa_cli.checkpoint import read_metadata, tensor_digest
 from lejepa_cli.conditions import diagnose
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import extract_features, knn_classify
-from lejepa_cli.shift import CORRUPTIONS, SEVERITIES, describe, make_corruption
+from lejepa_cli.evaluate import knn_classify
+from lejepa_cli.features import FeatureSource, cache_root, usable_cache_dir
+from lejepa_cli.limits import MAX_EPOCHS, MIN_TRAIN
+from lejepa_cli.shift import CORRUPTIONS, SEVERITIES
 
 if TYPE_CHECKING:
     from lejepa_cli.config import DataConfig
@@ -86,18 +83,57 @@ class ProbeOptions:
     conditions: bool = True
     conditions_samples: int = 2048  # held-out embeddings tested for normality
     random_init: bool = False  # probe a freshly initialised encoder of the same architecture
+    preset: str | None = None  # with random_init and no source: the architecture (and data) of this preset
     cache: bool = True
     progress: bool = True
     plots: Path | None = None  # folder for PNG plots (training curves, spectrum, shift, PCA maps)
     seed: int = 0
 
+    def check(self) -> None:
+        """One-line UserError for a value the probe cannot run with (the CLI checks ranges first;
+        this protects the Python API)."""
+        def whole(name: str, value: Any, low: int, high: int | None = None) -> None:
+            ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+                  and (high is None or value <= high))
+            if not ok:
+                allowed = f"between {low} and {high}" if high is not None else f"a whole number >= {low}"
+                raise UserError(f"--{name.replace('_', '-')} must be {allowed}, got {value!r}")
+
+        whole("batch_size", self.batch_size, 1)
+        whole("epochs", self.epochs, 1, MAX_EPOCHS)
+        whole("shift_images", self.shift_images, 1)
+        whole("fewshot_draws", self.fewshot_draws, 1)
+        whole("conditions_samples", self.conditions_samples, 2)
+        whole("seed", self.seed, 0)
+        if self.max_train is not None:
+            whole("max_train", self.max_train, MIN_TRAIN)
+        if self.max_eval is not None:
+            whole("max_eval", self.max_eval, 1)
+        for name, values in (("knn_ks", self.knn_ks), ("shots", self.shots)):
+            if not values:
+                raise UserError(f"{name} must list at least one value")
+            for v in values:
+                whole(name, v, 1)
+        if not (isinstance(self.val_fraction, numbers.Real) and 0 < self.val_fraction < 1):
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        if not self.lrs or not all(isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0 for lr in self.lrs):
+            raise UserError(f"lrs must be finite learning rates > 0, got {list(self.lrs)!r}")
+        if self.preset is not None and not self.random_init:
+            raise UserError("--preset names an untrained architecture: use it with --random-init")
+
 
 # ---- loading -------------------------------------------------------------------------------------
 
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, option: str = "--device") -> torch.device:
+    """The device `name` asks for; an unavailable one is a UserError naming `option`, the way
+    the user asked for it."""
     from lejepa_cli.train import select_device as pick
 
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{option} {name}: CUDA is not available here; use {option} cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{option} mps: MPS is not available here; use {option} cpu or auto")
     return pick(name)
 
 
@@ -116,6 +152,29 @@ def load_probe_encoder(source: str | Path, *, device: torch.device, random_init:
         encoder = encoder.to(device).eval()
         encoder.lejepa_info = info
     return encoder
+
+
+def preset_encoder(preset: str, data: str | None, *, device: torch.device, seed: int = 0) -> nn.Module:
+    """A freshly initialised encoder (seeded) built as `preset` would build it for `data` (default:
+    the preset's own data), with the `lejepa_info` a checkpoint of that run would carry: the
+    random-init baseline before any training."""
+    from lejepa_cli.config import load_config
+    from lejepa_cli.data.sources import load_dataset
+    from lejepa_cli.lejepa import build_backbone_from_config
+
+    cfg = load_config(preset, [f"data.source={data}"] if data is not None else [])
+    train = load_dataset(cfg.data, cfg.data.train_split)  # its channels and mean/std, as training uses them
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_backbone_from_config(cfg, train.channels)
+    arch = encoder.arch_config()
+    encoder.lejepa_info = {
+        "arch_config": arch, "image_size": int(arch["img_size"]), "patch_size": arch.get("patch_size"),
+        "channels": int(arch["in_chans"]), "mean": list(train.mean), "std": list(train.std), "step": None,
+        "preset": preset, "config": cfg.to_dict(), "random_init": True, "source": f"preset {preset}",
+        "embed_dim": int(encoder.embed_dim), "feature_dim": int(encoder.feature_dim),
+    }
+    return encoder.to(device).eval()
 
 
 def load_projector(source: str | Path, device: torch.device) -> nn.Module | None:
@@ -178,130 +237,6 @@ def probe_datasets(info: dict[str, Any], opts: ProbeOptions) -> tuple[ImageDatas
         if ds.labels is None:
             raise UserError(f"the '{split}' split of {cfg.source} has no labels; probing needs labelled data")
     return train, evaluation
-
-
-# ---- feature extraction with an on-disk cache ------------------------------------------------------
-
-
-def cache_root() -> Path:
-    """$LEJEPA_CACHE_DIR, else ~/.cache/lejepa."""
-    return Path(os.environ.get("LEJEPA_CACHE_DIR") or Path.home() / ".cache" / "lejepa").expanduser()
-
-
-def _match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Grey data for an RGB encoder (repeat) or RGB data for a grey one (luma)."""
-    if x.shape[1] == channels:
-        return x
-    if x.shape[1] == 1:
-        return x.expand(-1, channels, -1, -1)
-    luma = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
-    return (x.float() * luma).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
-
-
-@dataclass
-class FeatureSource:
-    """An encoder ready to extract features from, with what makes its features unique."""
-
-    encoder: nn.Module
-    digest: str
-    device: torch.device
-    batch_size: int = 256
-    cache_dir: Path | None = None  # None: no disk cache
-    progress: bool = False
-    extractions: int = field(default=0)  # passes over data actually run (not served from cache)
-
-    @property
-    def info(self) -> dict[str, Any]:
-        return self.encoder.lejepa_info
-
-    @property
-    def autocast(self) -> torch.dtype | None:
-        """bf16 autocast on CUDA (as training uses), full fp32 elsewhere."""
-        return torch.bfloat16 if self.device.type == "cuda" else None
-
-    def features(self, dataset: ImageDataset, *, kind: str = "probe", corruption: tuple[str, int] | None = None,
-                 max_images: int | None = None, label: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Features (N, F) float32 on the CPU and labels (N,) of `dataset`.
-
-        kind "probe" reads `probe_features`, "embedding" the embedding h (`forward`).
-        """
-        info = self.info
-        channels = int(info["channels"])
-        spec = {
-            "encoder": self.digest, "kind": kind,
-            "data": {"name": dataset.name, "fingerprint": dataset.fingerprint, "size": len(dataset),
-                     "channels": dataset.channels, "resolution": dataset.resolution},
-            "transform": {"eval": "resize-bilinear-antialias", "size": int(info["image_size"]),
-                          "mean": [float(m) for m in info["mean"]], "std": [float(s) for s in info["std"]],
-                          "channels": channels, "corruption": describe(*corruption) if corruption else None},
-            "max_images": max_images, "precision": str(self.autocast).removeprefix("torch.") if self.autocast else "fp32",
-            "version": __version__,  # the extraction code itself may change between versions
-        }
-        key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
-        # Without a fingerprint two different datasets could share a key: such data is never cached.
-        cacheable = self.cache_dir is not None and bool(dataset.fingerprint)
-        path = self.cache_dir / f"{key}.safetensors" if cacheable else None
-        if path is not None and path.is_file():
-            try:
-                tensors = load_file(str(path))
-                return tensors["features"], tensors.get("labels")
-            except Exception:  # a damaged cache entry is recomputed, not fatal
-                path.unlink(missing_ok=True)
-
-        corrupt = make_corruption(*corruption) if corruption else None
-
-        def transform(x: torch.Tensor) -> torch.Tensor:
-            x = _match_channels(x, channels)
-            return corrupt(x) if corrupt is not None else x
-
-        fn = self.encoder.probe_features if kind == "probe" else self.encoder.forward
-        total = len(dataset) if max_images is None else min(len(dataset), max_images)
-        with self._progress(f"features {label or dataset.name}", total) as advance:
-            feats, labels = extract_features(
-                fn, dataset, size=int(info["image_size"]), device=self.device, mean=info["mean"], std=info["std"],
-                batch_size=self.batch_size, max_images=max_images, transform=transform, on_batch=advance,
-                autocast_dtype=self.autocast,
-            )
-        self.extractions += 1
-        if path is not None:
-            _save_features(path, feats, labels, spec)
-        return feats, labels
-
-    def _progress(self, description: str, total: int):
-        if not self.progress:
-            return nullcontext(lambda n: None)
-        return _ProgressBar(description, total)
-
-
-class _ProgressBar:
-    def __init__(self, description: str, total: int):
-        from lejepa_cli.logs import console
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console, transient=True)
-        self.task = self.bar.add_task(description, total=total)
-
-    def __enter__(self) -> Callable[[int], None]:
-        self.bar.start()
-        return lambda n: self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc) -> None:
-        self.bar.stop()
-
-
-def _save_features(path: Path, feats: torch.Tensor, labels: torch.Tensor | None, spec: dict[str, Any]) -> None:
-    """safetensors for the arrays, a JSON sidecar saying what they are; both written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {"features": feats.contiguous()}
-    if labels is not None:
-        tensors["labels"] = labels.contiguous()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"spec": json.dumps(spec)})
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**spec, "shape": list(feats.shape)}, indent=1))
-    os.replace(tmp, side)
 
 
 # ---- linear probe: a grid of learning rates trained together -----------------------------------------
@@ -499,16 +434,35 @@ def shift_report(
 # ---- the whole probe -----------------------------------------------------------------------------------
 
 
-def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str, Any]:
-    """Probe the encoder at `source` (checkpoint, run folder or export); returns the JSON report."""
+def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> dict[str, Any]:
+    """Probe the encoder at `source` (checkpoint, run folder or export), or with `source` None a
+    random-init encoder of `opts.preset`; returns the JSON report."""
     opts = opts or ProbeOptions()
+    opts.check()
+    if source is not None and opts.preset is not None:
+        raise UserError("give a checkpoint to probe or --preset (an untrained encoder of that preset), not both")
+    if source is None and opts.preset is None:
+        raise UserError("give a checkpoint, run folder or export to probe, or --random-init --preset NAME for the "
+                        "untrained baseline")
+    if opts.plots is not None:
+        from lejepa_cli.outputs import check_output_folder
+
+        check_output_folder(opts.plots, "--plots")  # before the work, not after it
     t0 = time.perf_counter()
     device = select_device(opts.device)
-    encoder = load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
+    if source is None:
+        encoder = preset_encoder(opts.preset, opts.data, device=device, seed=opts.seed)
+    else:
+        encoder = load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
     info = encoder.lejepa_info
     train, evaluation = probe_datasets(info, opts)
+    n_train = len(train) if opts.max_train is None else min(len(train), opts.max_train)
+    if n_train < MIN_TRAIN or len(evaluation) == 0:
+        raise UserError(f"the probe needs at least {MIN_TRAIN} labelled train images and 1 evaluation image; "
+                        f"'{opts.train_split}' gives {n_train}, '{opts.eval_split}' {len(evaluation)}")
+    cache = usable_cache_dir(cache_root()) if opts.cache else None  # not writable: uncached, one warning
     src = FeatureSource(encoder, encoder_digest(encoder), device, opts.batch_size,
-                        cache_root() / "features" if opts.cache else None, opts.progress)
+                        cache / "features" if cache else None, opts.progress)
     num_classes = max(train.num_classes, evaluation.num_classes, int(train.labels.max()) + 1,
                       int(evaluation.labels.max()) + 1)
 
@@ -521,7 +475,7 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
     top1, top5 = head_accuracy(linear.head, eval_x, eval_y)
     knn = knn_top1(train_x, train_y, eval_x, eval_y, opts.knn_ks, num_classes)
     report: dict[str, Any] = {
-        "checkpoint": str(source),
+        "checkpoint": str(source) if source is not None else f"preset {opts.preset}",
         "random_init": opts.random_init,
         "step": info.get("step"),
         "encoder": {"arch_config": info["arch_config"], "digest": src.digest, "image_size": info["image_size"],
@@ -545,7 +499,7 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
     if opts.conditions:
         n = min(opts.conditions_samples, len(evaluation))
         embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
-        calib = cache_root() / "calibration" if opts.cache else None
+        calib = cache / "calibration" if cache and src.cache_dir is not None else None
         report["conditions"] = diagnose(embeddings, seed=opts.seed, cache_dir=calib)
         report["conditions"]["space"] = "embedding h (backbone output)"
         projector = None if opts.random_init else load_projector(source, device)
@@ -562,70 +516,3 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
     return report
-
-
-# ---- reporting ---------------------------------------------------------------------------------------
-
-
-def write_json(report: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def report_tables(report: dict[str, Any]) -> list[Table]:
-    """Rich tables of a probe report, for the terminal."""
-    title = f"{report['checkpoint']}" + (" (random init)" if report["random_init"] else f" (step {report['step']})")
-    main = Table("metric", "value", title=title)
-    main.add_row("linear top-1 / top-5", f"{_pct(report['linear_top1'])} / {_pct(report['linear_top5'])} %")
-    best = f"{report['linear']['best_lr']:g}"
-    main.add_row("linear best lr (val top-1)", f"{best} ({_pct(report['linear']['val_top1'][best])} %)")
-    main.add_row("kNN top-1 " + " / ".join(f"k={k}" for k in report["knn_top1"]),
-                 " / ".join(_pct(v) for v in report["knn_top1"].values()) + " %")
-    fs = report["fewshot"]
-    main.add_row(f"few-shot top-1 ({fs['method']}, {fs['draws']} draws) "
-                 + " / ".join(f"{k}-shot" for k in fs["top1"]), " / ".join(_pct(v) for v in fs["top1"].values()) + " %")
-    data = report["data"]
-    main.add_row("data", f"train {data['train']['name']} ({data['train']['images']}), eval {data['eval']['name']} ({data['eval']['images']})")
-    tables = [main]
-    shift = report.get("shift")
-    if shift:
-        t = Table("corruption", "severity", "linear %", "drop", f"kNN k={shift['knn_k']} %", "drop",
-                  title=f"robustness under shift ({shift['images']} eval images)")
-        t.add_row("clean", "", _pct(shift["clean"]["linear_top1"]), "", _pct(shift["clean"]["knn_top1"]), "")
-        for name, per in shift["corruptions"].items():
-            for sev, c in per.items():
-                t.add_row(name, sev, _pct(c["linear_top1"]), _pct(c["linear_drop"]), _pct(c["knn_top1"]), _pct(c["knn_drop"]))
-        tables.append(t)
-    cond = report.get("conditions")
-    if cond:
-        t = Table("statistic", *(["embedding h"] + (["projector z"] if "projector" in cond else [])),
-                  title="conditions: is the embedding an isotropic Gaussian?")
-        spaces = [cond] + ([cond["projector"]] if "projector" in cond else [])
-
-        def row(label: str, fmt: Callable[[dict[str, Any]], str]) -> None:
-            t.add_row(label, *(fmt(s) for s in spaces))
-
-        row("samples x dims", lambda s: f"{s['n']} x {s['dim']}")
-        row("SIGReg (Gaussian ref)", lambda s: "-" if s["sigreg"] is None else f"{s['sigreg']:.3g} ({s['sigreg_gaussian']:.3g})")
-        row(f"projections passing EP test at {100 * cond['alpha']:.0f}%", lambda s: f"{_pct(s['pass_rate'])} %")
-        row("effective rank (Gaussian ref)", lambda s: f"{s['effective_rank']:.1f}" + (
-            f" ({s['effective_rank_gaussian']:.1f})" if s.get("effective_rank_gaussian") else ""))
-        row("condition number (Gaussian ref)", lambda s: _num(s["condition_number"]) + (
-            f" ({_num(s['condition_number_gaussian'])})" if s.get("condition_number_gaussian") else ""))
-        row("null dimensions (Gaussian ref)", lambda s: f"{s['null_dims']}" + (
-            f" ({s['null_dims_gaussian']})" if s.get("null_dims_gaussian") is not None else ""))
-        row("median excess kurtosis", lambda s: _num(s["median_excess_kurtosis"]))
-        row("|mean| / RMS std", lambda s: f"{s['mean_norm']:.3g} / {s['scale']:.3g}")
-        row("verdict", lambda s: s["verdict"])
-        tables.append(t)
-    return tables
-
-
-def _num(x: float | None) -> str:
-    return "inf" if x is None else f"{x:.3g}"

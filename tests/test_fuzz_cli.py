@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+import time
 import typing
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import lejepa_cli.data.fetch as fetch_mod
 import lejepa_cli.train as train_mod
+from cli_run import invoke as _invoke
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint
 from lejepa_cli.cli import main
 from lejepa_cli.config import Config, config_from_dict, list_presets, load_config, validate
@@ -173,18 +175,6 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path, runs
 
 
-def _invoke(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    else:
-        raise AssertionError("main() returned instead of exiting")
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _check_outcome(argv: list[str], code: int, out: str, err: str, outcomes: Counter) -> None:
     assert "Traceback" not in out + err, (argv, err)
     if code == 0:
@@ -306,3 +296,117 @@ def test_a_few_random_valid_configurations_train_one_step(tmp_path, capsys):
     check()
     print(f"\nreal one-step runs fuzzed: {sum(outcomes.values())} ({dict(outcomes)})")
     assert outcomes["trained"] >= 2
+
+
+# ---- every numeric option of every command -----------------------------------------------------------------
+#
+# Found by walking the Typer/Click app, so an option added later is fuzzed without touching this file;
+# a new command with numeric options needs a base command line below (the test says so). Each option
+# gets edge values on top of a base command line that runs for real on a tiny run made once.
+
+EDGE_VALUES = ["0", "-1", "-5", "1", "2", "16", str(10**12), "nan", "inf", "0.5", "abc"]
+
+
+def _numeric_kind(param: object) -> str | None:
+    """'int' or 'float' for an option taking a number; None otherwise (typer may vendor click, so duck-typed)."""
+    if getattr(param, "param_type_name", None) != "option" or getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return None
+    descriptor = getattr(param, "type_descriptor", None)  # typer >= 0.20 parses values itself
+    if descriptor is not None:
+        return {int: "int", float: "float"}.get(descriptor.annotation)
+    name = getattr(getattr(param, "type", None), "name", "")  # click's INT, FLOAT, IntRange, FloatRange
+    return "int" if name.startswith("integer") else "float" if name.startswith("float") else None
+
+
+def numeric_options() -> list[tuple[tuple[str, ...], str, str, list]]:
+    """(command path, option, 'int' | 'float', its declared min/max) for every numeric option of the `lejepa` app."""
+    import typer
+
+    from lejepa_cli.cli import app
+
+    found = []
+
+    def walk(command, path: tuple[str, ...]) -> None:
+        for param in command.params:
+            kind = _numeric_kind(param)
+            if kind:
+                bounds = [b for b in (getattr(param, "min", None), getattr(param, "max", None)) if b is not None]
+                found.append((path, max(param.opts, key=len), kind, bounds))
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A 2-step run and a 12-image .npz, made once: what the base command lines point at."""
+    import numpy as np
+
+    from conftest import TINY
+    from lejepa_cli.train import train
+
+    root = tmp_path_factory.mktemp("numeric")
+    train(load_config("demo", TINY + ["train.steps=2", "train.save_every=2"]), root / "run", progress=False)
+    rng = np.random.default_rng(0)
+    np.savez(root / "d.npz", x=rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8), y=np.arange(12) % 3)
+    return root
+
+
+def _base_command_lines(root: Path) -> dict[tuple[str, ...], list[str]]:
+    """A command line per command that runs in about a second; the fuzzed option is appended (the last wins)."""
+    from conftest import TINY
+
+    run = str(root / "run")
+    return {
+        ("probe",): [run, "--no-progress", "--no-conditions", "--epochs", "1", "--shift-images", "4", "--device", "cpu"],
+        ("viz",): [run, "--out", str(root / "viz"), "--num-images", "2", "--device", "cpu"],
+        ("embed",): [run, str(root / "d.npz"), "--out", str(root / "e.npy"), "--overwrite", "--no-progress", "--device", "cpu"],
+        ("data", "prepare"): [str(root / "d.npz"), "--out", str(root / "prep"), "--overwrite", "--workers", "0",
+                              "--val-fraction", "0.25"],
+        ("bench",): ["--quick", "--only", "sigreg"],  # the suite itself is replaced by a recorder below
+        ("train",): ["--out", str(root / "t"), "--overwrite", "--no-progress",
+                     *[x for item in TINY + ["train.steps=1"] for x in ("--set", item)]],
+    }
+
+
+def test_every_numeric_option_of_every_command_takes_edge_values(tiny_world, capsys, monkeypatch):
+    """0, negatives, 1, huge, nan, inf, fractions and words for each numeric option: the command runs
+    (exit 0) or ends in ONE line (exit 2 for the value, 1 for the machine), never a traceback; and each
+    option both accepts a value and rejects one (it has a range, and the base command line is valid)."""
+    import types
+
+    import lejepa_cli.commands.bench as bench_cmd
+
+    monkeypatch.chdir(tiny_world)
+    monkeypatch.setenv("LEJEPA_CACHE_DIR", str(tiny_world / "cache"))
+    monkeypatch.setenv("LEJEPA_DEBUG", "0")
+    threads_seen: list = []
+    suite = types.SimpleNamespace(run_suite=lambda quick, only, threads, progress: threads_seen.append(threads) or {},
+                                  failed=lambda doc: [])
+    monkeypatch.setattr(bench_cmd, "load_suite", lambda: suite)  # minutes of benchmarking: not the point here
+    bases = _base_command_lines(tiny_world)
+    options = numeric_options()
+    assert {"--epochs", "--max-train", "--shift-images", "--batch-size", "--num-images", "--workers"} <= {o for _, o, _, _ in options}
+    missing = sorted({" ".join(path) for path, _, _, _ in options if path not in bases})
+    assert not missing, f"add a base command line for `lejepa {missing[0]}` to _base_command_lines"
+    report = []
+    for path, option, kind, bounds in options:
+        t0 = time.perf_counter()
+        codes = Counter()
+        edges = [str(b + d) for b in bounds for d in (-1, 0, 1)]  # either side of each declared bound
+        for value in dict.fromkeys(EDGE_VALUES + edges):
+            argv = [*path, *bases[path], option, value]
+            code, out, err = _invoke(argv, capsys)
+            assert "Traceback" not in out + err, (argv, err)
+            if code != 0:
+                line = _error_line(err)
+                assert code in (1, 2), (argv, code, line)
+            if kind == "int" and value in ("nan", "inf", "0.5", "abc"):
+                assert code == 2, (argv, code)  # not a whole number: a usage error
+            codes[code] += 1
+        assert codes[0] and codes[2], (path, option, dict(codes))  # a valid value runs, a bad one is refused
+        report.append(f"{' '.join(path)} {option}: {dict(codes)} {time.perf_counter() - t0:.1f}s")
+    assert threads_seen and all(1 <= t <= bench_cmd.MAX_THREADS for t in threads_seen)
+    print(f"\nnumeric options fuzzed: {len(options)}, {len(EDGE_VALUES)}+ values each\n  " + "\n  ".join(report))

@@ -4,6 +4,7 @@ label-free ranking, plots."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import TINY
+from lejepa_cli import features as features_mod
 from lejepa_cli import probe as probe_mod
 from lejepa_cli.cli import app
 from lejepa_cli.config import load_config
@@ -45,13 +47,13 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def count_extractions(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = probe_mod.extract_features
+    real = features_mod.extract_features
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(probe_mod, "extract_features", counting)
+    monkeypatch.setattr(features_mod, "extract_features", counting)
     return calls
 
 
@@ -227,3 +229,132 @@ def test_corruptions_grow_with_severity_and_are_deterministic():
         assert 0 < dists[0] < dists[1] < dists[2], (name, dists)
     with pytest.raises(ValueError, match="severity"):
         make_corruption("blur", 4)
+
+
+# ---- bad values, outputs and caches: one-line errors before the work, never a traceback ---------------------
+
+
+def user_error(result) -> str:
+    """The one-line UserError a CliRunner run ended with (`lejepa` prints it and exits 2)."""
+    from lejepa_cli.errors import UserError
+
+    assert isinstance(result.exception, UserError), result.output
+    assert "\n" not in str(result.exception)
+    return str(result.exception)
+
+
+@pytest.mark.parametrize("bad", [
+    {"epochs": 0}, {"epochs": -1}, {"epochs": 10**9}, {"max_train": 0}, {"max_train": 1}, {"shift_images": 0},
+    {"batch_size": 0}, {"batch_size": -5}, {"max_eval": 0}, {"val_fraction": 0.0}, {"val_fraction": float("nan")},
+    {"lrs": ()}, {"lrs": (float("inf"),)}, {"knn_ks": (0,)}, {"shots": ()}, {"fewshot_draws": 0}, {"seed": -1},
+    {"epochs": 2.5}, {"preset": "demo"},  # a preset without random_init has no weights to probe
+])
+def test_probe_options_out_of_range_are_one_line_user_errors(run_dir, bad):
+    from lejepa_cli.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        run_probe(run_dir, ProbeOptions(progress=False, **bad))
+    assert "\n" not in str(e.value) and str(e.value).strip()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--max-train", "1"], ["--shift-images", "0"], ["--batch-size", "0"], ["--no-cache", "--batch-size", "-5"],
+])
+def test_probe_cli_rejects_bad_numbers_before_loading_anything(run_dir, argv, monkeypatch):
+    calls = count_extractions(monkeypatch)
+    result = CliRunner().invoke(app, ["probe", str(run_dir), *argv, "--no-progress"])
+    assert result.exit_code == 2 and not calls, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_random_init_baseline_of_a_preset_before_any_run(tmp_path):
+    """`lejepa probe --random-init --preset P`: the untrained encoder P would train, on P's data."""
+    import yaml
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(yaml.safe_dump(load_config("demo", TINY).to_dict()))
+    out = tmp_path / "baseline.json"
+    argv = ["probe", "--random-init", "--preset", str(preset), "--epochs", "2", "--no-shift", "--no-conditions",
+            "--no-progress", "--json", str(out)]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["random_init"] and report["step"] is None and report["checkpoint"] == f"preset {preset}"
+    assert report["encoder"]["arch_config"]["arch"] == "vit_micro" and report["data"]["train"]["images"] == 64
+    again = run_probe(None, ProbeOptions(random_init=True, preset=str(preset), epochs=2, shift=False,
+                                         conditions=False, progress=False))
+    assert again["encoder"]["digest"] == report["encoder"]["digest"]  # seeded: the same baseline every time
+    assert again["linear_top1"] == report["linear_top1"]
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["probe"], "--random-init --preset NAME"),
+    (["probe", "--preset", "demo"], "add --random-init"),
+])
+def test_probe_without_an_encoder_says_what_to_give(argv, says):
+    assert says in user_error(CliRunner().invoke(app, argv))
+
+
+def test_json_path_that_cannot_be_written_fails_before_the_work(run_dir, tmp_path, monkeypatch):
+    calls = count_extractions(monkeypatch)
+    (tmp_path / "a_file").write_text("x")
+    for target, says in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "r.json", "is a file, not a folder")):
+        message = user_error(CliRunner().invoke(app, ["probe", str(run_dir), "--json", str(target), *FAST]))
+        assert says in message and str(target) in message and ".tmp" not in message
+    assert not calls  # nothing extracted: the error came first
+
+
+def test_unwritable_cache_runs_uncached_with_one_warning(run_dir, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("LEJEPA_CACHE_DIR", str(tmp_path / "a_file" / "cache"))  # cannot be created
+    report = run_probe(run_dir, ProbeOptions(epochs=2, shift=False, progress=False))
+    assert 0 <= report["linear_top1"] <= 1 and report["conditions"]["verdict"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "not writable" in line]
+    assert len(warnings) == 1 and "without the cache" in warnings[0]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_cache_folder_runs_uncached(run_dir, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    cache.chmod(0o555)
+    monkeypatch.setenv("LEJEPA_CACHE_DIR", str(cache))
+    try:
+        report = run_probe(run_dir, ProbeOptions(epochs=2, shift=False, conditions=False, progress=False))
+    finally:
+        cache.chmod(0o755)
+    assert report["timing"]["extractions"] == 2 and not any(cache.iterdir())
+    assert sum("not writable" in line for line in capsys.readouterr().err.splitlines()) == 1
+
+
+def test_cache_that_fails_mid_write_is_dropped_not_fatal(run_dir, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(features_mod, "_save_features", full_disk)
+    report = run_probe(run_dir, ProbeOptions(epochs=2, shift=False, conditions=False, progress=False))
+    assert report["timing"]["extractions"] == 2
+    assert sum("No space left" in line for line in capsys.readouterr().err.splitlines()) == 1  # warned once
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_blamed_on_the_option_given(run_dir):
+    message = user_error(CliRunner().invoke(app, ["probe", str(run_dir), "--device", "cuda", *FAST]))
+    assert message.startswith("--device cuda:") and "train.device" not in message
+
+
+def test_viz_image_count_is_bounded(run_dir, tmp_path):
+    from lejepa_cli.errors import UserError
+    from lejepa_cli.limits import MAX_PCA_IMAGES
+    from lejepa_cli.plots import write_viz
+
+    for n in (0, -3, MAX_PCA_IMAGES + 1):
+        result = CliRunner().invoke(app, ["viz", str(run_dir), "--num-images", str(n), "--out", str(tmp_path / "v")])
+        assert result.exit_code == 2, (n, result.output)
+        with pytest.raises(UserError, match=f"between 1 and {MAX_PCA_IMAGES}"):
+            write_viz(run_dir, tmp_path / "v", num_images=n, device="cpu")
+    assert f"1<=x<={MAX_PCA_IMAGES}" in CliRunner().invoke(app, ["viz", "--help"]).output  # the bound is in --help
+    # The most allowed: several rows of image / map pairs, drawn in seconds.
+    written = write_viz(run_dir, tmp_path / "v", num_images=MAX_PCA_IMAGES, device="cpu")
+    with Image.open(written[-1]) as im:
+        assert im.size[1] > 380 * 3 // 2  # 16 pairs at 8 per row: 2 rows

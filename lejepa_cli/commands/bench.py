@@ -20,6 +20,7 @@ from rich.console import Console
 from lejepa_cli.errors import RunFailed, UserError
 
 err_console = Console(stderr=True)
+MAX_THREADS = 1024  # torch rejects absurd counts with an internal error; no CPU this runs on has more
 
 
 class Module(str, Enum):
@@ -52,11 +53,15 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes and few repeats (about a minute on 2 idle CPU cores).")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON document to this file.")] = None,
     only: Annotated[Optional[list[Module]], typer.Option("--only", help="Run only this benchmark (repeatable).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch (default: torch's, or 1 on an oversubscribed CPU).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: torch's, or 1 on an oversubscribed CPU).")] = None,
 ) -> None:
     """Benchmark SIGReg, the views, the training step, its memory and the data path; print one JSON document."""
     import json
 
+    if out is not None:
+        from lejepa_cli.outputs import check_output_file
+
+        check_output_file(out, "--out")  # before minutes of benchmarking, not after
     suite = load_suite()
     doc = suite.run_suite(quick, [m.value for m in only] if only else None, threads,
                           progress=lambda msg: err_console.print(msg, highlight=False))

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from lejepa_cli.terminal import make_console, plural, unwrapped
+
 app = typer.Typer(help="Prepare, inspect and fetch image datasets (and trajectory files for world models).", no_args_is_help=True)
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
+MAX_WORKERS = 256  # decoding processes; each holds a Pillow decoder and a chunk of images
 
 SOURCE_HELP = (
     "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR folder (binary or python), "
@@ -32,8 +34,8 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the prepared shards to.")],
     resolution: Annotated[Optional[int], typer.Option(help=RESOLUTION_HELP)] = None,
     val_fraction: Annotated[float, typer.Option(help="Fraction held out as 'val' when the source has no official split (of episodes, for trajectories).")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
-    workers: Annotated[int, typer.Option(help="Decoding processes (0: decode in this process).")] = 2,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the train/val split.")] = 0,
+    workers: Annotated[int, typer.Option(min=0, max=MAX_WORKERS, help="Decoding processes (0: decode in this process).")] = 2,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
 ) -> None:
     """Decode SOURCE into memory-mappable uint8 shards; re-running after an interruption resumes."""
@@ -46,12 +48,12 @@ def prepare(
         err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px x {s['channels']} ch, "
                           f"{s['action_dim']}-D actions, {s['state_dim']}-D state -> {s['out']}", highlight=False)
         return
-    counts = ", ".join(f"{split} {n}" for split, n in s["splits"].items())
+    counts = ", ".join(f"{split} {plural(n, 'image')}" for split, n in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else ("resumed and finished" if s["resumed"] else "done")
-    shape = f"{s['resolution']}px x {s['channels']} ch, {s['num_classes']} classes"
-    err_console.print(f"[green]{state}:[/] {counts} images at {shape} -> {s['out']}")
+    shape = f"{s['resolution']}px x {s['channels']} ch, {plural(s['num_classes'], 'class')}"
+    err_console.print(f"[green]{state}:[/] {counts} at {shape} -> {s['out']}")
     if s["skipped"]:
-        err_console.print(f"[yellow]skipped {s['skipped']} unreadable files, listed in {s['skipped_file']}[/]")
+        err_console.print(f"[yellow]skipped {plural(s['skipped'], 'unreadable file')}, listed in {s['skipped_file']}[/]")
 
 
 @app.command()
@@ -69,9 +71,9 @@ def info(
     d = read_info(path)
     names = d["class_names"] or []
     classes = f"{d['num_classes']}" + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "")
-    table = Table(title=str(path), show_header=False)
+    table = Table(title=unwrapped(str(path)), show_header=False)
     for key, value in (
-        ("splits", ", ".join(f"{s}: {n} ({d['shards'][s]} shards)" for s, n in d["splits"].items())),
+        ("splits", ", ".join(f"{s}: {n} ({plural(d['shards'][s], 'shard')})" for s, n in d["splits"].items())),
         ("images", f"{d['resolution']} x {d['resolution']} x {d['channels']} uint8"),
         ("classes", classes),
         ("mean / std", f"{[round(m, 4) for m in d['mean']]} / {[round(s, 4) for s in d['std']]}"),

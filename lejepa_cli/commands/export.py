@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.terminal import plural
 
 err_console = Console(stderr=True)
 
@@ -75,7 +76,9 @@ def embed(
     s = run_embed(encoder, data, out, split=split, features=features.value, batch_size=batch_size, device=device,
                   overwrite=overwrite, progress=not no_progress)
     labelled = "with labels" if s["labels"] else "no labels"
-    err_console.print(f"[green]embedded[/] {s['rows']} images x {s['dim']} ({s['features']}, {labelled}) -> {s['out']}")
+    err_console.print(f"[green]embedded[/] {plural(s['rows'], 'image')} x {s['dim']} ({s['features']}, {labelled}) -> {s['out']}")
+    if s["skipped"]:  # as `lejepa data prepare` reports them
+        err_console.print(f"[yellow]skipped {plural(s['skipped'], 'unreadable file')}, listed in {s['skipped_file']}[/]")
 
 
 def register(app: typer.Typer) -> None:

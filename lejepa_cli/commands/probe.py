@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.limits import MAX_EPOCHS, MAX_PCA_IMAGES, MIN_TRAIN
+from lejepa_cli.terminal import make_console
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 Data = Annotated[Optional[str], typer.Option("--data", help="Labelled data: builtin, an IDX folder, an .npz or a prepared folder (default: the data the encoder was trained on).")]
@@ -25,45 +26,53 @@ def probe(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", help="Write PNG plots (curves, spectrum, shift, PCA maps) to this folder.")] = None,
     label_free: Annotated[Optional[Path], typer.Option("--label-free", help="Rank every checkpoint of this run folder without labels instead.")] = None,
-    random_init: Annotated[bool, typer.Option("--random-init", help="Probe a randomly initialised encoder of the same architecture (baseline).")] = False,
-    epochs: Annotated[int, typer.Option(help="Linear-probe epochs over the cached features.")] = 40,
-    max_train: Annotated[Optional[int], typer.Option(help="Use at most this many train images (evenly spaced).")] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Probe a randomly initialised encoder of the same architecture (baseline); with --preset and no checkpoint, of that preset's architecture.")] = False,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="With --random-init and no checkpoint: the preset whose untrained encoder to probe (the baseline before any training).")] = None,
+    epochs: Annotated[int, typer.Option(min=1, max=MAX_EPOCHS, help="Linear-probe epochs over the cached features.")] = 40,
+    max_train: Annotated[Optional[int], typer.Option(min=MIN_TRAIN, help="Use at most this many train images (evenly spaced).")] = None,
     shift: Annotated[bool, typer.Option(help="Evaluate under corruptions (noise, blur, contrast, brightness, pixelation).")] = True,
-    shift_images: Annotated[int, typer.Option(help="Evaluation images corrupted per corruption and severity.")] = 2000,
+    shift_images: Annotated[int, typer.Option(min=1, help="Evaluation images corrupted per corruption and severity.")] = 2000,
     conditions: Annotated[bool, typer.Option(help="Check normality / isotropy of the embeddings.")] = True,
     cache: Annotated[bool, typer.Option(help="Cache features on disk ($LEJEPA_CACHE_DIR, default ~/.cache/lejepa).")] = True,
     device: Device = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per extraction batch.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per extraction batch.")] = 256,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
 ) -> None:
     """Evaluate a frozen encoder: linear probe, kNN, few-shot, robustness under shift, isotropy check."""
-    from lejepa_cli.probe import ProbeOptions, report_tables, run_probe, write_json
+    from lejepa_cli.outputs import check_output_file
+    from lejepa_cli.probe import ProbeOptions, run_probe
+    from lejepa_cli.probe_report import report_tables, write_json
 
+    if json_file is not None:
+        check_output_file(json_file, "--json")  # before the work, not after it
     if label_free is not None:
         from lejepa_cli.selection import rank_checkpoints, ranking_table
 
         result = rank_checkpoints(label_free, device=device, data=data, progress=not no_progress)
         console.print(ranking_table(result))
-    elif ckpt is None:
-        raise UserError("give a checkpoint, run folder or export to probe, or --label-free RUN_DIR")
+    elif ckpt is None and preset is not None and not random_init:
+        raise UserError(f"--preset {preset} has no trained weights to probe: add --random-init for its untrained baseline")
+    elif ckpt is None and preset is None:
+        raise UserError("give a checkpoint, run folder or export to probe, --random-init --preset NAME for the "
+                        "untrained baseline, or --label-free RUN_DIR")
     else:
         opts = ProbeOptions(data=data, train_split=train_split, eval_split=eval_split, device=device,
                             batch_size=batch_size, max_train=max_train, epochs=epochs, shift=shift,
                             shift_images=shift_images, conditions=conditions, random_init=random_init,
-                            cache=cache, progress=not no_progress, plots=plots)
+                            preset=preset, cache=cache, progress=not no_progress, plots=plots)
         result = run_probe(ckpt, opts)
         for table in report_tables(result):
             console.print(table)
     if json_file is not None:
         write_json(result, json_file)
-        err_console.print(f"report written to {json_file}")
+        err_console.print(f"report written to {json_file}", highlight=False, soft_wrap=True)
 
 
 def viz(
     ckpt: Annotated[Path, typer.Argument(help="Training checkpoint, run folder or export folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("plots"),
-    images: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="Image file for the PCA maps (repeatable; default: images of the encoder's data).")] = None,
-    num_images: Annotated[int, typer.Option(help="Images of the data to show when no --image is given.")] = 6,
+    images: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help=f"Image file for the PCA maps (repeatable, at most {MAX_PCA_IMAGES}; default: images of the encoder's data).")] = None,
+    num_images: Annotated[int, typer.Option(min=1, max=MAX_PCA_IMAGES, help="Images of the data to show when no --image is given.")] = 6,
     data: Data = None,
     device: Device = "auto",
 ) -> None:
@@ -71,7 +80,7 @@ def viz(
     from lejepa_cli.plots import write_viz
 
     for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device):
-        err_console.print(f"wrote {path}")
+        err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from lejepa_cli.reproduce import RECIPES  # torch-free at import: keeps `lejepa --help` fast
+from lejepa_cli.terminal import make_console
 
-console = Console()
+console = make_console()  # piped: lines and tables kept whole
 
 
 def reproduce(

@@ -1,0 +1,83 @@
+"""The probe report for people (rich tables) and for programs (a JSON file)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.table import Table
+
+from lejepa_cli.terminal import plural, unwrapped
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """The report as JSON at `path`, written atomically (a temp file beside it, then renamed).
+    Check the path with `outputs.check_output_file` before the work, as the CLI does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the temp file
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def report_tables(report: dict[str, Any]) -> list[Table]:
+    """Rich tables of a probe report, for the terminal."""
+    title = f"{report['checkpoint']}" + (" (random init)" if report["random_init"] else f" (step {report['step']})")
+    main = Table("metric", "value", title=unwrapped(title))
+    main.add_row("linear top-1 / top-5", f"{_pct(report['linear_top1'])} / {_pct(report['linear_top5'])} %")
+    best = f"{report['linear']['best_lr']:g}"
+    main.add_row("linear best lr (val top-1)", f"{best} ({_pct(report['linear']['val_top1'][best])} %)")
+    main.add_row("kNN top-1 " + " / ".join(f"k={k}" for k in report["knn_top1"]),
+                 " / ".join(_pct(v) for v in report["knn_top1"].values()) + " %")
+    fs = report["fewshot"]
+    main.add_row(f"few-shot top-1 ({fs['method']}, {fs['draws']} draws) "
+                 + " / ".join(f"{k}-shot" for k in fs["top1"]), " / ".join(_pct(v) for v in fs["top1"].values()) + " %")
+    data = report["data"]
+    main.add_row("data", f"train {data['train']['name']} ({plural(data['train']['images'], 'image')}), "
+                         f"eval {data['eval']['name']} ({plural(data['eval']['images'], 'image')})")
+    tables = [main]
+    shift = report.get("shift")
+    if shift:
+        t = Table("corruption", "severity", "linear %", "drop", f"kNN k={shift['knn_k']} %", "drop",
+                  title=f"robustness under shift ({plural(shift['images'], 'eval image')})")
+        t.add_row("clean", "", _pct(shift["clean"]["linear_top1"]), "", _pct(shift["clean"]["knn_top1"]), "")
+        for name, per in shift["corruptions"].items():
+            for sev, c in per.items():
+                t.add_row(name, sev, _pct(c["linear_top1"]), _pct(c["linear_drop"]), _pct(c["knn_top1"]), _pct(c["knn_drop"]))
+        tables.append(t)
+    cond = report.get("conditions")
+    if cond:
+        t = Table("statistic", *(["embedding h"] + (["projector z"] if "projector" in cond else [])),
+                  title="conditions: is the embedding an isotropic Gaussian?")
+        spaces = [cond] + ([cond["projector"]] if "projector" in cond else [])
+
+        def row(label: str, fmt: Callable[[dict[str, Any]], str]) -> None:
+            t.add_row(label, *(fmt(s) for s in spaces))
+
+        row("samples x dims", lambda s: f"{s['n']} x {s['dim']}")
+        row("SIGReg (Gaussian ref)", lambda s: "-" if s["sigreg"] is None else f"{s['sigreg']:.3g} ({s['sigreg_gaussian']:.3g})")
+        row(f"projections passing EP test at {100 * cond['alpha']:.0f}%", lambda s: f"{_pct(s['pass_rate'])} %")
+        row("effective rank (Gaussian ref)", lambda s: f"{s['effective_rank']:.1f}" + (
+            f" ({s['effective_rank_gaussian']:.1f})" if s.get("effective_rank_gaussian") else ""))
+        row("condition number (Gaussian ref)", lambda s: _num(s["condition_number"]) + (
+            f" ({_num(s['condition_number_gaussian'])})" if s.get("condition_number_gaussian") else ""))
+        row("null dimensions (Gaussian ref)", lambda s: f"{s['null_dims']}" + (
+            f" ({s['null_dims_gaussian']})" if s.get("null_dims_gaussian") is not None else ""))
+        row("median excess kurtosis", lambda s: _num(s["median_excess_kurtosis"]))
+        row("|mean| / RMS std", lambda s: f"{s['mean_norm']:.3g} / {s['scale']:.3g}")
+        row("verdict", lambda s: s["verdict"])
+        tables.append(t)
+    return tables
+
+
+def _num(x: float | None) -> str:
+    return "inf" if x is None else f"{x:.3g}"
