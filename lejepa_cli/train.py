@@ -37,7 +37,7 @@ from lejepa_cli.checkpoint import (
 from lejepa_cli.config import Config, config_from_dict, set_key, _parse_scalar, validate
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.data.loader import BatchLoader, StepSampler
-from lejepa_cli.data.sources import load_dataset
+from lejepa_cli.data.sources import held_out_note, load_dataset
 from lejepa_cli.errors import RunFailed, UserError
 from lejepa_cli.evaluate import extract_features, knn_classify
 from lejepa_cli.lejepa import (
@@ -142,6 +142,8 @@ def build_run(cfg: Config, device: torch.device) -> Run:
         val_data = load_dataset(cfg.data, cfg.data.eval_split)
     except UserError:
         val_data = None  # unlabelled or single-split data: no held-out evaluation
+    if dist.is_main() and (note := held_out_note(cfg.data, train_data, val_data)):
+        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     backbone = build_backbone_from_config(cfg, train_data.channels).to(device)
     projector = build_projector_from_config(cfg, backbone.embed_dim).to(device)

@@ -9,13 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lejepa_cli.data import NPZ_KEYS_HELP
+
 app = typer.Typer(help="Prepare, inspect and fetch image datasets.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
 SOURCE_HELP = (
     "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR folder (binary or python), "
-    ".npz/.npy, .parquet, or 'builtin'."
+    ".npz/.npy, .parquet, or 'builtin'. " + NPZ_KEYS_HELP.replace("data.val_fraction", "--val-fraction") + "."
 )
 RESOLUTION_HELP = "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256)."
 
