@@ -9,7 +9,7 @@
 
 What it measures, on labelled train and evaluation splits (by default the data the checkpoint
 was trained on: its train split and its held-out "val" split):
-- linear probe (METHOD.md section 6): LayerNorm + linear on `backbone.probe_features` (the
+- linear probe (docs/method.md section 6.1): LayerNorm + linear on `backbone.probe_features` (the
   concatenated CLS tokens of the last two blocks for a ViT, pooled features for a CNN); a grid
   of learning rates trained together on cached features, the best chosen on a validation part
   carved from the train split; top-1 / top-5 on the evaluation split;
@@ -308,7 +308,7 @@ def _save_features(path: Path, feats: torch.Tensor, labels: torch.Tensor | None,
 
 
 class LinearHead(nn.Module):
-    """LayerNorm + linear classifier (METHOD.md section 6)."""
+    """LayerNorm + linear classifier (docs/method.md section 6.1)."""
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
