@@ -85,3 +85,11 @@ def test_every_method_reference_names_a_section_that_exists():
                                    "angle addition", "data.val_fraction", "loss / lambda^0.4"])
 def test_method_page_covers_what_the_code_cites_it_for(claim):
     assert claim in METHOD.read_text()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/recipes.md"])
+def test_timings_say_they_are_for_an_idle_machine_and_how_to_pin_threads(doc):
+    text = (ROOT / doc).read_text()
+    first_minutes = re.search(r"\d+(?:\.\d+)? min", text)
+    assert first_minutes and "idle" in text[: first_minutes.end() + 200], "say the minutes are for an idle machine"
+    assert "OMP_NUM_THREADS=1" in text and "shared with other" in text

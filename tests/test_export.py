@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,22 @@ def test_every_architecture_gets_a_timm_route_or_a_precise_reason(arch, tmp_path
     else:
         assert cfg["architecture"].startswith("lejepa_only_") and cfg["architecture"] not in MANIFEST["_timm_names"]
         assert hint.startswith("not loadable in timm: " + timm_incompatibility(spec))
+
+
+def test_the_per_preset_timm_table_in_the_docs_matches_the_exports():
+    """docs/export.md's table names, for every preset, the architecture an export writes and whether timm loads it."""
+    from lejepa_cli.config import list_presets
+    from lejepa_cli.timm_compat import timm_architecture, timm_incompatibility
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `([\w-]+)` \| [^|]+ \| `(\w+)` \| (\w+)", doc, re.M)}
+    assert set(rows) == set(list_presets())
+    for preset, (architecture, verdict) in rows.items():
+        c = load_config(preset)
+        arch = {"arch": c.model.arch, "img_size": c.views.global_size, "patch_size": c.model.patch_size,
+                "small_stem": c.model.small_stem, "stem_stride": c.model.stem_stride, "head_width": c.model.head_width}
+        assert timm_architecture(arch) == architecture, preset
+        assert (verdict == "routes") == (timm_incompatibility(arch) is None), preset
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
