@@ -281,7 +281,7 @@ class Exported:
     out: Path
     files: list[Path]
     dtype: str
-    architecture: str  # timm model name
+    architecture: str  # timm model name, or a lejepa_only_ name timm rejects (see timm_compat)
     timm_compatible: bool
     onnx_max_abs_diff: float | None = None
     info: dict[str, Any] = field(default_factory=dict, repr=False)
