@@ -7,7 +7,7 @@
     python -m benchmarks.bench_views --hue 0    # without the hue step, where our YIQ rotation differs
 
 Prints one JSON object: the machine, and per case the images/s of ours and of kornia (input images
-per second, all views of each included) and the ratio ours / kornia. Cases (METHOD.md section 2):
+per second, all views of each included) and the ratio ours / kornia. Cases (docs/method.md section 2):
 (a) 32 px images -> 2 x 32 px + 6 x 16 px views, batch 256; (b) 256 px images -> 2 x 224 + 6 x 96,
 batch 32. Kornia gets the float batch repeated once per view, which is how its per-sample
 pipeline is fed multi-crop; the time to make that copy counts, as ours counts its own conversion.

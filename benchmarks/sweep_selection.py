@@ -13,7 +13,7 @@ run is reused when the command is repeated), then for every run's final checkpoi
 Prints one JSON document: the table (with each run's own pretraining seconds, also for runs reused
 from an earlier call) and the Spearman rank correlation of each statistic
 (negated: lower loss should mean higher accuracy) with linear top-1. The paper reports ~0.85 for
-the raw training loss and up to ~0.99 for loss / lambda**0.4 (METHOD.md section 6).
+the raw training loss and up to ~0.99 for loss / lambda**0.4 (docs/method.md section 6.3).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from lejepa_cli import __version__
+from lejepa_cli.data import NPZ_KEYS_HELP
 from lejepa_cli.errors import UserError
 from lejepa_cli.terminal import make_console
 
@@ -139,7 +140,7 @@ def train(
     preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `lejepa presets list`) or a YAML file.")] = "demo",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/PRESET).")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key.sub=value (repeatable).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Data source: builtin, an IDX folder, an .npz or a prepared folder.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data source: builtin, an IDX folder, an .npz or a prepared folder. " + NPZ_KEYS_HELP + ".")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (newest good checkpoint in the run folder) or a checkpoint file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an existing run folder (deletes its checkpoints).")] = False,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Initialise the encoder from an export or checkpoint (a new run, not a resume).")] = None,

@@ -29,6 +29,7 @@ class DataConfig:
     builtin_train: int = 4096  # images generated for the built-in dataset's train split
     builtin_val: int = 1024  # and for its held-out split
     builtin_size: int = 32  # side of the built-in images in pixels
+    val_fraction: float = 0.0  # >0: hold out this fraction of train (seeded by the data) when the source has no eval_split
 
 
 @dataclass
@@ -212,6 +213,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "data.builtin_train": (lambda v: v >= 2, "an integer >= 2"),
     "data.builtin_val": (lambda v: v >= 1, "an integer >= 1"),
     "data.builtin_size": (lambda v: v >= 8, "an integer >= 8"),
+    "data.val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1) (0: no held-out split carved)"),
 }
 
 

@@ -9,7 +9,7 @@ Under torchrun:
 - `setup()` joins the process group with a timeout (LEJEPA_DIST_TIMEOUT seconds, default 600)
   so a dead or hung rank ends the job with an error instead of hanging it.
 - `all_reduce_mean` is autograd-aware: SIGReg's ECF and BatchNorm statistics are those of the
-  global batch, values and gradients (see METHOD.md section 4).
+  global batch, values and gradients (see docs/method.md section 4.4).
 - `global_batchnorm` makes every BatchNorm use global-batch statistics: SyncBatchNorm on CUDA,
   `GlobalBatchNorm*d` (all_reduce_mean of mean and variance) on other devices.
 - `shard` applies FSDP2 (`fully_shard`) to a ViT's blocks and root; `full_state_dict`,

@@ -1,7 +1,8 @@
 """Encoder-only artefacts for downstream use, and the loaders that read encoders back.
 
     lejepa export runs/demo --out exports/demo              # newest checkpoint of a run
-    lejepa export CKPT --out DIR --dtype bf16 --format all  # + model.onnx
+    lejepa export CKPT --out DIR --dtype bf16               # half-size weights
+    lejepa export CKPT --out DIR --format onnx              # + model.onnx
 
     from lejepa_cli.export import load_encoder
     enc = load_encoder("exports/demo")      # nn.Module in eval mode; needs torch + safetensors only
@@ -9,18 +10,33 @@
 
 An export folder holds:
   model.safetensors  the backbone's state dict alone (no projector, optimizer or probe), under
-                     timm's parameter names, in fp32, bf16 or fp16
+                     timm's parameter names, in fp32, bf16 or fp16 (always written: lejepa's
+                     loaders, `lejepa embed` / `probe` and timm read it)
   config.json        timm's hub form (architecture, num_classes=0, num_features, global_pool,
                      model_args, pretrained_cfg with input_size / mean / std / interpolation ...)
                      plus a "lejepa" section: arch_config, image size, normalisation, preset, step,
                      lambda, views, data fingerprint, probe metrics when known, package version
-  model.onnx         (--format onnx|all) fp32 graph with a dynamic batch axis, checked against
-                     PyTorch when written
+  model.onnx         (--format onnx|all, the two are the same) fp32 graph with dynamic batch,
+                     height and width axes, checked against PyTorch at three sizes when written
+                     (see lejepa_cli/onnx_export.py)
 
-For the ViT and ResNet presets (not the small-stem ResNets) the weights load strictly into
-`timm.create_model(config["architecture"], num_classes=0, **config["model_args"])`, e.g.
-`timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
-pretrained_cfg_overlay=dict(file="DIR/model.safetensors"))`.
+In timm (ViTs, and ResNet-18/50 with the standard stem and no widening head; the others are
+written under a `lejepa_only_...` architecture name timm rejects, see lejepa_cli/timm_compat.py
+and docs/export.md):
+
+    model = timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)
+    data_cfg = timm.data.resolve_data_config(model=model)   # this run's input size, mean and std
+
+or, from the config.json's fields, with the weights loaded by hand:
+
+    cfg = json.loads(Path("DIR/config.json").read_text())
+    model = timm.create_model(cfg["architecture"], num_classes=0, pretrained_cfg=cfg["pretrained_cfg"],
+                              **cfg["model_args"])
+    model.load_state_dict(safetensors.torch.load_file("DIR/model.safetensors"), strict=True)
+
+`model_args` are needed: without them timm builds its own default geometry (224 px, patch 16),
+which an export of another size or patch does not fit; without `pretrained_cfg` timm reports its
+defaults (224 px, mean/std 0.5), not the run's preprocessing.
 
 The loaders accept an export folder (or its model.safetensors), a training checkpoint, or a run
 folder (its newest checkpoint). Nothing is unpickled.
@@ -32,7 +48,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -46,7 +61,9 @@ from torch import nn
 from lejepa_cli import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from lejepa_cli.checkpoint import check_header, list_checkpoints, load_checkpoint, read_metadata, split_prefix
-from lejepa_cli.errors import RunFailed, UserError
+from lejepa_cli.errors import UserError
+from lejepa_cli.onnx_export import ONNX_TOLERANCE, export_onnx, onnx_runtime
+from lejepa_cli.timm_compat import timm_compatible, timm_config, timm_incompatibility
 
 EXPORT_FORMAT = "lejepa-export-v1"
 WEIGHTS = "model.safetensors"
@@ -54,19 +71,6 @@ CONFIG = "config.json"
 ONNX = "model.onnx"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FORMATS = ("safetensors", "onnx", "all")
-ONNX_TOLERANCE = 1e-3  # max abs difference accepted at export; fp32 kernels typically differ by ~1e-6
-
-# Our ViT sizes -> the timm model with the same widths; patch / image size go in model_args.
-_TIMM_VIT = {
-    "vit_nano": "vit_tiny_patch16_224",  # narrower, shallower tinies: model_args carry their sizes
-    "vit_micro": "vit_tiny_patch16_224",
-    "vit_tiny": "vit_tiny_patch16_224",
-    "vit_small": "vit_small_patch16_224",
-    "vit_base": "vit_base_patch16_224",
-    "vit_large": "vit_large_patch16_224",
-    "vit_huge": "vit_huge_patch14_224",
-}
-
 
 # ---- reading an encoder from any of its forms --------------------------------------------------
 
@@ -84,6 +88,10 @@ def read_encoder(path: str | Path, *, verify: bool = True) -> tuple[dict[str, to
         ckpts = list_checkpoints(path / "checkpoints")
         if ckpts:
             return _read_checkpoint(ckpts[-1], verify)
+        if (path / ONNX).is_file():  # an ONNX-only folder: older `export --format onnx` wrote no weights beside it
+            raise UserError(f"{path} holds {ONNX} without {WEIGHTS}, and the ONNX graph is for onnxruntime only: pass the "
+                            f"run folder or checkpoint it came from, or re-export it with `lejepa export RUN --out {path} "
+                            f"--format all --overwrite` (writes {WEIGHTS} beside {ONNX})")
         raise UserError(f"{path} is neither an export folder ({WEIGHTS} + {CONFIG}) nor a run folder with checkpoints/")
     if not path.exists():
         raise UserError(f"{path} does not exist (expected an export folder, a checkpoint or a run folder)")
@@ -268,59 +276,12 @@ def load_encoder(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
 # ---- writing an export -------------------------------------------------------------------------
 
 
-def timm_config(arch: dict[str, Any], *, num_features: int, mean: Iterable[float], std: Iterable[float]) -> dict[str, Any]:
-    """config.json fields in timm's hub form (architecture, model_args, pretrained_cfg, ...).
-
-    The pretrained_cfg keys follow timm 1.0's `PretrainedCfg`; the preprocessing it describes is
-    lejepa's eval transform (resize the whole image, bilinear, no crop).
-    """
-    size, chans = int(arch["img_size"]), int(arch.get("in_chans", 3))
-    if arch["arch"] in _TIMM_VIT:
-        name = _TIMM_VIT[arch["arch"]]
-        # dynamic_img_size: timm then resamples pos_embed per input as our ViT does.
-        model_args = {"img_size": size, "patch_size": int(arch["patch_size"]), "in_chans": chans, "dynamic_img_size": True}
-        if arch["arch"] in ("vit_nano", "vit_micro"):
-            from lejepa_cli.models.vit import VIT_SIZES
-
-            dim, depth, heads = VIT_SIZES[arch["arch"]]
-            model_args.update(embed_dim=dim, depth=depth, num_heads=heads)
-        pool, first_conv, classifier, pool_size = "token", "patch_embed.proj", "head", None
-    else:
-        name, model_args = arch["arch"], {"in_chans": chans}
-        pool, first_conv, classifier = "avg", "conv1", "fc"
-        pool_size = [max(1, size // (8 * arch.get("stem_stride", 1) if arch.get("small_stem") else 32))] * 2
-    pretrained_cfg = {
-        "tag": "lejepa",
-        "custom_load": False,
-        "input_size": [chans, size, size],
-        "fixed_input_size": False,
-        "interpolation": "bilinear",
-        "crop_pct": 1.0,
-        "crop_mode": "center",
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "num_classes": 0,
-        "pool_size": pool_size,
-        "first_conv": first_conv,
-        "classifier": classifier,
-    }
-    return {"architecture": name, "num_classes": 0, "num_features": int(num_features), "global_pool": pool,
-            "model_args": model_args, "pretrained_cfg": pretrained_cfg}
-
-
-def timm_compatible(arch: dict[str, Any]) -> bool:
-    """timm has no 3x3 stride-1 stem without max-pool and no widening head on its ResNets, so ResNets
-    with either are lejepa-only (as is ResNet-Micro: timm has no model of its widths under a name)."""
-    return arch["arch"] in _TIMM_VIT or (arch["arch"] in ("resnet18", "resnet50") and not arch.get("small_stem")
-                                         and not arch.get("head_width"))
-
-
 @dataclass
 class Exported:
     out: Path
     files: list[Path]
     dtype: str
-    architecture: str  # timm model name
+    architecture: str  # timm model name, or a lejepa_only_ name timm rejects (see timm_compat)
     timm_compatible: bool
     onnx_max_abs_diff: float | None = None
     info: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -348,9 +309,9 @@ def export_backbone(
     if format != "safetensors" and dtype != "fp32":
         raise UserError(f"ONNX export is fp32 only; drop --dtype {dtype} or use --format safetensors")
     if format != "safetensors":
-        _onnx_modules()  # fail before touching an existing export
+        onnx_runtime()  # fail before touching an existing export
     out = Path(out)
-    names = [CONFIG] + ([WEIGHTS] if format != "onnx" else []) + ([ONNX] if format != "safetensors" else [])
+    names = [CONFIG, WEIGHTS] + ([ONNX] if format != "safetensors" else [])
     clash = [n for n in (CONFIG, WEIGHTS, ONNX) if (out / n).exists()]
     if clash and not overwrite:
         raise UserError(f"{out} already holds an export ({', '.join(clash)}); pass --overwrite to replace it")
@@ -366,22 +327,27 @@ def export_backbone(
         "embed_dim": int(backbone.embed_dim), "feature_dim": int(backbone.feature_dim),
         "step": None, "preset": None, "lambda": None, "views": None, "data": None, "config": None, "probe": None,
         **(meta or {}),
-        "dtype": dtype, "timm_compatible": timm_compatible(arch), "version": __version__, "exported_by": f"lejepa-cli {__version__}",
+        "dtype": dtype, "timm_compatible": timm_compatible(arch), "timm_incompatibility": timm_incompatibility(arch),
+        "version": __version__, "exported_by": f"lejepa-cli {__version__}",
     }
     config = timm_config(arch, num_features=backbone.embed_dim, mean=mean, std=std)
     result = Exported(out, [out / n for n in names], dtype, config["architecture"], info["timm_compatible"], info=info)
 
-    if format != "onnx":
-        target = DTYPES[dtype]
-        state = {k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
-                 for k, v in backbone.state_dict().items()}
-        tmp = out / f".{WEIGHTS}.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})  # "pt": what timm / HF writers put here
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; an export is meant to be shared
-        os.replace(tmp, out / WEIGHTS)
+    # The weights always: lejepa's loaders, embed, probe and timm read them, not the ONNX graph.
+    target = DTYPES[dtype]
+    state = {k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
+             for k, v in backbone.state_dict().items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})  # "pt": what timm / HF writers put here
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; an export is meant to be shared
+    os.replace(tmp, out / WEIGHTS)
     if format != "safetensors":
-        result.onnx_max_abs_diff = export_onnx(backbone, out / ONNX, image_size=info["image_size"], channels=info["channels"])
-        info["onnx"] = {"file": ONNX, "input": "images", "output": "embedding", "max_abs_diff": result.onnx_max_abs_diff}
+        result.onnx_max_abs_diff, sizes = export_onnx(backbone, out / ONNX, image_size=info["image_size"],
+                                                      channels=info["channels"])
+        info["onnx"] = {"file": ONNX, "input": "images", "output": "embedding", "max_abs_diff": result.onnx_max_abs_diff,
+                        "dynamic_axes": ["batch", "height", "width"], "checked_sizes": sizes,
+                        "size_rule": (f"height and width multiples of {arch['patch_size']}" if arch.get("patch_size")
+                                      and str(arch["arch"]).startswith("vit") else "any height and width")}
     tmp = out / f".{CONFIG}.tmp"
     tmp.write_text(json.dumps({**config, "lejepa": info}, indent=2) + "\n")
     os.replace(tmp, out / CONFIG)  # written last: its presence means the folder is complete
@@ -406,51 +372,3 @@ def export_encoder(source: str | Path, out: str | Path, *, dtype: str = "fp32", 
     meta.update(extra or {})
     return export_backbone(backbone, out, mean=info["mean"], std=info["std"], dtype=dtype, format=format,
                            meta=meta, overwrite=overwrite)
-
-
-# ---- ONNX ---------------------------------------------------------------------------------------
-
-
-def _onnx_modules() -> Any:
-    """onnxruntime (and onnx, which the exporter needs), or a UserError saying how to get them."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime
-    except ImportError:
-        raise UserError("ONNX export needs onnx and onnxruntime: pip install 'lejepa-cli[onnx]'") from None
-    return onnxruntime
-
-
-def export_onnx(backbone: nn.Module, path: Path, *, image_size: int, channels: int, opset: int = 17) -> float:
-    """Trace `backbone` (fp32, CPU) to ONNX with a dynamic batch axis; returns the max abs
-    difference from PyTorch over random batches of 2 and 3 images (raises above ONNX_TOLERANCE)."""
-    ort = _onnx_modules()
-    was_training = backbone.training
-    first = next(iter(backbone.parameters()))
-    model = backbone.eval().to("cpu", torch.float32)
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn(2, channels, image_size, image_size, generator=gen)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # dynamo=False: the TorchScript exporter, which needs no onnxscript. It warns that it is
-            # deprecated, and about the ViT's Python shape checks; the graph is traced at the native
-            # image size (only the batch axis is dynamic), where those checks are constant.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["images"],
-                              output_names=["embedding"], opset_version=opset,
-                              dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}})
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        diff = 0.0
-        with torch.no_grad():
-            for n in (2, 3):  # a batch other than the traced one proves the batch axis is dynamic
-                x = torch.randn(n, channels, image_size, image_size, generator=gen)
-                got = session.run(None, {"images": x.numpy()})[0]
-                diff = max(diff, float((torch.from_numpy(got) - model(x)).abs().max()))
-        if not diff <= ONNX_TOLERANCE:
-            raise RunFailed(f"ONNX output differs from PyTorch by {diff:.2e} (> {ONNX_TOLERANCE:g}); {path} not written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-        backbone.to(first.device, first.dtype).train(was_training)
-    return diff

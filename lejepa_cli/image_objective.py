@@ -20,12 +20,13 @@ from torch import nn
 from lejepa_cli import dist
 from lejepa_cli.config import Config
 from lejepa_cli.data.dataset import ImageDataset
-from lejepa_cli.data.sources import load_dataset
+from lejepa_cli.data.sources import held_out_note, load_dataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.evaluate import extract_features, knn_classify
 from lejepa_cli.lejepa import (
     OnlineProbe, ViewEncoder, ViewProjector, build_backbone_from_config, build_projector_from_config,
 )
+from lejepa_cli.logs import console
 from lejepa_cli.loss import lejepa_loss
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
 from lejepa_cli.views import make_views
@@ -83,6 +84,8 @@ def build_image_run(cfg: Config, device: torch.device) -> ImageRun:
         val_data = load_dataset(cfg.data, cfg.data.eval_split)
     except UserError:
         val_data = None  # unlabelled or single-split data: no held-out evaluation
+    if dist.is_main() and (note := held_out_note(cfg.data, train_data, val_data)):
+        console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     backbone = build_backbone_from_config(cfg, train_data.channels).to(device)
     projector = build_projector_from_config(cfg, backbone.embed_dim).to(device)

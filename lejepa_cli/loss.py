@@ -1,6 +1,6 @@
 """The LeJEPA objective: SIGReg (sketched Epps-Pulley test against N(0, I)) plus view invariance.
 
-Pure tensors in, named parts out (see METHOD.md sections 3-4):
+Pure tensors in, named parts out (see docs/method.md sections 3-4):
 
     parts = lejepa_loss(z, num_global=2, lamb=0.05, step=step)   # z: (V, N, K) projector output
     parts["loss"].backward()                                      # log every entry of `parts`

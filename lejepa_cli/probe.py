@@ -10,7 +10,7 @@
 
 What it measures, on labelled train and evaluation splits (by default the data the checkpoint
 was trained on: its train split and its held-out "val" split):
-- linear probe (docs/method.md): LayerNorm + linear on `backbone.probe_features` (the
+- linear probe (docs/method.md section 6.1): LayerNorm + linear on `backbone.probe_features` (the
   concatenated CLS tokens of the last two blocks for a ViT, pooled features for a CNN); a grid
   of learning rates trained together on cached features, the best chosen on a validation part
   carved from the train split; top-1 / top-5 on the evaluation split;
@@ -243,7 +243,7 @@ def probe_datasets(info: dict[str, Any], opts: ProbeOptions) -> tuple[ImageDatas
 
 
 class LinearHead(nn.Module):
-    """LayerNorm + linear classifier (METHOD.md section 6)."""
+    """LayerNorm + linear classifier (docs/method.md section 6.1)."""
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()

@@ -73,7 +73,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(
         "imagenet100-resnet50", "resnet50", "ResNet-50 on ImageNet-100 (ImageNet layout folder you provide); GPUs",
         prepare=True, resolution=256,
-        # 400 epochs of ImageNet-100's 126,689 training images at lambda 0.05 (METHOD.md's default and ~400
+        # 400 epochs of ImageNet-100's 126,689 training images at lambda 0.05 (docs/method.md sections 3-5: the default, and ~400
         # epochs on smaller data); the one public setting reported near the paper's figure is the same.
         overrides=("train.steps=198000", "train.batch_size=256", "loss.lamb=0.05"),
         expected={"linear_top1": (0.80, 0.87)},
@@ -88,7 +88,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         prepare=True, resolution=256,
         overrides=("train.steps=250000", "train.batch_size=512"),
         expected={"linear_top1": (0.75, 0.80)},
-        source_of_expected="paper: ViT-L/14 reaches 77.1% linear top-1 after 100 epochs (METHOD.md section 7)",
+        source_of_expected="paper: ViT-L/14 reaches 77.1% linear top-1 after 100 epochs (docs/method.md section 7)",
         budget="the paper's scale: many GPU-days",
     ),
 ]}

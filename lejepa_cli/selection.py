@@ -12,8 +12,8 @@ train.grad_accum images, the projector's over the whole batch); drop-path and dr
 The running averages of eval mode lag the weights after a short, fast schedule: on eight
 Fashion-MNIST runs they gave a Spearman of 0.24 with linear accuracy, batch statistics 0.86
 (docs/recipes.md). The score is the LeJEPA loss on that batch divided by lambda**0.4, the
-statistic the paper found to track linear-probe accuracy (Spearman ~0.99 across runs; METHOD.md
-section 6). Lower is better.
+statistic the paper found to track linear-probe accuracy (Spearman ~0.99 across runs; docs/method.md
+section 6.3). Lower is better.
 
 When the data has labels, each checkpoint is also linear-probed (on cached features) and the
 Spearman rank correlation between -score and linear top-1 is reported: 1 means the label-free

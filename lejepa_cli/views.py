@@ -1,4 +1,4 @@
-"""Batched multi-crop views for LeJEPA (METHOD.md section 2), on whatever device the images are on.
+"""Batched multi-crop views for LeJEPA (docs/method.md section 2), on whatever device the images are on.
 
     global_views, local_views = make_views(images, cfg.views, mean=ds.mean, std=ds.std, generator=g)
     # (Vg, N, C, Gs, Gs) float32, and (Vl, N, C, Ls, Ls) or None when cfg.views.local_views == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ from lejepa_cli.evaluate import eval_transform
 from lejepa_cli.export import (
     export_backbone, export_encoder, load_backbone_weights, load_encoder, resample_pos_embed,
 )
-from lejepa_cli.models import build_backbone
+from lejepa_cli.models import ARCHS, build_backbone
 from lejepa_cli.train import train
 
 MANIFEST = json.loads((Path(__file__).parent / "timm_manifest.json").read_text())
@@ -156,15 +157,34 @@ def test_state_dict_matches_timm_manifest(name):
 
 
 @torch.no_grad()
-def test_real_timm_loads_export_strictly(exported, trained):
-    timm = pytest.importorskip("timm", reason="timm does not import beside this torch; the manifest test stands in")
+def test_real_timm_loads_export_strictly_by_every_documented_route(exported, trained):
+    timm = pytest.importorskip("timm", reason="timm does not import beside this torch; the manifest tests stand in")
     from safetensors.torch import load_file
 
     cfg = json.loads((exported / "config.json").read_text())
-    model = timm.create_model(cfg["architecture"], num_classes=0, **cfg["model_args"]).eval()
-    model.load_state_dict(load_file(str(exported / "model.safetensors")), strict=True)
     x = images()
+    # Route 1: local-dir reads architecture, model_args, pretrained_cfg and the weights.
+    model = timm.create_model(f"local-dir:{exported}", pretrained=True, num_classes=0).eval()
     torch.testing.assert_close(model(x), trained[0](x), atol=1e-5, rtol=1e-5)
+    data_cfg = timm.data.resolve_data_config(model=model)
+    assert data_cfg["input_size"] == (3, 16, 16) and list(data_cfg["mean"]) == cfg["pretrained_cfg"]["mean"]
+    # Route 2: the config's fields by hand, weights loaded strictly.
+    model = timm.create_model(cfg["architecture"], num_classes=0, pretrained_cfg=cfg["pretrained_cfg"],
+                              **cfg["model_args"]).eval()
+    model.load_state_dict(load_file(str(exported / "model.safetensors")), strict=True)
+    torch.testing.assert_close(model(x), trained[0](x), atol=1e-5, rtol=1e-5)
+    assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 16, 16)
+    # The bare name builds timm's default geometry, which this export does not fit (as documented).
+    with pytest.raises(RuntimeError):
+        timm.create_model(cfg["architecture"], num_classes=0).load_state_dict(load_file(str(exported / "model.safetensors")))
+
+
+def test_real_timm_refuses_lejepa_only_exports_by_name(tmp_path):
+    timm = pytest.importorskip("timm", reason="timm does not import beside this torch; the name tests stand in")
+    net = build_backbone("resnet18", img_size=32, small_stem=True, in_chans=3).eval()
+    export_backbone(net, tmp_path, mean=[0.5] * 3, std=[0.25] * 3)
+    with pytest.raises(RuntimeError, match="Unknown model \\(lejepa_only_resnet18_small_stem1\\)"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=0)
 
 
 @torch.no_grad()
@@ -178,7 +198,12 @@ def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch,
             m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
     net.eval()
     r = export_backbone(net, tmp_path, mean=[0.13], std=[0.31])
-    assert not r.timm_compatible and json.loads((tmp_path / "config.json").read_text())["lejepa"]["timm_compatible"] is False
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert not r.timm_compatible and cfg["lejepa"]["timm_compatible"] is False
+    # A name timm does not know, so timm's local-dir stops with "Unknown model" instead of building its own stem.
+    assert cfg["architecture"].startswith("lejepa_only_" + arch) and cfg["architecture"] not in MANIFEST
+    reason = cfg["lejepa"]["timm_incompatibility"]
+    assert ("no model with resnet_micro's layer widths" in reason) if arch == "resnet_micro" else ("stem" in reason)
     enc = load_encoder(tmp_path / "model.safetensors")  # the weights file alone, config.json beside it
     x = torch.randn(3, 1, 32, 32)
     assert torch.equal(enc(x), net(x))
@@ -187,17 +212,60 @@ def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch,
 
 def test_resnet_with_a_widening_head_is_lejepa_only():
     from lejepa_cli.export import timm_compatible
+    from lejepa_cli.timm_compat import timm_architecture, timm_incompatibility
 
     assert timm_compatible({"arch": "resnet50", "small_stem": False})  # written before head_width existed
     assert timm_compatible({"arch": "resnet50", "small_stem": False, "head_width": 0})
-    assert not timm_compatible({"arch": "resnet50", "small_stem": False, "head_width": 2048})
+    arch = {"arch": "resnet50", "small_stem": False, "head_width": 2048}
+    assert not timm_compatible(arch) and timm_architecture(arch) == "lejepa_only_resnet50_head2048"
+    assert "widening 1x1 head" in timm_incompatibility(arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_gets_a_timm_route_or_a_precise_reason(arch, tmp_path):
+    """Per architecture: a timm name whose state dict the manifest pins, model_args giving our geometry,
+    pretrained_cfg giving our preprocessing; or a lejepa_only_ name and a reason (also in the CLI hint)."""
+    from lejepa_cli.timm_compat import timm_config, timm_hint, timm_incompatibility
+
+    kwargs = {"img_size": 32, "patch_size": 8} if arch.startswith("vit") else {"img_size": 32}
+    net = build_backbone(arch, in_chans=3, **kwargs)
+    spec = net.arch_config()
+    cfg = timm_config(spec, num_features=net.embed_dim, mean=[0.4] * 3, std=[0.2] * 3)
+    pc = cfg["pretrained_cfg"]
+    assert pc["input_size"] == [3, 32, 32] and pc["mean"] == [0.4] * 3 and pc["std"] == [0.2] * 3
+    assert set(pc) <= set(MANIFEST["_pretrained_cfg_fields"])  # timm's PretrainedCfg accepts every key
+    hint = timm_hint(spec, "DIR")
+    if timm_incompatibility(spec) is None:
+        assert cfg["architecture"] in MANIFEST["_timm_names"] and "local-dir:DIR" in hint
+        if arch.startswith("vit"):  # model_args carry patch, size and (for micro) the widths
+            assert cfg["model_args"]["img_size"] == 32 and cfg["model_args"]["patch_size"] == 8
+            assert cfg["model_args"].get("embed_dim", net.embed_dim) == net.embed_dim
+    else:
+        assert cfg["architecture"].startswith("lejepa_only_") and cfg["architecture"] not in MANIFEST["_timm_names"]
+        assert hint.startswith("not loadable in timm: " + timm_incompatibility(spec))
+
+
+def test_the_per_preset_timm_table_in_the_docs_matches_the_exports():
+    """docs/export.md's table names, for every preset, the architecture an export writes and whether timm loads it."""
+    from lejepa_cli.config import list_presets
+    from lejepa_cli.timm_compat import timm_architecture, timm_incompatibility
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
+    rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `([\w-]+)` \| [^|]+ \| `(\w+)` \| (\w+)", doc, re.M)}
+    assert set(rows) == set(list_presets())
+    for preset, (architecture, verdict) in rows.items():
+        c = load_config(preset)
+        arch = {"arch": c.model.arch, "img_size": c.views.global_size, "patch_size": c.model.patch_size,
+                "small_stem": c.model.small_stem, "stem_stride": c.model.stem_stride, "head_width": c.model.head_width}
+        assert timm_architecture(arch) == architecture, preset
+        assert (verdict == "routes") == (timm_incompatibility(arch) is None), preset
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def test_onnx_export_matches_pytorch(run_dir, exported, tmp_path):
+def test_onnx_export_matches_pytorch_at_other_sizes_and_embed_reads_the_folder(run_dir, exported, tmp_path):
     pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install onnx onnxruntime)")
     ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install onnx onnxruntime)")
     import onnx
@@ -205,16 +273,49 @@ def test_onnx_export_matches_pytorch(run_dir, exported, tmp_path):
     out = tmp_path / "onnx"
     r = export_encoder(run_dir, out, format="onnx")
     assert r.onnx_max_abs_diff is not None and r.onnx_max_abs_diff < 1e-4
-    assert not (out / "model.safetensors").exists()
-    assert json.loads((out / "config.json").read_text())["lejepa"]["onnx"]["max_abs_diff"] == r.onnx_max_abs_diff
-    graph = onnx.load(str(out / "model.onnx")).graph
-    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    meta = json.loads((out / "config.json").read_text())["lejepa"]["onnx"]
+    assert meta["max_abs_diff"] == r.onnx_max_abs_diff and meta["size_rule"] == "height and width multiples of 4"
+    dims = onnx.load(str(out / "model.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]  # dynamic batch, height, width
 
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    x = images(n=7, seed=3)
-    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    assert got.shape == (7, 128)
-    assert (got - load_encoder(exported)(x)).abs().max() < 1e-4
+    enc = load_encoder(exported)
+    for size in (16, 12, 24):  # native, and two other sizes (the ViT resamples pos_embed inside the graph)
+        x = images(n=7, size=size, seed=3)
+        got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        assert got.shape == (7, 128)
+        assert (got - enc(x)).abs().max() < 1e-4, size
+    x = images(n=2, size=20, seed=4)  # not square
+    assert (torch.from_numpy(session.run(None, {"images": x.numpy()})[0]) - enc(x)).abs().max() < 1e-4
+
+    # The folder is a whole export: the weights and config.json beside model.onnx, so lejepa reads it.
+    assert torch.equal(load_encoder(out)(x), enc(x))
+    assert cli("embed", out, "builtin", "--out", tmp_path / "e.npy", "--no-progress") == 0
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch,kwargs", [("resnet_micro", {"small_stem": True}), ("resnet18", {})])
+def test_onnx_resnet_takes_any_height_and_width(arch, kwargs, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install onnx onnxruntime)")
+    pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install onnx onnxruntime)")
+    torch.manual_seed(0)
+    net = build_backbone(arch, img_size=32, in_chans=3, **kwargs).eval()
+    r = export_backbone(net, tmp_path, mean=[0.5] * 3, std=[0.25] * 3, format="onnx")
+    assert r.info["onnx"]["size_rule"] == "any height and width"
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    for h, w in ((32, 32), (40, 56)):
+        x = torch.randn(3, 3, h, w)
+        assert (torch.from_numpy(session.run(None, {"images": x.numpy()})[0]) - net(x)).abs().max() < 1e-4
+
+
+def test_an_onnx_only_folder_says_what_to_pass(exported, tmp_path):
+    folder = tmp_path / "old"  # what `export --format onnx` used to write: no weights beside the graph
+    folder.mkdir()
+    (folder / "config.json").write_text((exported / "config.json").read_text())
+    (folder / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(UserError, match="model.onnx without model.safetensors.*--format all --overwrite"):
+        load_encoder(folder)
+    assert cli("embed", folder, "builtin", "--out", tmp_path / "e.npy") == 2
 
 
 # ---- embed ---------------------------------------------------------------------------------------

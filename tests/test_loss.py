@@ -1,4 +1,4 @@
-"""SIGReg and the LeJEPA objective: METHOD.md's oracles, a plain reference, directions, autocast, 2 ranks."""
+"""SIGReg and the LeJEPA objective: docs/method.md section 4.3's oracles, a plain reference, directions, autocast, 2 ranks."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lejepa_cli import dist
 from lejepa_cli import loss as loss_mod
 from lejepa_cli.loss import lejepa_loss, random_directions, sigreg, sigreg_reference
 
-K, M = 128, 1024  # METHOD.md's oracle setting
+K, M = 128, 1024  # docs/method.md section 4.3's oracle setting
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +54,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-# ---- METHOD.md section 4 oracles (M = 1024, K = 128, 17 knots on [0, 3] doubled) ----
+# ---- docs/method.md section 4.3 oracles (M = 1024, K = 128, 17 knots on [0, 3] doubled) ----
 
 
 @pytest.mark.parametrize("n", [64, 256, 1024])

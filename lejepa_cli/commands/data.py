@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from lejepa_cli.data import NPZ_KEYS_HELP
 from lejepa_cli.terminal import make_console, plural, unwrapped
 
 app = typer.Typer(help="Prepare, inspect and fetch image datasets (and trajectory files for world models).", no_args_is_help=True)
@@ -20,7 +21,8 @@ SOURCE_HELP = (
     ".npz/.npy, .parquet, or 'builtin'. Trajectories for world models: an .npz with frames (or pixels) "
     "(T, H, W[, C]) uint8, actions (T, A) (shape (T, 0) for a passive video), episode_starts (E or E+1 offsets) "
     "or episode_idx (T,), optional state (T, S) and state_names (S,); or an .h5/.hdf5 file in LeWM's layout "
-    "(pixels, action, episode_idx, step_idx or ep_offset/ep_len, state/proprio; needs h5py)."
+    "(pixels, action, episode_idx, step_idx or ep_offset/ep_len, state/proprio; needs h5py). "
+    + NPZ_KEYS_HELP.replace("data.val_fraction", "--val-fraction") + "."
 )
 RESOLUTION_HELP = (
     "Side of the stored square images (default: unchanged for same-size images <= 64 px, else 256; "

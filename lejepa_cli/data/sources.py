@@ -1,7 +1,12 @@
 """In-memory data sources and the one function that resolves `data.source` to a dataset.
 
 `data.source` may be "builtin", a folder of IDX files (MNIST / Fashion-MNIST layout, gzipped
-or not), an `.npz` file, or a folder made by `lejepa data prepare`.
+or not), an `.npz` file (keys in NPZ_KEYS_HELP), or a folder made by `lejepa data prepare`.
+
+A source without a held-out split can have one carved off: `data.val_fraction` > 0 holds out
+that fraction of the training images (the same ones every time: the choice is seeded by the
+data's fingerprint, not by train.seed, so runs with different seeds are scored on the same
+images); training then uses the rest. A source with its own held-out split is used as it is.
 """
 
 from __future__ import annotations
@@ -9,10 +14,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from lejepa_cli.config import DataConfig
+from lejepa_cli.data import NPZ_KEYS_HELP  # noqa: F401  (documents _NPZ_KEYS; re-exported)
 from lejepa_cli.data.builtin import builtin_dataset
 from lejepa_cli.data.dataset import ImageDataset, channel_stats
 from lejepa_cli.errors import UserError
@@ -88,9 +95,9 @@ _NPZ_KEYS = {"train": (("x_train", "y_train"), ("images", "labels"), ("x", "y"))
 
 
 def load_npz(path: Path, split: str = "train") -> ImageDataset:
-    """Arrays in an .npz: (x_train, y_train[, x_test, y_test]) or (images[, labels]).
+    """Arrays in an .npz: (x_train, y_train[, x_val/x_test, y_val/y_test]), (images[, labels]) or (x[, y]).
 
-    Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}.
+    Images are uint8 (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3}; see NPZ_KEYS_HELP.
     """
     if split not in _NPZ_KEYS:
         raise UserError(f".npz data has splits 'train' and 'val', not '{split}'")
@@ -134,8 +141,85 @@ def _to_nhwc(images: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(images)
 
 
+def has_split(cfg: DataConfig, split: str) -> bool:
+    """Whether `data.source` holds `split` itself (cheap: reads names and headers, not images)."""
+    if cfg.source == "builtin":
+        return split in ("train", "val", "test")
+    path = Path(cfg.source).expanduser()
+    if path.is_file() and path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as arrays:  # only the member list is read here
+                names = set(arrays.files)
+        except (OSError, ValueError):
+            return False  # load_dataset says what is wrong with the file
+        return any(x in names for x, _ in _NPZ_KEYS.get(split, ()))
+    if path.is_dir() and (path / "index.json").is_file():
+        from lejepa_cli.data.shards import read_index
+
+        return split in read_index(path)["splits"]
+    if is_idx_folder(path):
+        prefix = _IDX_PREFIX.get(split)
+        return prefix is not None and _find_idx(path, prefix, "images") is not None
+    return False
+
+
+class IndexedImages:
+    """A subset of an `ImageArray` by index, read lazily (so a memory-mapped source stays mapped)."""
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, base: Any, index: np.ndarray):
+        self.base, self.index = base, np.asarray(index, dtype=np.int64)
+        self.shape = (len(self.index), *base.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.base[self.index[index]]
+
+
+def carve_held_out(full: ImageDataset, fraction: float, held_out: bool) -> ImageDataset:
+    """The held-out part (`held_out`) or the rest of `full`, split by a permutation seeded from its fingerprint."""
+    n_val = int(round(fraction * len(full)))
+    if n_val < 1 or len(full) - n_val < 2:
+        raise UserError(f"config key 'data.val_fraction' = {fraction} of {len(full)} images holds out {n_val} and leaves "
+                        f"{len(full) - n_val} to train on: it needs at least 1 held out and 2 to train on")
+    seed = int(hashlib.sha256(f"{full.fingerprint}:{len(full)}".encode()).hexdigest()[:16], 16)
+    order = np.random.default_rng(seed).permutation(len(full))
+    index = np.sort(order[:n_val] if held_out else order[n_val:])  # sorted: shards are read in file order
+    role = "heldout" if held_out else "rest"
+    images = full.images[index] if isinstance(full.images, np.ndarray) else IndexedImages(full.images, index)
+    return ImageDataset(
+        images=images, labels=None if full.labels is None else full.labels[index], class_names=full.class_names,
+        mean=full.mean, std=full.std,  # the whole training source's: both parts normalise alike
+        fingerprint=hashlib.sha256(f"{full.fingerprint}:{role}:{fraction}".encode()).hexdigest()[:16],
+        name=f"{full.name}[{role} {fraction:g}]", ids=None if full.ids is None else [full.ids[i] for i in index],
+    )
+
+
 def load_dataset(cfg: DataConfig, split: str) -> ImageDataset:
-    """Resolve `data.source` to the dataset of one split."""
+    """Resolve `data.source` to the dataset of one split (carving a held-out split when data.val_fraction asks)."""
+    if cfg.val_fraction > 0 and not has_split(cfg, cfg.eval_split):
+        if split == cfg.train_split or not has_split(cfg, split):
+            return carve_held_out(_load_source(cfg, cfg.train_split), cfg.val_fraction, held_out=split != cfg.train_split)
+    return _load_source(cfg, split)
+
+
+def held_out_note(cfg: DataConfig, train: ImageDataset, held_out: ImageDataset | None) -> str | None:
+    """One line for the start of training when labelled data has no held-out split to evaluate on; else None."""
+    if held_out is not None or train.labels is None:
+        return None
+    if has_split(cfg, cfg.eval_split):
+        return f"the held-out split '{cfg.eval_split}' of {cfg.source} could not be read: no held-out evaluation in this run"
+    return (f"{cfg.source} has no held-out split '{cfg.eval_split}': this run logs no kNN or online-probe accuracy "
+            f"and `lejepa probe` will need --data; add one with --set data.val_fraction=0.1 (seeded, carved from "
+            f"the training images), or an x_val/y_val array in the .npz, or a val split from `lejepa data prepare`")
+
+
+def _load_source(cfg: DataConfig, split: str) -> ImageDataset:
+    """The split as the source holds it."""
     source = cfg.source
     if source == "builtin":
         n = cfg.builtin_train if split == "train" else cfg.builtin_val

@@ -1,4 +1,4 @@
-"""The LeJEPA projector g: h -> z (METHOD.md section 1).
+"""The LeJEPA projector g: h -> z (docs/method.md section 1).
 
 Linear-BN-ReLU-Linear-BN-ReLU-Linear with a wide hidden layer and a small output. The loss
 (SIGReg + prediction) reads z; probes and exports read the backbone's h, never z.
