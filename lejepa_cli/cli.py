@@ -123,10 +123,10 @@ def train(
 
 
 # Topic modules: `data` is a sub-app (lejepa data prepare|info|fetch); the others add top-level commands.
-from lejepa_cli.commands import bench, data, export, probe, reproduce  # noqa: E402
+from lejepa_cli.commands import adapt, bench, data, export, probe, reproduce  # noqa: E402
 
 app.add_typer(data.app, name="data")
-for _module in (probe, export, reproduce, bench):
+for _module in (probe, export, adapt, reproduce, bench):
     _module.register(app)
 
 

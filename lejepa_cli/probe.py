@@ -17,10 +17,11 @@ was trained on: its train split and its held-out "val" split):
 - few-shot: 1 / 5 / 10 labelled images per class, nearest class centroid on centred, unit-norm
   features (SimpleShot), mean and std over draws;
 - robustness under shift (`shift.py`): the same linear head and kNN on corrupted evaluation
-  images, accuracy and its drop per corruption and severity;
+  images, accuracy and its drop per corruption and severity; with `adapt`, also after label-free
+  adaptation (`adapt.py`: BatchNorm statistics re-estimated on each row's corrupted images);
 - conditions (`conditions.py`): is the embedding h a near isotropic Gaussian, or which of
   collapse / anisotropy / heavy tails fails; for a training checkpoint also the projector
-  output z, the space SIGReg acts on.
+  output z, the space SIGReg acts on; a reading of both verdicts next to the linear probe.
 
 Features are cached under $LEJEPA_CACHE_DIR/features (default ~/.cache/lejepa/features) as
 safetensors + a JSON description, keyed by a digest of the encoder's weights, the data
@@ -44,17 +45,16 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lejepa_cli import __version__
-from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lejepa_cli.checkpoint import read_metadata, tensor_digest
-from lejepa_cli.conditions import diagnose
+from lejepa_cli.checkpoint import tensor_digest
+from lejepa_cli.conditions import diagnose, explain
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.evaluate import extract_features, knn_classify
+from lejepa_cli.lejepa import load_projector
 from lejepa_cli.shift import CORRUPTIONS, SEVERITIES, describe, make_corruption
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ class ProbeOptions:
     conditions: bool = True
     conditions_samples: int = 2048  # held-out embeddings tested for normality
     random_init: bool = False  # probe a freshly initialised encoder of the same architecture
+    adapt: bool = False  # also the shift table after label-free adaptation (BatchNorm statistics) per row
     cache: bool = True
     progress: bool = True
     plots: Path | None = None  # folder for PNG plots (training curves, spectrum, shift, PCA maps)
@@ -116,36 +117,6 @@ def load_probe_encoder(source: str | Path, *, device: torch.device, random_init:
         encoder = encoder.to(device).eval()
         encoder.lejepa_info = info
     return encoder
-
-
-def load_projector(source: str | Path, device: torch.device) -> nn.Module | None:
-    """The projector of a training checkpoint (eval mode), or None for exports and other files."""
-    from lejepa_cli.models import build_projector
-
-    path = Path(source)
-    if path.is_dir():
-        from lejepa_cli.checkpoint import list_checkpoints
-
-        ckpts = list_checkpoints(path / "checkpoints")
-        if not ckpts:
-            return None
-        path = ckpts[-1]
-    try:
-        meta = read_metadata(path)
-    except UserError:
-        return None
-    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("config"), dict):
-        return None
-    prefix = "model.projector."
-    with safe_open(str(path), framework="pt") as f:
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    if not state:
-        return None
-    # Sizes from the tensors themselves: net.0 is the first Linear (hidden, in), net.6 the last (out, hidden).
-    first, last = state["net.0.weight"], state["net.6.weight"]
-    projector = build_projector(int(first.shape[1]), int(first.shape[0]), int(last.shape[0]))
-    projector.load_state_dict(state)
-    return projector.to(device).eval()
 
 
 def encoder_digest(encoder: nn.Module) -> str:
@@ -474,10 +445,7 @@ def shift_report(
     n = min(max_images, len(evaluation))
 
     def scores(corruption: tuple[str, int] | None) -> tuple[float, float]:
-        label = f"{evaluation.name} {corruption[0]} {corruption[1]}" if corruption else f"{evaluation.name} (shift subset)"
-        x, y = src.features(evaluation, corruption=corruption, max_images=n, label=label)
-        knn = knn_top1(train_x, train_y, x, y, (knn_k,), num_classes)
-        return head_accuracy(head, x, y)[0], knn[knn_k]
+        return _shift_scores(src, evaluation, corruption, n, head, train_x, train_y, num_classes, knn_k)
 
     clean_lin, clean_knn = scores(None)
     table: dict[str, dict[str, dict[str, float]]] = {}
@@ -496,6 +464,59 @@ def shift_report(
     }
 
 
+def _shift_scores(src: FeatureSource, evaluation: ImageDataset, corruption: tuple[str, int] | None, n: int,
+                  head: LinearHead, train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                  knn_k: int) -> tuple[float, float]:
+    """Linear-head and kNN top-1 of `src` on the first n (evenly spaced) evaluation images, corrupted."""
+    label = f"{evaluation.name} {corruption[0]} {corruption[1]}" if corruption else f"{evaluation.name} (shift subset)"
+    x, y = src.features(evaluation, corruption=corruption, max_images=n, label=label)
+    knn = knn_top1(train_x, train_y, x, y, (knn_k,), num_classes)
+    return head_accuracy(head, x, y)[0], knn[knn_k]
+
+
+def adapted_shift_report(src: FeatureSource, evaluation: ImageDataset, head: LinearHead, train_x: torch.Tensor,
+                         train_y: torch.Tensor, num_classes: int, shift: dict[str, Any]) -> dict[str, Any]:
+    """The shift table after label-free adaptation (`lejepa_cli.adapt`): for each row a copy of the
+    encoder whose BatchNorm statistics are re-estimated on that row's corrupted evaluation images
+    alone, without labels; the labels only score it, with the same linear head and kNN bank
+    (clean train features of the unadapted encoder) as the table before adaptation."""
+    from lejepa_cli.adapt import adapted_copy
+
+    n, knn_k, channels = shift["images"], shift["knn_k"], int(src.info["channels"])
+    clean_lin, clean_knn = shift["clean"]["linear_top1"], shift["clean"]["knn_top1"]
+
+    def scores(corruption: tuple[str, int] | None) -> tuple[float, float]:
+        corrupt = make_corruption(*corruption) if corruption else None  # the same noise the features will see
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            x = _match_channels(x, channels)
+            return corrupt(x) if corrupt is not None else x
+
+        model = adapted_copy(src.encoder, evaluation, device=src.device, batch_size=src.batch_size, max_images=n,
+                             transform=transform)
+        adapted = FeatureSource(model, encoder_digest(model), src.device, src.batch_size, src.cache_dir, src.progress)
+        result = _shift_scores(adapted, evaluation, corruption, n, head, train_x, train_y, num_classes, knn_k)
+        src.extractions += adapted.extractions + 1  # + the adaptation's own pass
+        return result
+
+    lin, knn = scores(None)
+    out: dict[str, Any] = {"method": "batchnorm-stats", "clean": {"linear_top1": lin, "knn_top1": knn}, "corruptions": {}}
+    for name, per in shift["corruptions"].items():
+        out["corruptions"][name] = {}
+        for sev, before in per.items():
+            lin, knn = scores((name, int(sev)))
+            lost = clean_lin - before["linear_top1"]
+            out["corruptions"][name][sev] = {
+                "linear_top1": lin, "linear_drop": clean_lin - lin, "knn_top1": knn, "knn_drop": clean_knn - knn,
+                # share of the corruption's linear drop that adaptation wins back (None: nothing was lost)
+                "linear_recovered": (lin - before["linear_top1"]) / lost if lost > 0.01 else None,
+            }
+    cells = [c for per in out["corruptions"].values() for c in per.values()]
+    out["mean_linear_drop"] = float(np.mean([c["linear_drop"] for c in cells])) if cells else 0.0
+    out["mean_knn_drop"] = float(np.mean([c["knn_drop"] for c in cells])) if cells else 0.0
+    return out
+
+
 # ---- the whole probe -----------------------------------------------------------------------------------
 
 
@@ -506,6 +527,8 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
     device = select_device(opts.device)
     encoder = load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
     info = encoder.lejepa_info
+    if opts.adapt:
+        _check_adapt(encoder, source, opts)
     train, evaluation = probe_datasets(info, opts)
     src = FeatureSource(encoder, encoder_digest(encoder), device, opts.batch_size,
                         cache_root() / "features" if opts.cache else None, opts.progress)
@@ -542,6 +565,9 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
     if opts.shift:
         report["shift"] = shift_report(src, evaluation, linear.head, train_x, train_y, num_classes,
                                        max_images=opts.shift_images)
+        if opts.adapt:
+            report["shift"]["adapted"] = adapted_shift_report(src, evaluation, linear.head, train_x, train_y,
+                                                              num_classes, report["shift"])
     if opts.conditions:
         n = min(opts.conditions_samples, len(evaluation))
         embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
@@ -554,6 +580,7 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
                 z = projector(embeddings.to(device)).float().cpu()
             report["conditions"]["projector"] = {**diagnose(z, seed=opts.seed, cache_dir=calib),
                                                  "space": "projector output z (what SIGReg regularises)"}
+        report["conditions"]["reading"] = explain(report["conditions"], linear_top1=top1, num_classes=num_classes)
     report["timing"] = {"extract_s": t_extract - t0, "total_s": time.perf_counter() - t0,
                         "extractions": src.extractions}
     if opts.plots is not None:
@@ -562,6 +589,18 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
     return report
+
+
+def _check_adapt(encoder: nn.Module, source: str | Path, opts: ProbeOptions) -> None:
+    """--adapt needs the shift table and an encoder with BatchNorm statistics to re-estimate."""
+    from lejepa_cli.adapt import batchnorm_layers
+
+    if not opts.shift:
+        raise UserError("--adapt reports the shift table after adaptation: drop --no-shift")
+    if not batchnorm_layers(encoder):
+        raise UserError(f"--adapt re-estimates BatchNorm statistics, and {source} ({encoder.arch_config()['arch']}) "
+                        f"has none (LayerNorm only); adapt it by fine-tuning with `lejepa adapt --steps N` and "
+                        f"probe the export")
 
 
 # ---- reporting ---------------------------------------------------------------------------------------
@@ -594,7 +633,9 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
     main.add_row("data", f"train {data['train']['name']} ({data['train']['images']}), eval {data['eval']['name']} ({data['eval']['images']})")
     tables = [main]
     shift = report.get("shift")
-    if shift:
+    if shift and shift.get("adapted"):
+        tables.append(_adapted_shift_table(shift))
+    elif shift:
         t = Table("corruption", "severity", "linear %", "drop", f"kNN k={shift['knn_k']} %", "drop",
                   title=f"robustness under shift ({shift['images']} eval images)")
         t.add_row("clean", "", _pct(shift["clean"]["linear_top1"]), "", _pct(shift["clean"]["knn_top1"]), "")
@@ -604,8 +645,9 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         tables.append(t)
     cond = report.get("conditions")
     if cond:
-        t = Table("statistic", *(["embedding h"] + (["projector z"] if "projector" in cond else [])),
-                  title="conditions: is the embedding an isotropic Gaussian?")
+        t = Table("statistic", *(["backbone h (probes read it)"] + (["projector z (SIGReg acts on it)"] if "projector" in cond else [])),
+                  title="conditions: is the embedding an isotropic Gaussian?",
+                  caption="\n".join(cond.get("reading") or ()) or None, caption_justify="left")
         spaces = [cond] + ([cond["projector"]] if "projector" in cond else [])
 
         def row(label: str, fmt: Callable[[dict[str, Any]], str]) -> None:
@@ -625,6 +667,25 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         row("verdict", lambda s: s["verdict"])
         tables.append(t)
     return tables
+
+
+def _adapted_shift_table(shift: dict[str, Any]) -> Table:
+    """Clean, corrupted and adapted top-1 side by side, per corruption and severity."""
+    knn = f"kNN k={shift['knn_k']}"
+    t = Table("corruption", "sev", "linear clean %", "corrupted", "adapted", "recovered",
+              f"{knn} clean %", "corrupted", "adapted",
+              title=f"robustness under shift, before and after label-free adaptation ({shift['images']} eval images; "
+                    f"adapted: BatchNorm statistics re-estimated on each row's corrupted images, no labels)")
+    clean, adapted = shift["clean"], shift["adapted"]
+    t.add_row("clean", "", _pct(clean["linear_top1"]), "", _pct(adapted["clean"]["linear_top1"]), "",
+              _pct(clean["knn_top1"]), "", _pct(adapted["clean"]["knn_top1"]))
+    for name, per in shift["corruptions"].items():
+        for sev, c in per.items():
+            a = adapted["corruptions"][name][sev]
+            rec = "-" if a["linear_recovered"] is None else f"{100 * a['linear_recovered']:.0f}%"
+            t.add_row(name, sev, _pct(clean["linear_top1"]), _pct(c["linear_top1"]), _pct(a["linear_top1"]), rec,
+                      _pct(clean["knn_top1"]), _pct(c["knn_top1"]), _pct(a["knn_top1"]))
+    return t
 
 
 def _num(x: float | None) -> str:
