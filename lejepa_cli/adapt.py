@@ -88,6 +88,11 @@ def reestimate_batchnorm(encoder: nn.Module, dataset: ImageDataset, *, device: t
     `extract_features`); returns the number of images seen. The encoder is left in eval mode."""
     layers = batchnorm_layers(encoder)
     info = encoder.lejepa_info
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    if n < 2:
+        raise UserError(f"BatchNorm statistics need at least 2 images, got {n}")
+    while batch_size > 2 and n % batch_size == 1:  # a batch of one image has no variance on a 1x1 map
+        batch_size -= 1
     encoder.eval()  # dropout / drop-path off: only the BatchNorms run in train mode
     momenta = [bn.momentum for bn in layers]
     for bn in layers:
@@ -177,6 +182,8 @@ def load_target(data: str, split: str, channels: int) -> ImageDataset:
     if dataset is None or len(dataset) == 0:
         raise UserError(f"--data {data} holds no images in split '{split}'; adaptation needs unlabelled images "
                         f"of the target domain")
+    if len(dataset) < 2:
+        raise UserError(f"--data {data} holds {len(dataset)} image in split '{split}'; adaptation needs at least 2")
     if dataset.channels != channels:
         raise UserError(f"--data {data} has {dataset.channels}-channel images, but this encoder takes {channels}; "
                         f"convert the images to {'grey' if channels == 1 else 'RGB'} first")

@@ -125,11 +125,12 @@ def test_adapt_cli_fine_tunes_an_export_with_a_fresh_projector(vit_run, tmp_path
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("case", ["empty", "grey", "vit-stats-only", "file-out", "steps", "batch", "lr", "seed"])
+@pytest.mark.parametrize("case", ["empty", "one", "grey", "vit-stats-only", "file-out", "steps", "batch", "lr", "seed"])
 def test_bad_input_to_adapt_is_one_line_and_exit_2(case, resnet_run, vit_run, tmp_path, capsys) -> None:
     rgb = _npz(tmp_path / "rgb.npz", _dataset(8, seed=4).images)
     args = {
         "empty": [resnet_run, "--data", _npz(tmp_path / "empty.npz", np.zeros((0, 16, 16, 3), np.uint8))],
+        "one": [resnet_run, "--data", _npz(tmp_path / "one.npz", np.zeros((1, 16, 16, 3), np.uint8))],
         "grey": [resnet_run, "--data", _npz(tmp_path / "grey.npz", np.zeros((8, 16, 16), np.uint8))],
         "vit-stats-only": [vit_run, "--data", rgb],
         "file-out": [resnet_run, "--data", rgb],
@@ -144,7 +145,7 @@ def test_bad_input_to_adapt_is_one_line_and_exit_2(case, resnet_run, vit_run, tm
     code, err = cli(capsys, "adapt", *args, "--out", out, "--device", "cpu")
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
-    expected = {"empty": "no images", "grey": "1-channel", "vit-stats-only": "--steps", "file-out": "is a file",
+    expected = {"empty": "no images", "one": "at least 2", "grey": "1-channel", "vit-stats-only": "--steps", "file-out": "is a file",
                 "steps": "--steps", "batch": "--batch-size", "lr": "--lr", "seed": "--seed"}[case]
     assert expected in lines[0]
     assert (out.read_text() == "mine") if case == "file-out" else not out.exists()
