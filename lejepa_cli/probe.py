@@ -474,33 +474,50 @@ def _shift_scores(src: FeatureSource, evaluation: ImageDataset, corruption: tupl
     return head_accuracy(head, x, y)[0], knn[knn_k]
 
 
-def adapted_shift_report(src: FeatureSource, evaluation: ImageDataset, head: LinearHead, train_x: torch.Tensor,
-                         train_y: torch.Tensor, num_classes: int, shift: dict[str, Any]) -> dict[str, Any]:
-    """The shift table after label-free adaptation (`lejepa_cli.adapt`): for each row a copy of the
-    encoder whose BatchNorm statistics are re-estimated on that row's corrupted evaluation images
-    alone, without labels; the labels only score it, with the same linear head and kNN bank
-    (clean train features of the unadapted encoder) as the table before adaptation."""
+def adapted_shift_report(src: FeatureSource, train: ImageDataset, evaluation: ImageDataset, shift: dict[str, Any],
+                         num_classes: int, opts: ProbeOptions) -> dict[str, Any]:
+    """The shift table after label-free adaptation (`lejepa_cli.adapt`), AdaBN's protocol.
+
+    Source: the encoder's BatchNorm statistics re-estimated on the clean train split under the
+    evaluation transform (the running statistics of training describe augmented views of moving
+    weights); its train features fit a linear head and form the kNN bank. Target: for each row a
+    copy of the same weights with statistics from that row's corrupted evaluation images alone,
+    without labels (the same images, with the same noise, that are then scored); the labels only
+    score it. Drops are from the table's clean accuracy (the unadapted encoder's).
+    """
     from lejepa_cli.adapt import adapted_copy
 
     n, knn_k, channels = shift["images"], shift["knn_k"], int(src.info["channels"])
-    clean_lin, clean_knn = shift["clean"]["linear_top1"], shift["clean"]["knn_top1"]
 
-    def scores(corruption: tuple[str, int] | None) -> tuple[float, float]:
+    def adapted_source(dataset: ImageDataset, corruption: tuple[str, int] | None, max_images: int | None) -> FeatureSource:
         corrupt = make_corruption(*corruption) if corruption else None  # the same noise the features will see
 
         def transform(x: torch.Tensor) -> torch.Tensor:
             x = _match_channels(x, channels)
             return corrupt(x) if corrupt is not None else x
 
-        model = adapted_copy(src.encoder, evaluation, device=src.device, batch_size=src.batch_size, max_images=n,
+        model = adapted_copy(src.encoder, dataset, device=src.device, batch_size=src.batch_size, max_images=max_images,
                              transform=transform)
-        adapted = FeatureSource(model, encoder_digest(model), src.device, src.batch_size, src.cache_dir, src.progress)
-        result = _shift_scores(adapted, evaluation, corruption, n, head, train_x, train_y, num_classes, knn_k)
-        src.extractions += adapted.extractions + 1  # + the adaptation's own pass
+        src.extractions += 1  # the adaptation's own pass
+        return FeatureSource(model, encoder_digest(model), src.device, src.batch_size, src.cache_dir, src.progress)
+
+    source = adapted_source(train, None, opts.max_train)
+    train_x, train_y = source.features(train, max_images=opts.max_train, label=f"{train.name} train (source statistics)")
+    linear, _, _ = fit_linear_probe(train_x, train_y, num_classes, val_fraction=opts.val_fraction, lrs=opts.lrs,
+                                    epochs=opts.epochs, seed=opts.seed, device=src.device)
+    head = linear.head
+    src.extractions += source.extractions
+
+    def scores(corruption: tuple[str, int] | None) -> tuple[float, float]:
+        target = adapted_source(evaluation, corruption, n)
+        result = _shift_scores(target, evaluation, corruption, n, head, train_x, train_y, num_classes, knn_k)
+        src.extractions += target.extractions
         return result
 
+    clean_lin, clean_knn = shift["clean"]["linear_top1"], shift["clean"]["knn_top1"]
     lin, knn = scores(None)
-    out: dict[str, Any] = {"method": "batchnorm-stats", "clean": {"linear_top1": lin, "knn_top1": knn}, "corruptions": {}}
+    out: dict[str, Any] = {"method": "batchnorm-stats", "source_images": len(train_x),
+                           "clean": {"linear_top1": lin, "knn_top1": knn}, "corruptions": {}}
     for name, per in shift["corruptions"].items():
         out["corruptions"][name] = {}
         for sev, before in per.items():
@@ -566,8 +583,7 @@ def run_probe(source: str | Path, opts: ProbeOptions | None = None) -> dict[str,
         report["shift"] = shift_report(src, evaluation, linear.head, train_x, train_y, num_classes,
                                        max_images=opts.shift_images)
         if opts.adapt:
-            report["shift"]["adapted"] = adapted_shift_report(src, evaluation, linear.head, train_x, train_y,
-                                                              num_classes, report["shift"])
+            report["shift"]["adapted"] = adapted_shift_report(src, train, evaluation, report["shift"], num_classes, opts)
     if opts.conditions:
         n = min(opts.conditions_samples, len(evaluation))
         embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")

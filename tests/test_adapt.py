@@ -156,6 +156,7 @@ def test_probe_adapt_reports_clean_corrupted_and_adapted(resnet_run, tmp_path) -
     report = run_probe(resnet_run, opts)
     shift, adapted = report["shift"], report["shift"]["adapted"]
     assert adapted["method"] == "batchnorm-stats" and set(adapted["corruptions"]) == set(shift["corruptions"])
+    assert adapted["source_images"] == report["data"]["train"]["images"]  # source statistics from the clean train split
     for name, per in shift["corruptions"].items():
         assert set(adapted["corruptions"][name]) == set(per)
         for cell in adapted["corruptions"][name].values():
