@@ -196,3 +196,22 @@ def test_presets_list_every_corruption_key_switched_off() -> None:
         for p_key, s_key in corruptions.OPS.values():
             assert f"  {p_key}: 0.0" in text and f"  {s_key}: [" in text, (preset, p_key)
             assert getattr(cfg, p_key) == 0.0
+
+
+def test_training_with_every_corruption_on_runs_and_its_checkpoint_keeps_the_settings(tmp_path) -> None:
+    """A tiny run with all six ops at p = 0.5: finite losses, and the config round-trips through
+    the checkpoint, which a resumed run rebuilds its config from."""
+    import json
+
+    from conftest import TINY
+    from lejepa_cli.checkpoint import list_checkpoints, read_metadata
+    from lejepa_cli.train import train
+
+    sets = TINY + [f"views.{k}=0.5" for k in ALL_ON] + ["views.noise_std=[0.05, 0.3]", "views.jpeg_quality=[5, 40]"]
+    out = tmp_path / "run"
+    summary = train(load_config("demo", sets), out, progress=False)
+    assert summary["step"] == 4
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses and all(abs(v) < 1e6 for v in losses)
+    saved = read_metadata(list_checkpoints(out / "checkpoints")[-1])["config"]["views"]
+    assert saved["jpeg_p"] == 0.5 and saved["jpeg_quality"] == [5.0, 40.0] and saved["noise_std"] == [0.05, 0.3]
