@@ -181,11 +181,11 @@ def train(
 
 # Topic modules: `data` and `world` are sub-apps (lejepa data prepare|info|fetch, lejepa world
 # list|simulate); the others add top-level commands.
-from lejepa_cli.commands import bench, data, export, probe, reproduce, world  # noqa: E402
+from lejepa_cli.commands import adapt, bench, data, export, probe, reproduce, world  # noqa: E402
 
 app.add_typer(data.app, name="data")
 app.add_typer(world.app, name="world")
-for _module in (probe, export, reproduce, bench):
+for _module in (probe, export, adapt, reproduce, bench):
     _module.register(app)
 
 

@@ -11,7 +11,10 @@ Gaussian, and SIGReg pushes towards it. `diagnose(h)` measures how close a sampl
   of an N(0, I) sample of the same shape (a finite sample's spectrum is never flat);
 - per-dimension mean and std, and the median excess kurtosis of the projections;
 - a one-line verdict: "near isotropic Gaussian", or which condition fails (collapse,
-  anisotropy, heavy tails, other non-Gaussian shape).
+  anisotropy, heavy tails, other non-Gaussian shape);
+- `explain(...)`: which embedding a verdict is about (the backbone output h that probes read, or
+  the projector output z that SIGReg acts on) and what it means next to the linear probe, so a
+  narrow projector is never reported as a collapsed encoder.
 
 The shape is what is tested: the sample is centred and divided by ONE global scale (the RMS
 std over dimensions) first, so an offset or an overall scale does not fail the test but
@@ -227,6 +230,34 @@ def _verdict(s: dict[str, Any]) -> tuple[list[str], str]:
         return [], (f"near isotropic Gaussian ({100 * s['pass_rate']:.0f}% of projections pass at "
                     f"{100 * s['alpha']:.0f}%, effective rank {s['effective_rank']:.1f} of {d})")
     return failed, "; ".join(reasons)
+
+
+def explain(cond: dict[str, Any], *, linear_top1: float | None = None, num_classes: int | None = None) -> list[str]:
+    """What the verdicts of a probe's conditions check mean, one line per embedding judged.
+
+    `cond` is `diagnose` of the backbone output h, optionally with `cond["projector"]`, the
+    diagnosis of the projector output z. SIGReg acts on z only; probes and exports read h. A
+    failed verdict is therefore weighed against the linear probe on h: an encoder that probes
+    well is fine whatever z looks like (a narrow projector limits training, not these features).
+    """
+    chance = 1.0 / num_classes if num_classes else 0.0
+    # "probes well": at least halfway from chance to perfect, e.g. 0.55 for 10 classes
+    strong = linear_top1 is not None and linear_top1 >= chance + 0.5 * (1.0 - chance)
+    probe = None if linear_top1 is None else f"{linear_top1:.2f}"
+    h_line = f"backbone h (what probes and exports read; SIGReg does not act on it): {cond['verdict']}"
+    if cond.get("failed") and probe is not None:
+        h_line += (f"; yet it probes at {probe}: its classes are linearly separable, so the encoder is fine "
+                   "(h need not be Gaussian)" if strong else
+                   f"; and it probes at only {probe}: the encoder itself is weak")
+    lines = [h_line]
+    z = cond.get("projector")
+    if z:
+        z_line = f"projector z (SIGReg's target, {z['dim']} dims, read only by the training loss): {z['verdict']}"
+        if z.get("failed") and probe is not None:
+            z_line += (f"; backbone h probes at {probe}: the encoder is fine, the projector is narrow" if strong else
+                       f"; backbone h probes at only {probe}: training did not reach SIGReg's target")
+        lines.append(z_line)
+    return lines
 
 
 def _finite_json(obj: Any) -> Any:

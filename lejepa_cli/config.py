@@ -52,6 +52,19 @@ class ViewsConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.2
     solarize_threshold: int = 128  # of 255
+    # Sensor corruptions (lejepa_cli/corruptions.py), all off by default: probability, strength range.
+    noise_p: float = 0.0  # Gaussian noise
+    noise_std: tuple[float, float] = (0.02, 0.2)  # its std, pixels in [0, 1]
+    shot_noise_p: float = 0.0  # signal-dependent (Poisson-like) noise
+    shot_noise_std: tuple[float, float] = (0.05, 0.3)  # its std at white (s * sqrt(x) at x)
+    brightness_shift_p: float = 0.0  # additive brightness offset
+    brightness_shift: tuple[float, float] = (-0.5, 0.5)  # the offset, pixels in [0, 1]
+    contrast_shift_p: float = 0.0  # blend towards the image's mean grey
+    contrast_shift: tuple[float, float] = (0.15, 0.6)  # the factor (0: flat grey, 1: unchanged)
+    jpeg_p: float = 0.0  # JPEG-like 8x8 block DCT quantisation
+    jpeg_quality: tuple[float, float] = (10.0, 60.0)  # libjpeg quality, 1..100
+    dead_pixel_p: float = 0.0  # stuck dark / hot sensor pixels
+    dead_pixel_fraction: tuple[float, float] = (0.001, 0.02)  # fraction of pixels stuck
 
 
 @dataclass
@@ -168,6 +181,18 @@ _RULES: dict[str, tuple[Any, str]] = {
     "views.saturation": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "views.hue": (lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "views.solarize_threshold": (lambda v: 0 <= v <= 255, "an integer in [0, 255]"),
+    "views.noise_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.shot_noise_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.brightness_shift_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.contrast_shift_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.jpeg_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.dead_pixel_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    "views.noise_std": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
+    "views.shot_noise_std": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
+    "views.brightness_shift": (lambda v: -1 <= v[0] <= v[1] <= 1, "two numbers -1 <= lo <= hi <= 1"),
+    "views.contrast_shift": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
+    "views.jpeg_quality": (lambda v: 1 <= v[0] <= v[1] <= 100, "two numbers 1 <= lo <= hi <= 100"),
+    "views.dead_pixel_fraction": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
     "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
     "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

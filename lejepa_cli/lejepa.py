@@ -6,9 +6,14 @@ DistributedDataParallel wrapper sees exactly one forward per backward.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from lejepa_cli.checkpoint import list_checkpoints, read_metadata
 from lejepa_cli.config import Config
 from lejepa_cli.errors import UserError
 from lejepa_cli.models import build_backbone, build_projector
@@ -65,6 +70,33 @@ def build_backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
 
 def build_projector_from_config(cfg: Config, embed_dim: int) -> nn.Module:
     return build_projector(embed_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
+
+
+def load_projector(source: str | Path, device: torch.device) -> nn.Module | None:
+    """The projector of a training checkpoint or run folder (eval mode), or None for exports and
+    other files (an export holds the backbone alone)."""
+    path = Path(source)
+    if path.is_dir():
+        ckpts = list_checkpoints(path / "checkpoints")
+        if not ckpts:
+            return None
+        path = ckpts[-1]
+    try:
+        meta = read_metadata(path)
+    except UserError:
+        return None
+    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("config"), dict):
+        return None
+    prefix = "model.projector."
+    with safe_open(str(path), framework="pt") as f:
+        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    if not state:
+        return None
+    # Sizes from the tensors themselves: net.0 is the first Linear (hidden, in), net.6 the last (out, hidden).
+    first, last = state["net.0.weight"], state["net.6.weight"]
+    projector = build_projector(int(first.shape[1]), int(first.shape[0]), int(last.shape[0]))
+    projector.load_state_dict(state)
+    return projector.to(device).eval()
 
 
 class OnlineProbe(nn.Module):

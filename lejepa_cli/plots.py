@@ -142,6 +142,28 @@ def plot_shift(shift: dict[str, Any], out: Path) -> Path:
     return _save(fig, out)
 
 
+def plot_shift_adaptation(shift: dict[str, Any], out: Path) -> Path:
+    """Clean, corrupted and adapted top-1 side by side per corruption and severity (bars), linear and kNN."""
+    adapted = shift["adapted"]
+    rows = [(name, sev) for name, per in shift["corruptions"].items() for sev in per]
+    fig = _figure(max(8, 0.5 * len(rows) + 2), 6)
+    axes = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(rows))
+    for ax, metric, title in ((axes[0], "linear_top1", "linear probe"), (axes[1], "knn_top1", f"kNN (k={shift['knn_k']})")):
+        before = [shift["corruptions"][n][s][metric] for n, s in rows]
+        after = [adapted["corruptions"][n][s][metric] for n, s in rows]
+        ax.axhline(100 * shift["clean"][metric], color="grey", linestyle="--", linewidth=1, label="clean")
+        ax.bar(x - 0.2, [100 * a for a in before], width=0.4, label="corrupted")
+        ax.bar(x + 0.2, [100 * a for a in after], width=0.4, label=f"adapted ({adapted['method']})")
+        ax.set_title(title)
+        ax.set_ylabel("top-1 %")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    axes[1].set_xticks(x, [f"{n} {s}" for n, s in rows], rotation=60, ha="right", fontsize=8)
+    fig.suptitle(f"label-free adaptation under shift ({shift['images']} images)")
+    return _save(fig, out)
+
+
 # ---- PCA feature maps ------------------------------------------------------------------------------
 
 
@@ -247,6 +269,8 @@ def write_probe_plots(folder: Path, report: dict[str, Any], src: "FeatureSource"
         written.append(plot_spectrum(spectra, folder / "spectrum.png"))
     if report.get("shift"):
         written.append(plot_shift(report["shift"], folder / "shift.png"))
+        if report["shift"].get("adapted"):
+            written.append(plot_shift_adaptation(report["shift"], folder / "shift_adapted.png"))
     images = sample_images(evaluation, num_images)
     maps = pca_feature_maps(src.encoder, images, device=src.device)
     written.append(plot_pca_maps(images, maps, folder / "pca_maps.png"))

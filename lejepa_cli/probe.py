@@ -18,10 +18,11 @@ was trained on: its train split and its held-out "val" split):
 - few-shot: 1 / 5 / 10 labelled images per class, nearest class centroid on centred, unit-norm
   features (SimpleShot), mean and std over draws;
 - robustness under shift (`shift.py`): the same linear head and kNN on corrupted evaluation
-  images, accuracy and its drop per corruption and severity;
+  images, accuracy and its drop per corruption and severity; with `adapt`, also after label-free
+  adaptation (`adapt.py`: BatchNorm statistics re-estimated on each row's corrupted images);
 - conditions (`conditions.py`): is the embedding h a near isotropic Gaussian, or which of
   collapse / anisotropy / heavy tails fails; for a training checkpoint also the projector
-  output z, the space SIGReg acts on.
+  output z, the space SIGReg acts on; a reading of both verdicts next to the linear probe.
 
 Features come from `features.FeatureSource` (cached on disk); the tables and the JSON file are
 written by `probe_report`.
@@ -41,18 +42,17 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
-from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lejepa_cli.checkpoint import read_metadata, tensor_digest
-from lejepa_cli.conditions import diagnose
+from lejepa_cli.checkpoint import tensor_digest
+from lejepa_cli.conditions import diagnose, explain
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.evaluate import knn_classify
-from lejepa_cli.features import FeatureSource, cache_root, usable_cache_dir
+from lejepa_cli.features import FeatureSource, cache_root, match_channels, usable_cache_dir
+from lejepa_cli.lejepa import load_projector
 from lejepa_cli.limits import MAX_EPOCHS, MIN_TRAIN
-from lejepa_cli.shift import CORRUPTIONS, SEVERITIES
+from lejepa_cli.shift import CORRUPTIONS, SEVERITIES, make_corruption
 
 if TYPE_CHECKING:
     from lejepa_cli.config import DataConfig
@@ -83,6 +83,7 @@ class ProbeOptions:
     conditions: bool = True
     conditions_samples: int = 2048  # held-out embeddings tested for normality
     random_init: bool = False  # probe a freshly initialised encoder of the same architecture
+    adapt: bool = False  # also the shift table after label-free adaptation (BatchNorm statistics) per row
     preset: str | None = None  # with random_init and no source: the architecture (and data) of this preset
     cache: bool = True
     progress: bool = True
@@ -175,36 +176,6 @@ def preset_encoder(preset: str, data: str | None, *, device: torch.device, seed:
         "embed_dim": int(encoder.embed_dim), "feature_dim": int(encoder.feature_dim),
     }
     return encoder.to(device).eval()
-
-
-def load_projector(source: str | Path, device: torch.device) -> nn.Module | None:
-    """The projector of a training checkpoint (eval mode), or None for exports and other files."""
-    from lejepa_cli.models import build_projector
-
-    path = Path(source)
-    if path.is_dir():
-        from lejepa_cli.checkpoint import list_checkpoints
-
-        ckpts = list_checkpoints(path / "checkpoints")
-        if not ckpts:
-            return None
-        path = ckpts[-1]
-    try:
-        meta = read_metadata(path)
-    except UserError:
-        return None
-    if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("config"), dict):
-        return None
-    prefix = "model.projector."
-    with safe_open(str(path), framework="pt") as f:
-        state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-    if not state:
-        return None
-    # Sizes from the tensors themselves: net.0 is the first Linear (hidden, in), net.6 the last (out, hidden).
-    first, last = state["net.0.weight"], state["net.6.weight"]
-    projector = build_projector(int(first.shape[1]), int(first.shape[0]), int(last.shape[0]))
-    projector.load_state_dict(state)
-    return projector.to(device).eval()
 
 
 def encoder_digest(encoder: nn.Module) -> str:
@@ -409,10 +380,7 @@ def shift_report(
     n = min(max_images, len(evaluation))
 
     def scores(corruption: tuple[str, int] | None) -> tuple[float, float]:
-        label = f"{evaluation.name} {corruption[0]} {corruption[1]}" if corruption else f"{evaluation.name} (shift subset)"
-        x, y = src.features(evaluation, corruption=corruption, max_images=n, label=label)
-        knn = knn_top1(train_x, train_y, x, y, (knn_k,), num_classes)
-        return head_accuracy(head, x, y)[0], knn[knn_k]
+        return _shift_scores(src, evaluation, corruption, n, head, train_x, train_y, num_classes, knn_k)
 
     clean_lin, clean_knn = scores(None)
     table: dict[str, dict[str, dict[str, float]]] = {}
@@ -429,6 +397,76 @@ def shift_report(
         "mean_linear_drop": float(np.mean([c["linear_drop"] for c in cells])) if cells else 0.0,
         "mean_knn_drop": float(np.mean([c["knn_drop"] for c in cells])) if cells else 0.0,
     }
+
+
+def _shift_scores(src: FeatureSource, evaluation: ImageDataset, corruption: tuple[str, int] | None, n: int,
+                  head: LinearHead, train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
+                  knn_k: int) -> tuple[float, float]:
+    """Linear-head and kNN top-1 of `src` on the first n (evenly spaced) evaluation images, corrupted."""
+    label = f"{evaluation.name} {corruption[0]} {corruption[1]}" if corruption else f"{evaluation.name} (shift subset)"
+    x, y = src.features(evaluation, corruption=corruption, max_images=n, label=label)
+    knn = knn_top1(train_x, train_y, x, y, (knn_k,), num_classes)
+    return head_accuracy(head, x, y)[0], knn[knn_k]
+
+
+def adapted_shift_report(src: FeatureSource, train: ImageDataset, evaluation: ImageDataset, shift: dict[str, Any],
+                         num_classes: int, opts: ProbeOptions) -> dict[str, Any]:
+    """The shift table after label-free adaptation (`lejepa_cli.adapt`), AdaBN's protocol.
+
+    Source: the encoder's BatchNorm statistics re-estimated on the clean train split under the
+    evaluation transform (the running statistics of training describe augmented views of moving
+    weights); its train features fit a linear head and form the kNN bank. Target: for each row a
+    copy of the same weights with statistics from that row's corrupted evaluation images alone,
+    without labels (the same images, with the same noise, that are then scored); the labels only
+    score it. Drops are from the table's clean accuracy (the unadapted encoder's).
+    """
+    from lejepa_cli.adapt import adapted_copy
+
+    n, knn_k, channels = shift["images"], shift["knn_k"], int(src.info["channels"])
+
+    def adapted_source(dataset: ImageDataset, corruption: tuple[str, int] | None, max_images: int | None) -> FeatureSource:
+        corrupt = make_corruption(*corruption) if corruption else None  # the same noise the features will see
+
+        def transform(x: torch.Tensor) -> torch.Tensor:
+            x = match_channels(x, channels)
+            return corrupt(x) if corrupt is not None else x
+
+        model = adapted_copy(src.encoder, dataset, device=src.device, batch_size=src.batch_size, max_images=max_images,
+                             transform=transform)
+        src.extractions += 1  # the adaptation's own pass
+        return FeatureSource(model, encoder_digest(model), src.device, src.batch_size, src.cache_dir, src.progress)
+
+    source = adapted_source(train, None, opts.max_train)
+    train_x, train_y = source.features(train, max_images=opts.max_train, label=f"{train.name} train (source statistics)")
+    linear, _, _ = fit_linear_probe(train_x, train_y, num_classes, val_fraction=opts.val_fraction, lrs=opts.lrs,
+                                    epochs=opts.epochs, seed=opts.seed, device=src.device)
+    head = linear.head
+    src.extractions += source.extractions
+
+    def scores(corruption: tuple[str, int] | None) -> tuple[float, float]:
+        target = adapted_source(evaluation, corruption, n)
+        result = _shift_scores(target, evaluation, corruption, n, head, train_x, train_y, num_classes, knn_k)
+        src.extractions += target.extractions
+        return result
+
+    clean_lin, clean_knn = shift["clean"]["linear_top1"], shift["clean"]["knn_top1"]
+    lin, knn = scores(None)
+    out: dict[str, Any] = {"method": "batchnorm-stats", "source_images": len(train_x),
+                           "clean": {"linear_top1": lin, "knn_top1": knn}, "corruptions": {}}
+    for name, per in shift["corruptions"].items():
+        out["corruptions"][name] = {}
+        for sev, before in per.items():
+            lin, knn = scores((name, int(sev)))
+            lost = clean_lin - before["linear_top1"]
+            out["corruptions"][name][sev] = {
+                "linear_top1": lin, "linear_drop": clean_lin - lin, "knn_top1": knn, "knn_drop": clean_knn - knn,
+                # share of the corruption's linear drop that adaptation wins back (None: nothing was lost)
+                "linear_recovered": (lin - before["linear_top1"]) / lost if lost > 0.01 else None,
+            }
+    cells = [c for per in out["corruptions"].values() for c in per.values()]
+    out["mean_linear_drop"] = float(np.mean([c["linear_drop"] for c in cells])) if cells else 0.0
+    out["mean_knn_drop"] = float(np.mean([c["knn_drop"] for c in cells])) if cells else 0.0
+    return out
 
 
 # ---- the whole probe -----------------------------------------------------------------------------------
@@ -455,6 +493,8 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
     else:
         encoder = load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
     info = encoder.lejepa_info
+    if opts.adapt:
+        _check_adapt(encoder, source, opts)
     train, evaluation = probe_datasets(info, opts)
     n_train = len(train) if opts.max_train is None else min(len(train), opts.max_train)
     if n_train < MIN_TRAIN or len(evaluation) == 0:
@@ -496,6 +536,8 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
     if opts.shift:
         report["shift"] = shift_report(src, evaluation, linear.head, train_x, train_y, num_classes,
                                        max_images=opts.shift_images)
+        if opts.adapt:
+            report["shift"]["adapted"] = adapted_shift_report(src, train, evaluation, report["shift"], num_classes, opts)
     if opts.conditions:
         n = min(opts.conditions_samples, len(evaluation))
         embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
@@ -508,6 +550,7 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
                 z = projector(embeddings.to(device)).float().cpu()
             report["conditions"]["projector"] = {**diagnose(z, seed=opts.seed, cache_dir=calib),
                                                  "space": "projector output z (what SIGReg regularises)"}
+        report["conditions"]["reading"] = explain(report["conditions"], linear_top1=top1, num_classes=num_classes)
     report["timing"] = {"extract_s": t_extract - t0, "total_s": time.perf_counter() - t0,
                         "extractions": src.extractions}
     if opts.plots is not None:
@@ -516,3 +559,15 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
     return report
+
+
+def _check_adapt(encoder: nn.Module, source: str | Path, opts: ProbeOptions) -> None:
+    """--adapt needs the shift table and an encoder with BatchNorm statistics to re-estimate."""
+    from lejepa_cli.adapt import batchnorm_layers
+
+    if not opts.shift:
+        raise UserError("--adapt reports the shift table after adaptation: drop --no-shift")
+    if not batchnorm_layers(encoder):
+        raise UserError(f"--adapt re-estimates BatchNorm statistics, and {source} ({encoder.arch_config()['arch']}) "
+                        f"has none (LayerNorm only); adapt it by fine-tuning with `lejepa adapt --steps N` and "
+                        f"probe the export")

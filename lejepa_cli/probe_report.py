@@ -46,7 +46,9 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
                          f"eval {data['eval']['name']} ({plural(data['eval']['images'], 'image')})")
     tables = [main]
     shift = report.get("shift")
-    if shift:
+    if shift and shift.get("adapted"):
+        tables.append(_adapted_shift_table(shift))
+    elif shift:
         t = Table("corruption", "severity", "linear %", "drop", f"kNN k={shift['knn_k']} %", "drop",
                   title=f"robustness under shift ({plural(shift['images'], 'eval image')})")
         t.add_row("clean", "", _pct(shift["clean"]["linear_top1"]), "", _pct(shift["clean"]["knn_top1"]), "")
@@ -56,8 +58,9 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         tables.append(t)
     cond = report.get("conditions")
     if cond:
-        t = Table("statistic", *(["embedding h"] + (["projector z"] if "projector" in cond else [])),
-                  title="conditions: is the embedding an isotropic Gaussian?")
+        t = Table("statistic", *(["backbone h (probes read it)"] + (["projector z (SIGReg acts on it)"] if "projector" in cond else [])),
+                  title="conditions: is the embedding an isotropic Gaussian?",
+                  caption="\n".join(cond.get("reading") or ()) or None, caption_justify="left")
         spaces = [cond] + ([cond["projector"]] if "projector" in cond else [])
 
         def row(label: str, fmt: Callable[[dict[str, Any]], str]) -> None:
@@ -77,6 +80,25 @@ def report_tables(report: dict[str, Any]) -> list[Table]:
         row("verdict", lambda s: s["verdict"])
         tables.append(t)
     return tables
+
+
+def _adapted_shift_table(shift: dict[str, Any]) -> Table:
+    """Clean, corrupted and adapted top-1 side by side, per corruption and severity."""
+    knn = f"kNN k={shift['knn_k']}"
+    t = Table("corruption", "sev", "linear clean %", "corrupted", "adapted", "recovered",
+              f"{knn} clean %", "corrupted", "adapted",
+              title=f"robustness under shift, before and after label-free adaptation ({shift['images']} eval images; "
+                    f"adapted: BatchNorm statistics re-estimated on each row's corrupted images, no labels)")
+    clean, adapted = shift["clean"], shift["adapted"]
+    t.add_row("clean", "", _pct(clean["linear_top1"]), "", _pct(adapted["clean"]["linear_top1"]), "",
+              _pct(clean["knn_top1"]), "", _pct(adapted["clean"]["knn_top1"]))
+    for name, per in shift["corruptions"].items():
+        for sev, c in per.items():
+            a = adapted["corruptions"][name][sev]
+            rec = "-" if a["linear_recovered"] is None else f"{100 * a['linear_recovered']:.0f}%"
+            t.add_row(name, sev, _pct(clean["linear_top1"]), _pct(c["linear_top1"]), _pct(a["linear_top1"]), rec,
+                      _pct(clean["knn_top1"]), _pct(c["knn_top1"]), _pct(a["knn_top1"]))
+    return t
 
 
 def _num(x: float | None) -> str:

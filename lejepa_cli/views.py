@@ -29,6 +29,9 @@ Definitions (torchvision's unless noted):
 - Solarize: values >= threshold / 255 become 1 - value.
 - Single-channel images skip saturation, hue and grayscale; their brightness and contrast run as
   one affine map clamped once (see `_jitter_mono_`).
+- Sensor corruptions (noise, shot noise, brightness / contrast shifts, dead pixels, JPEG blocks;
+  `corruptions.py`), each with its own probability, after the ops above; all off by default, and
+  then nothing more is drawn, so default views are unchanged.
 Everything runs in float32 in [0, 1], also inside an autocast region, and normalises last. On the CPU
 a gated op is computed only for the samples it applies to; on an accelerator for all, then picked
 with `where`, so the whole function queues kernels without waiting on the device.
@@ -44,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lejepa_cli import corruptions
 from lejepa_cli.config import ViewsConfig
 
 _TRIALS = 10  # torchvision's random-resized-crop attempts before the centre-crop fallback
@@ -97,11 +101,14 @@ def _make_views(
     atlas = _MipAtlas(images.float().div_(255), levels)  # (N, C, Ha, Wa) in [0, 1]
     mean_t = _constant(images.device, tuple(mean)).view(1, -1, 1, 1)
     std_t = _constant(images.device, tuple(std)).view(1, -1, 1, 1)
+    ops = corruptions.active(cfg)  # none by default: then nothing more is drawn and views are unchanged
 
     def group(views: int, size: int, scale: tuple[float, float]) -> Tensor:
         u = torch.rand(views, n, _NUM_DRAWS, generator=generator, device=images.device)  # (V, N, D)
         x = atlas.crops(u, size, scale, cfg.ratio, cfg.flip_p)  # (V*N, C, S, S)
         x = _photometric(x, u.view(views * n, _NUM_DRAWS), cfg)
+        if ops:
+            x = _corrupt(x, ops, cfg, generator)
         x = x.sub_(mean_t).div_(std_t)
         return x.view(views, n, c, size, size)
 
@@ -246,6 +253,41 @@ def _photometric(x: Tensor, u: Tensor, cfg: ViewsConfig) -> Tensor:
         x = _gated(x, u[:, _C_BLUR] < cfg.blur_p, lambda x, sg: _blur(x, sg[:, 0], radius), sigma)
     thr = cfg.solarize_threshold / 255
     return _gated(x, u[:, _C_SOLAR] < cfg.solarize_p, lambda x, _: torch.where(x >= thr, 1 - x, x), factors)
+
+
+def _corrupt(x: Tensor, ops: list[str], cfg: ViewsConfig, generator: torch.Generator) -> Tensor:
+    """The sensor corruptions `ops` (those with probability > 0) on (B, C, S, S) in [0, 1].
+
+    Draws come after the view group's own, from the same generator: a gate and a strength per op
+    (B, 2 * len(ops)), then the noise or pixel draws each op needs, the same count whatever the
+    gates, so views stay bit-identical for one generator state. A sample whose gate did not fire
+    gets its op's identity strength (std 0, offset 0, factor 1, fraction 0): exact, and no selection;
+    the JPEG op has no identity strength and runs gated.
+    """
+    b, dev = x.shape[0], x.device
+    u = torch.rand(b, 2 * len(ops), generator=generator, device=dev)  # (B, 2K): gate, strength
+    for i, name in enumerate(ops):
+        p_key, s_key = corruptions.OPS[name]
+        lo, hi = getattr(cfg, s_key)
+        fire = u[:, 2 * i] < getattr(cfg, p_key)  # (B,)
+        strength = lo + (hi - lo) * u[:, 2 * i + 1]  # (B,)
+        if name == "jpeg":
+            x = _gated(x, fire, lambda x, q: corruptions.jpeg_blocks(x, q[:, 0]), strength[:, None])
+            continue
+        idle = 1.0 if name == "contrast_shift" else 0.0
+        strength = torch.where(fire, strength, idle)
+        if name == "noise":
+            x = corruptions.gaussian_noise(x, strength, torch.randn(x.shape, generator=generator, device=dev))
+        elif name == "shot_noise":
+            x = corruptions.shot_noise(x, strength, torch.randn(x.shape, generator=generator, device=dev))
+        elif name == "dead_pixels":
+            sites = torch.rand(b, 1, *x.shape[2:], generator=generator, device=dev)  # (B, 1, S, S)
+            x = corruptions.dead_pixels(x, strength, sites)
+        elif name == "brightness_shift":
+            x = corruptions.brightness_shift(x, strength)
+        else:
+            x = corruptions.contrast_shift(x, strength)
+    return x
 
 
 def _gated(x: Tensor, gate: Tensor, fn: Callable[[Tensor, Tensor], Tensor], params: Tensor) -> Tensor:

@@ -32,6 +32,7 @@ def probe(
     max_train: Annotated[Optional[int], typer.Option(min=MIN_TRAIN, help="Use at most this many train images (evenly spaced).")] = None,
     shift: Annotated[bool, typer.Option(help="Evaluate under corruptions (noise, blur, contrast, brightness, pixelation).")] = True,
     shift_images: Annotated[int, typer.Option(min=1, help="Evaluation images corrupted per corruption and severity.")] = 2000,
+    adapt: Annotated[bool, typer.Option("--adapt", help="Also show the shift table after label-free adaptation: BatchNorm statistics re-estimated on each row's corrupted images (no labels).")] = False,
     conditions: Annotated[bool, typer.Option(help="Check normality / isotropy of the embeddings.")] = True,
     cache: Annotated[bool, typer.Option(help="Cache features on disk ($LEJEPA_CACHE_DIR, default ~/.cache/lejepa).")] = True,
     device: Device = "auto",
@@ -58,7 +59,7 @@ def probe(
     else:
         opts = ProbeOptions(data=data, train_split=train_split, eval_split=eval_split, device=device,
                             batch_size=batch_size, max_train=max_train, epochs=epochs, shift=shift,
-                            shift_images=shift_images, conditions=conditions, random_init=random_init,
+                            shift_images=shift_images, conditions=conditions, adapt=adapt, random_init=random_init,
                             preset=preset, cache=cache, progress=not no_progress, plots=plots)
         result = run_probe(ckpt, opts)
         for table in report_tables(result):
