@@ -34,17 +34,19 @@ from lejepa_cli.checkpoint import (
     checkpoint_name, find_resumable, list_checkpoints, load_checkpoint, optimizer_from_flat, optimizer_to_flat,
     prune, save_checkpoint, split_prefix,
 )
-from lejepa_cli.config import Config, config_from_dict, set_key, _parse_scalar, validate
+from lejepa_cli.config import Config, apply_overrides
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.data.loader import BatchLoader, StepSampler
 from lejepa_cli.data.sources import load_dataset
 from lejepa_cli.errors import RunFailed, UserError
-from lejepa_cli.evaluate import extract_features, knn_classify
+from lejepa_cli.evaluate import TRAIN_KNN_K, TRAIN_KNN_MAX_IMAGES, extract_features, knn_classify, knn_protocol
 from lejepa_cli.lejepa import (
     OnlineProbe, ViewEncoder, ViewProjector, build_backbone_from_config, build_projector_from_config,
 )
 from lejepa_cli.logs import RunLogger, Throughput, console, trim_metrics
 from lejepa_cli.loss import lejepa_loss
+from lejepa_cli.preflight import preflight
+from lejepa_cli.resume import check_run_folder, finished_summary, resume_point
 from lejepa_cli.views import make_views
 
 
@@ -105,14 +107,8 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config | None:
     """The config stored in a run's newest good checkpoint, with `overrides` on top; None if no checkpoint."""
-    found = find_resumable(run_dir / "checkpoints", warn=lambda m: console.print(f"[yellow]{m}"))
-    if found is None:
-        return None
-    cfg = config_from_dict(found[2]["config"])
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        set_key(cfg, key.strip(), _parse_scalar(raw))
-    return validate(cfg)
+    point = resume_point(run_dir)
+    return None if point is None else apply_overrides(point[1], overrides)
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -136,8 +132,8 @@ class Run:
     modules: dict[str, nn.Module] = field(default_factory=dict)  # unwrapped, for state dicts
 
 
-def build_run(cfg: Config, device: torch.device) -> Run:
-    train_data = load_dataset(cfg.data, cfg.data.train_split)
+def build_run(cfg: Config, device: torch.device, train_data: ImageDataset | None = None) -> Run:
+    train_data = load_dataset(cfg.data, cfg.data.train_split) if train_data is None else train_data
     try:
         val_data = load_dataset(cfg.data, cfg.data.eval_split)
     except UserError:
@@ -294,7 +290,7 @@ def lejepa_step(run: Run, micro_batches: list[torch.Tensor], labels: list[torch.
 
 
 @torch.no_grad()
-def evaluate(run: Run, max_train: int = 10_000) -> dict[str, float]:
+def evaluate(run: Run, max_train: int = TRAIN_KNN_MAX_IMAGES) -> dict[str, float]:
     """kNN (k=20) and online-probe top-1 on the held-out split, with the clean eval transform."""
     if run.val_data is None or run.val_data.labels is None or run.train_data.labels is None:
         return {}
@@ -307,7 +303,8 @@ def evaluate(run: Run, max_train: int = 10_000) -> dict[str, float]:
     val_f, val_y = extract_features(backbone, run.val_data, **kwargs)
     backbone.train(was_training)
     num_classes = max(run.train_data.num_classes, run.val_data.num_classes)
-    out = {"knn_top1": knn_classify(train_f, train_y, val_f, val_y, ks=(20,), num_classes=num_classes)[min(20, len(train_f))]}
+    k = TRAIN_KNN_K
+    out = {"knn_top1": knn_classify(train_f, train_y, val_f, val_y, ks=(k,), num_classes=num_classes)[min(k, len(train_f))]}
     probe = run.modules.get("probe")
     if probe is not None:
         probe.eval()
@@ -358,6 +355,7 @@ class _StopSignal:
 
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> bool:
     """Refuse to reuse a run folder by accident; True when its old contents must be cleared."""
+    check_run_folder(out)
     existing = out.exists() and any(out.iterdir())
     if existing and not resume and not overwrite:
         raise UserError(f"run folder {out} already exists: pass --resume auto to continue it or --overwrite to start over")
@@ -380,6 +378,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
     or the path of a checkpoint file.
     """
+    if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
+        return done  # nothing left to train: the run's files stay as they are
     device = select_device(cfg.train.device)
     owns_group = dist.setup(device)  # torchrun: join the process group (and leave it at the end)
     world, rank = dist.world_size(), dist.rank()
@@ -389,7 +389,9 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                         f"train.grad_accum = {world} x {cfg.train.grad_accum}")
     must_clear = check_run_dir(out, resume=resume is not None, overwrite=overwrite)
     dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-    run = build_run(cfg, device)
+    train_data = load_dataset(cfg.data, cfg.data.train_split)
+    preflight(cfg, device, train_data, autocast_dtype(cfg, device))  # before anything heavy is built or written
+    run = build_run(cfg, device, train_data)
     sampler = StepSampler(len(run.train_data), cfg.train.batch_size, cfg.train.seed)
     ckpt_dir = out / "checkpoints"
 
@@ -515,6 +517,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     scores = evaluate(run)
     summary = {"step": last_good_step, "train_s": train_s, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores,
                **_before_training(out / "metrics.jsonl")}
+    if "knn_top1" in scores:
+        summary["knn_protocol"] = knn_protocol(run.backbone, len(run.train_data))
     if dist.is_main():
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": last_good_step, "train_s": train_s, **scores}) + "\n")
