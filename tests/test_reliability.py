@@ -339,12 +339,18 @@ def test_resume_into_another_architecture_is_one_line(trained, tmp_path, capsys)
     assert len(list_checkpoints(run / "checkpoints")) == 2  # nothing deleted
 
 
-def test_auto_resume_skips_a_damaged_newest_checkpoint_and_ends_identical(trained, tmp_path, capsys):
+def copy_with_damaged_newest(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the trained run whose newest checkpoint has one bit flipped in its tensor data: (run, newest)."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     newest = run / "checkpoints" / "step-000000004.safetensors"
     data = newest.read_bytes()
     newest.write_bytes(flip(data, len(data) - 100))
+    return run, newest
+
+
+def test_auto_resume_skips_a_damaged_newest_checkpoint_and_ends_identical(trained, tmp_path, capsys):
+    run, newest = copy_with_damaged_newest(trained, tmp_path)
     capsys.readouterr()
     train(load_config("demo", fast()), run, progress=False, resume="auto")
     err = squash(capsys.readouterr().err)
@@ -367,12 +373,7 @@ def test_auto_resume_refuses_when_no_checkpoint_loads(trained, tmp_path, capsys)
 
 def test_cli_auto_resume_warns_once_per_damaged_checkpoint_and_ends_identical(trained, tmp_path, capsys):
     """The CLI scans the checkpoints once: one warning for the damaged file, then the same run as before."""
-    run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    newest = run / "checkpoints" / "step-000000004.safetensors"
-    data = newest.read_bytes()
-    newest.write_bytes(flip(data, len(data) - 100))
-    (run / "summary.json").unlink()
+    run, newest = copy_with_damaged_newest(trained, tmp_path)  # its summary.json says step 4: not finished now
     code, err = run_cli(capsys, "train", "--resume", "auto", "--out", run, "--no-progress")
     assert code == 0 and err.count("skipping damaged checkpoint") == 1, err
     assert_identical(tensors_of(newest), tensors_of(trained / "checkpoints" / newest.name))
