@@ -86,6 +86,7 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(flat, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes through a private (0600) temporary file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -94,6 +95,13 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
         tmp.unlink(missing_ok=True)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
         raise RunFailed(f"could not write checkpoint {path}: {reason}; the previous checkpoints are intact") from None
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it, so set straight back), for files made as open() would make them."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -137,43 +137,66 @@ def presets_show(name: Annotated[str, typer.Argument(help="Preset name, e.g. vit
 
 @app.command()
 def train(
-    preset: Annotated[str, typer.Option("--preset", "-p", help="Preset name (see `lejepa presets list`) or a YAML file.")] = "demo",
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name (see `lejepa presets list`) or a YAML file [default: demo]. With --resume the run keeps the config stored in its checkpoint: a --preset given then must match it.")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder (default: runs/PRESET).")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key.sub=value (repeatable).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Data source: builtin, an IDX folder, an .npz or a prepared folder. " + NPZ_KEYS_HELP + ".")] = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (newest good checkpoint in the run folder) or a checkpoint file.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: key.sub=value (repeatable; with --resume, on top of the run's own config).")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data source: builtin, an IDX folder, an .npz or a prepared folder (a trajectory folder, .npz or .h5 for a world preset). " + NPZ_KEYS_HELP + ".")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="'auto' (newest good checkpoint in the run folder; none there: a new run) or a checkpoint file. A finished run is left as it is.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an existing run folder (deletes its checkpoints).")] = False,
     init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Initialise the encoder from an export or checkpoint (a new run, not a resume).")] = None,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar (logs still go to metrics.jsonl).")] = False,
 ) -> None:
     """Pretrain an encoder with LeJEPA."""
-    from lejepa_cli.config import load_config
-    from lejepa_cli.train import resume_config, train as run_train
+    from lejepa_cli import dist
+    from lejepa_cli.config import apply_overrides, load_config
+    from lejepa_cli.resume import check_preset_matches, check_run_folder, resume_point
+    from lejepa_cli.train import train as run_train
 
     sets = list(overrides or []) + ([f"data.source={data}"] if data else [])
-    out = out or Path("runs") / Path(preset).stem
+    out = out or Path("runs") / Path(preset or "demo").stem
     if resume is not None and init_from is not None:
         raise UserError("--resume continues a run exactly; --init-from starts a new one: give only one")
+    if resume is not None and overwrite:
+        raise UserError("--resume continues the run in the run folder; --overwrite deletes it to start over: give only one")
+    check_run_folder(out)
     cfg = None
     if resume == "auto":
-        cfg = resume_config(out, sets)  # the run's own config; None when there is nothing to resume
+        point = resume_point(out)  # the one scan of the checkpoints; train() loads the file it found
+        if point is None:
+            if dist.is_main():
+                err_console.print(f"nothing to resume in {out}: starting a new run", highlight=False, soft_wrap=True)
+        else:
+            resume, cfg = str(point[0]), apply_overrides(point[1], sets)
     elif resume is not None:
         from lejepa_cli.checkpoint import FORMAT, read_metadata
-        from lejepa_cli.config import apply_overrides, config_from_dict
+        from lejepa_cli.config import config_from_dict
 
         meta = read_metadata(Path(resume))  # the full load, checksum included, happens in train()
         if meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
             raise UserError(f"{resume} is not a lejepa training checkpoint (no training config in it)")
         cfg = apply_overrides(config_from_dict(meta["config"]), sets)  # as with --resume auto
-    cfg = cfg or load_config(preset, sets)
+    if cfg is not None and preset is not None:
+        check_preset_matches(cfg, load_config(preset, sets), preset, resume)
+    cfg = cfg or load_config(preset or "demo", sets)
     summary = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from)
-    table = Table("result", "value", title=f"run {out}")
-    for key, value in summary.items():
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    from lejepa_cli import dist
-
     if dist.is_main():
-        console.print(table)
+        print_result(summary, f"run {out}")
+
+
+def print_result(summary: dict, title: str) -> None:
+    """A result table on a terminal (values folded, never cut: paths stay whole); otherwise the title, then
+    `key: value` lines (for files and scripts)."""
+    cells = {key: f"{value:.4f}" if isinstance(value, float) else str(value) for key, value in summary.items()}
+    if not console.is_terminal:
+        print(title)
+        for key, text in cells.items():
+            print(f"{key}: {text}")
+        return
+    table = Table("result", "value", title=title)
+    table.columns[1].overflow = "fold"
+    for key, text in cells.items():
+        table.add_row(key, text)
+    console.print(table)
 
 
 # ---- entry point ---------------------------------------------------------------------------------

@@ -113,6 +113,9 @@ class TrainConfig:
     online_probe: bool = True  # train a linear probe on detached features when labels exist
     eval_every: int = 0  # kNN evaluation on held-out data every N steps (0: only at the end)
     on_nonfinite: str = "stop"  # stop|skip: what a NaN/inf loss does
+    # estimate one step's memory before training and refuse when it cannot fit (lejepa_cli/preflight.py);
+    # false skips the check and its warnings, e.g. when swap or a pessimistic estimate should not stop a run
+    preflight: bool = True
 
 
 @dataclass
@@ -330,6 +333,18 @@ def merge_tree(cfg: Config, tree: dict[str, Any], prefix: str = "") -> None:
             merge_tree(cfg, value, full + ".")
         else:
             set_key(cfg, full, value)
+
+
+def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def get_key(cfg: Config, key: str) -> Any:

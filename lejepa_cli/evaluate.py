@@ -14,6 +14,21 @@ import torch.nn.functional as F
 
 from lejepa_cli.data.dataset import ImageDataset
 
+# Training's kNN (end of run, eval_every) uses at most this many train images, evenly spaced: a
+# quick monitor. `lejepa probe` uses every train image and the probe features, so for a ViT its
+# kNN of the same checkpoint differs; `knn_protocol` says so in the training summary.
+TRAIN_KNN_MAX_IMAGES = 10_000
+TRAIN_KNN_K = 20
+
+
+def knn_protocol(backbone: torch.nn.Module, train_images: int) -> str:
+    """How training's knn_top1 is measured, beside what `lejepa probe` measures for the same checkpoint."""
+    used = min(train_images, TRAIN_KNN_MAX_IMAGES)
+    same = backbone.feature_dim == backbone.embed_dim  # ResNets: probe features are the embedding
+    features = "embedding h (= the probe's features)" if same else "embedding h (the probe reads the last two blocks' CLS)"
+    return (f"k={TRAIN_KNN_K} on the {features}, {used} of {train_images} train images; "
+            f"lejepa probe: k=10/20/200 on probe features, every train image")
+
 
 def eval_transform(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(B, C, H, W) uint8 -> (B, C, size, size) float32, normalised."""

@@ -22,7 +22,7 @@ from lejepa_cli.config import Config
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.data.sources import held_out_note, load_dataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import extract_features, knn_classify
+from lejepa_cli.evaluate import TRAIN_KNN_K, TRAIN_KNN_MAX_IMAGES, extract_features, knn_classify
 from lejepa_cli.lejepa import (
     OnlineProbe, ViewEncoder, ViewProjector, build_backbone_from_config, build_projector_from_config,
 )
@@ -78,8 +78,8 @@ class ImageRun:
         return f"{self.cfg.model.arch} on {self.train_data.name} ({len(self.train_data)} images)"
 
 
-def build_image_run(cfg: Config, device: torch.device) -> ImageRun:
-    train_data = load_dataset(cfg.data, cfg.data.train_split)
+def build_image_run(cfg: Config, device: torch.device, train_data: ImageDataset | None = None) -> ImageRun:
+    train_data = load_dataset(cfg.data, cfg.data.train_split) if train_data is None else train_data
     try:
         val_data = load_dataset(cfg.data, cfg.data.eval_split)
     except UserError:
@@ -184,7 +184,7 @@ def lejepa_step(run: ImageRun, micro_batches: list[torch.Tensor], labels: list[t
 
 
 @torch.no_grad()
-def evaluate(run: ImageRun, max_train: int = 10_000) -> dict[str, float]:
+def evaluate(run: ImageRun, max_train: int = TRAIN_KNN_MAX_IMAGES) -> dict[str, float]:
     """kNN (k=20) and online-probe top-1 on the held-out split, with the clean eval transform."""
     if run.val_data is None or run.val_data.labels is None or run.train_data.labels is None:
         return {}
@@ -197,7 +197,8 @@ def evaluate(run: ImageRun, max_train: int = 10_000) -> dict[str, float]:
     val_f, val_y = extract_features(backbone, run.val_data, **kwargs)
     backbone.train(was_training)
     num_classes = max(run.train_data.num_classes, run.val_data.num_classes)
-    out = {"knn_top1": knn_classify(train_f, train_y, val_f, val_y, ks=(20,), num_classes=num_classes)[min(20, len(train_f))]}
+    k = TRAIN_KNN_K
+    out = {"knn_top1": knn_classify(train_f, train_y, val_f, val_y, ks=(k,), num_classes=num_classes)[min(k, len(train_f))]}
     probe = run.modules.get("probe")
     if probe is not None:
         probe.eval()

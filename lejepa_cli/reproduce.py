@@ -151,24 +151,13 @@ def _check_eval_split(source: str, split: str, name: str) -> None:
                         f"with train/ and {split}/ sub-folders, or one made by `lejepa data prepare --val-fraction 0.1`")
 
 
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            keys += _diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            keys.append(f"{prefix}{k}")
-    return keys
-
-
 def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str] | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run recipe `name` in folder `out` (resumable: running it again continues) and return the report."""
-    from lejepa_cli.config import apply_overrides, load_config
+    from lejepa_cli.config import apply_overrides, diff_keys, load_config
     from lejepa_cli.probe import ProbeOptions, run_probe
-    from lejepa_cli.train import resume_config, train
+    from lejepa_cli.resume import resume_point
+    from lejepa_cli.train import train
 
     if name not in RECIPES:
         raise UserError(f"unknown recipe '{name}': choose one of {', '.join(RECIPES)}")
@@ -178,11 +167,12 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
     overrides = [*recipe.overrides, f"data.source={source}", *(extra or [])]
     run_dir = out / "run"
     cfg = load_config(recipe.preset, overrides)
-    trained = resume_config(run_dir)  # the config the run in `out` was trained with, if any
+    point = resume_point(run_dir)  # the run in `out`, if any: its newest good checkpoint and config
+    trained = None if point is None else point[1]
     # Continuing a run of another config (an older recipe, other --set values) would pin this
     # recipe's verdict on different settings; keys the user sets now are theirs to change.
     own = {item.partition("=")[0].strip() for item in (extra or [])}
-    changed = [] if trained is None else [k for k in _diff(trained.to_dict(), cfg.to_dict()) if k not in own]
+    changed = [] if trained is None else [k for k in diff_keys(trained.to_dict(), cfg.to_dict()) if k not in own]
     if changed:
         raise UserError(f"{run_dir} holds a run with a different config than recipe '{name}' "
                         f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); use another --out or delete it")
@@ -190,7 +180,7 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
         cfg = apply_overrides(trained, overrides)  # the run continues as trained, with this call's overrides
     _check_eval_split(source, cfg.data.eval_split, name)
     t_data = time.perf_counter()
-    train(cfg, run_dir, resume="auto", progress=progress)
+    train(cfg, run_dir, resume="auto" if point is None else str(point[0]), progress=progress)  # scanned once
     t_train = time.perf_counter()
     report = run_probe(run_dir, ProbeOptions(data=source, shift=False, conditions=False, progress=progress))
     measured = {"linear_top1": report["linear_top1"], "knn_top1": report["knn_top1"]["20"]}

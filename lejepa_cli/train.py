@@ -32,11 +32,13 @@ from lejepa_cli.checkpoint import (
     checkpoint_name, find_resumable, load_checkpoint, optimizer_from_flat, optimizer_to_flat, prune,
     save_checkpoint, split_prefix,
 )
-from lejepa_cli.config import Config, config_from_dict, set_key, _parse_scalar, validate
+from lejepa_cli.config import Config, apply_overrides
 from lejepa_cli.data.loader import BatchLoader, StepSampler
 from lejepa_cli.errors import RunFailed, UserError
 from lejepa_cli.logs import RunLogger, Throughput, console, trim_metrics
 from lejepa_cli.optim import autocast_dtype, lr_at, param_groups  # noqa: F401  (re-exported: the loop's pieces)
+from lejepa_cli.preflight import preflight
+from lejepa_cli.resume import check_run_folder, finished_summary, resume_point
 
 
 # ---- small pure pieces -------------------------------------------------------------------------
@@ -67,14 +69,8 @@ def select_device(name: str) -> torch.device:
 
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config | None:
     """The config stored in a run's newest good checkpoint, with `overrides` on top; None if no checkpoint."""
-    found = find_resumable(run_dir / "checkpoints", warn=lambda m: console.print(f"[yellow]{m}"))
-    if found is None:
-        return None
-    cfg = config_from_dict(found[2]["config"])
-    for item in overrides:
-        key, _, raw = item.partition("=")
-        set_key(cfg, key.strip(), _parse_scalar(raw))
-    return validate(cfg)
+    point = resume_point(run_dir)
+    return None if point is None else apply_overrides(point[1], overrides)
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -102,15 +98,16 @@ class Run(Protocol):
     def describe(self) -> str: ...
 
 
-def build_run(cfg: Config, device: torch.device) -> Run:
-    """The run of the config's objective: image pretraining or a world model."""
+def build_run(cfg: Config, device: torch.device, train_data: Any = None) -> Run:
+    """The run of the config's objective: image pretraining or a world model (`train_data`: an
+    image objective's already loaded train split)."""
     if cfg.objective == "world":
         from lejepa_cli.world.objective import build_world_run
 
         return build_world_run(cfg, device)
     from lejepa_cli.image_objective import build_image_run
 
-    return build_image_run(cfg, device)
+    return build_image_run(cfg, device, train_data)
 
 
 def run_state(run: Run, step: int, sampler: StepSampler) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -199,6 +196,7 @@ class _StopSignal:
 
 def check_run_dir(out: Path, *, resume: bool, overwrite: bool) -> bool:
     """Refuse to reuse a run folder by accident; True when its old contents must be cleared."""
+    check_run_folder(out)
     existing = out.exists() and any(out.iterdir())
     if existing and not resume and not overwrite:
         raise UserError(f"run folder {out} already exists: pass --resume auto to continue it or --overwrite to start over")
@@ -221,6 +219,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
     or the path of a checkpoint file.
     """
+    if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
+        return done  # nothing left to train: the run's files stay as they are
     device = select_device(cfg.train.device)
     owns_group = dist.setup(device)  # torchrun: join the process group (and leave it at the end)
     world, rank = dist.world_size(), dist.rank()
@@ -230,7 +230,13 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                         f"train.grad_accum = {world} x {cfg.train.grad_accum}")
     must_clear = check_run_dir(out, resume=resume is not None, overwrite=overwrite)
     dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-    run = build_run(cfg, device)
+    train_data = None
+    if cfg.objective == "image":  # the memory check estimates image pretraining's step
+        from lejepa_cli.data.sources import load_dataset
+
+        train_data = load_dataset(cfg.data, cfg.data.train_split)
+        preflight(cfg, device, train_data, autocast_dtype(cfg, device))  # before anything heavy is built or written
+    run = build_run(cfg, device, train_data)
     sampler = StepSampler(len(run.train_data), cfg.train.batch_size, cfg.train.seed)
     ckpt_dir = out / "checkpoints"
 
@@ -356,6 +362,10 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     scores = run.evaluate()
     summary = {"step": last_good_step, "train_s": train_s, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores,
                **_before_training(out / "metrics.jsonl")}
+    if "knn_top1" in scores:
+        from lejepa_cli.evaluate import knn_protocol
+
+        summary["knn_protocol"] = knn_protocol(run.modules["backbone"], len(run.train_data))
     if dist.is_main():
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": last_good_step, "train_s": train_s, **scores}) + "\n")

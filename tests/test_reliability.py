@@ -21,6 +21,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -338,12 +339,18 @@ def test_resume_into_another_architecture_is_one_line(trained, tmp_path, capsys)
     assert len(list_checkpoints(run / "checkpoints")) == 2  # nothing deleted
 
 
-def test_auto_resume_skips_a_damaged_newest_checkpoint_and_ends_identical(trained, tmp_path, capsys):
+def copy_with_damaged_newest(trained: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the trained run whose newest checkpoint has one bit flipped in its tensor data: (run, newest)."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     newest = run / "checkpoints" / "step-000000004.safetensors"
     data = newest.read_bytes()
     newest.write_bytes(flip(data, len(data) - 100))
+    return run, newest
+
+
+def test_auto_resume_skips_a_damaged_newest_checkpoint_and_ends_identical(trained, tmp_path, capsys):
+    run, newest = copy_with_damaged_newest(trained, tmp_path)
     capsys.readouterr()
     train(load_config("demo", fast()), run, progress=False, resume="auto")
     err = squash(capsys.readouterr().err)
@@ -362,6 +369,72 @@ def test_auto_resume_refuses_when_no_checkpoint_loads(trained, tmp_path, capsys)
     assert code == 2 and sum("skipping damaged checkpoint" in x for x in lines) == 2
     assert lines[-1].startswith("error: none of the 2 checkpoints") and "--overwrite" in lines[-1]
     assert all(p.stat().st_size == 1000 for p in list_checkpoints(run / "checkpoints"))  # left for the user
+
+
+def test_cli_auto_resume_warns_once_per_damaged_checkpoint_and_ends_identical(trained, tmp_path, capsys):
+    """The CLI scans the checkpoints once: one warning for the damaged file, then the same run as before."""
+    run, newest = copy_with_damaged_newest(trained, tmp_path)  # its summary.json says step 4: not finished now
+    code, err = run_cli(capsys, "train", "--resume", "auto", "--out", run, "--no-progress")
+    assert code == 0 and err.count("skipping damaged checkpoint") == 1, err
+    assert_identical(tensors_of(newest), tensors_of(trained / "checkpoints" / newest.name))
+
+
+def test_resume_auto_on_a_finished_run_leaves_it_alone(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "summary.json")}
+    code, err = run_cli(capsys, "train", "--resume", "auto", "--out", run, "--no-progress", "--set", "train.steps=4")
+    assert code == 0
+    assert squash(f"already finished at step 4 (summary in {run / 'summary.json'})") in squash(err)
+    assert {name: (run / name).read_bytes() for name in before} == before
+    # The library call does the same; a longer train.steps continues the run.
+    assert train(load_config("demo", fast()), run, progress=False, resume="auto") == json.loads(before["summary.json"])
+    assert {name: (run / name).read_bytes() for name in before} == before
+    summary = train(load_config("demo", fast("train.steps=5")), run, progress=False, resume="auto")
+    assert summary["step"] == 5
+
+
+def test_conflicting_resume_flags_are_one_line_errors(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    code, err = run_cli(capsys, "train", "--resume", "auto", "--overwrite", "--out", run, "--no-progress")
+    assert code == 2 and "give only one" in one_error_line(err) and "--overwrite" in err
+    code, err = run_cli(capsys, "train", "--preset", "vit-s", "--resume", "auto", "--out", run, "--no-progress")
+    line = one_error_line(err)
+    assert code == 2 and "--preset vit-s differs from the config stored in" in line and "model.arch" in line
+    assert "drop --preset" in line
+    assert (run / "summary.json").read_bytes() == (trained / "summary.json").read_bytes()
+
+
+def test_resume_auto_on_an_empty_folder_says_it_starts_a_new_run(tmp_path, capsys):
+    out = tmp_path / "fresh"
+    code, err = run_cli(capsys, "train", "--resume", "auto", "--out", out, "--no-progress", *sum((["--set", o] for o in fast()), []))
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 0 and lines[0] == f"nothing to resume in {out}: starting a new run"
+    assert list_checkpoints(out / "checkpoints")
+
+
+def test_out_that_is_a_file_is_a_one_line_usage_error(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("mine")
+    for out in (target, target / "sub"):
+        code, err = run_cli(capsys, "train", "--out", out, "--no-progress", *sum((["--set", o] for o in fast()), []))
+        assert code == 2 and "is not a folder" in one_error_line(err)
+    assert target.read_text() == "mine"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoints_get_the_mode_other_files_get(tmp_path, umask):
+    from lejepa_cli.checkpoint import save_checkpoint
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tmp_path / "c.safetensors", {"x": torch.zeros(2)}, {"step": 1})
+        (tmp_path / "other.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.safetensors").stat().st_mode) == 0o666 & ~umask
+    assert (tmp_path / "c.safetensors").stat().st_mode == (tmp_path / "other.json").stat().st_mode
 
 
 # ---- full disk, read-only folder ------------------------------------------------------------------------

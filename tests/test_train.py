@@ -201,3 +201,28 @@ def test_periodic_evaluation_starts_at_step_zero_and_summary_keeps_it(tmp_path, 
     train(cfg, tmp_path / "run", progress=False, resume="auto")
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "knn_top1" in x] == [0, 2, 4]
+
+
+def test_result_table_never_cuts_paths_and_is_plain_when_piped(tmp_path, tiny_overrides, capsys, monkeypatch):
+    """Piped: `key: value` lines; on a narrow terminal: a table whose path cells fold instead of '…'."""
+    import io
+
+    from rich.console import Console
+
+    from lejepa_cli import cli
+
+    out = tmp_path / "a-rather-long-folder-name-for-the-run" / "run"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--out", str(out), "--no-progress", *sum((["--set", o] for o in tiny_overrides), [])])
+    assert info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    ckpt = out / "checkpoints" / "step-000000004.safetensors"
+    assert f"checkpoint: {ckpt}" in lines
+    protocol = next(x for x in lines if x.startswith("knn_protocol: "))
+    assert "k=20 on the embedding h" in protocol and "64 of 64 train images" in protocol
+    summary = json.loads((out / "summary.json").read_text())
+    terminal = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=terminal, force_terminal=True, width=50))
+    cli.print_result(summary, "run")
+    text = terminal.getvalue()
+    assert "…" not in text and "".join(str(ckpt).split()) in "".join(text.replace("│", "").split())
