@@ -96,6 +96,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup steps; 0 means 10% of train.steps
     min_lr_ratio: float = 1e-3  # cosine decays to lr * min_lr_ratio
     probe_lr: float = 1e-3  # online linear probe learning rate
+    grad_clip: float = 0.0  # clip the gradient's global norm to this before each step (0: off; LeWM: 1.0)
 
 
 @dataclass
@@ -213,6 +214,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "optim.probe_lr": (lambda v: v > 0, "a number > 0"),
+    "optim.grad_clip": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
     "train.steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (SIGReg needs a batch)"),
     "train.grad_accum": (lambda v: v >= 1, "an integer >= 1"),

@@ -324,6 +324,9 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                         side.zero_grad(set_to_none=True)
                 else:
                     first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
+                    if cfg.optim.grad_clip > 0:
+                        params = [p for m in run.optimized.values() for p in m.parameters() if p.grad is not None]
+                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
                     run.optimizer.step()
                 run.optimizer.zero_grad(set_to_none=True)
                 for side in run.side_optimizers.values():

@@ -19,7 +19,8 @@ from lejepa_cli.config import load_config
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.export import load_encoder
 from lejepa_cli.models import build_backbone
-from lejepa_cli.probe import ProbeOptions, report_tables, run_probe
+from lejepa_cli.probe import ProbeOptions, run_probe
+from lejepa_cli.probe_report import report_tables
 from lejepa_cli.train import train
 from test_probe import cache_dir, run_dir  # noqa: F401  (fixtures: a private feature cache, the tiny ViT run)
 

@@ -210,3 +210,13 @@ def test_episodes_shorter_than_one_window_are_one_line(two_room, tmp_path, capsy
     code, err = run_cli(["train", "--preset", "world-tworoom", "--data", str(two_room), "--out", str(tmp_path / "r"),
                          "--no-progress", "--set", "world.frameskip=6"], capsys)
     assert code == 2 and err.count("\n") == 1 and "window" in err, err
+
+
+def test_gradient_clipping_bounds_the_update_and_is_off_by_default(two_room, tmp_path):
+    runs = {}
+    for name, clip in (("off", "0.0"), ("loose", "1e9"), ("tight", "1e-6")):
+        cfg = world_config(two_room, extra=("train.steps=2", "train.eval_every=0", f"optim.grad_clip={clip}"))
+        train(cfg, tmp_path / name, progress=False)
+        runs[name] = weights(tmp_path / name)
+    assert all(torch.equal(runs["off"][k], runs["loose"][k]) for k in runs["off"])  # a norm it never reaches
+    assert any(not torch.equal(runs["off"][k], runs["tight"][k]) for k in runs["off"] if k.startswith("model."))
