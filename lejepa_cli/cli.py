@@ -159,10 +159,11 @@ def train(
     if resume is not None and overwrite:
         raise UserError("--resume continues the run in the run folder; --overwrite deletes it to start over: give only one")
     check_run_folder(out)
-    cfg = None
+    cfg, point = None, None
     if resume == "auto":
         point = resume_point(out)  # the one scan of the checkpoints; train() loads the file it found
         if point is None:
+            cfg = load_config(preset or "demo", sets)  # a bad --set is the one line, not this note
             if dist.is_main():
                 err_console.print(f"nothing to resume in {out}: starting a new run", highlight=False, soft_wrap=True)
         else:
@@ -175,7 +176,7 @@ def train(
         if meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
             raise UserError(f"{resume} is not a lejepa training checkpoint (no training config in it)")
         cfg = apply_overrides(config_from_dict(meta["config"]), sets)  # as with --resume auto
-    if cfg is not None and preset is not None:
+    if cfg is not None and preset is not None and not (resume == "auto" and point is None):
         check_preset_matches(cfg, load_config(preset, sets), preset, resume)
     cfg = cfg or load_config(preset or "demo", sets)
     summary = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from)

@@ -366,6 +366,9 @@ def _base_command_lines(root: Path) -> dict[tuple[str, ...], list[str]]:
         ("data", "prepare"): [str(root / "d.npz"), "--out", str(root / "prep"), "--overwrite", "--workers", "0",
                               "--val-fraction", "0.25"],
         ("bench",): ["--quick", "--only", "sigreg"],  # the suite itself is replaced by a recorder below
+        ("adapt",): [run, "--data", str(root / "d.npz"), "--out", str(root / "adapted"), "--overwrite", "--steps", "1"],
+        ("world", "simulate"): ["two-room", "--out", str(root / "w"), "--episodes", "2", "--steps", "4",
+                                "--val-episodes", "0", "--size", "16", "--overwrite", "--no-progress"],
         ("train",): ["--out", str(root / "t"), "--overwrite", "--no-progress",
                      *[x for item in TINY + ["train.steps=1"] for x in ("--set", item)]],
     }

@@ -26,7 +26,7 @@ _CHILD = """
 import gc, json, sys
 import torch
 from benchmarks.bench_memory import _peak_rss_mib, _reset_peak, _rss_mib
-from lejepa_cli import train as T
+from lejepa_cli import image_objective, train as T
 from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import BatchLoader, StepSampler
 from lejepa_cli.data.sources import load_dataset
@@ -46,7 +46,7 @@ for step, micro, batch in loader.iterate(0, 2):
     xs.append(batch.images)
     ys.append(batch.labels)
     if micro == cfg.train.grad_accum - 1:
-        T.lejepa_step(run, xs, ys, step, [T.step_seed(0, step, 0, m) for m in range(cfg.train.grad_accum)])
+        image_objective.lejepa_step(run, xs, ys, step, [T.step_seed(0, step, 0, m) for m in range(cfg.train.grad_accum)])
         xs, ys = [], []
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)

@@ -152,6 +152,9 @@ def test_two_gloo_ranks_equal_one_process_on_the_same_global_batch(two_room, tmp
     for module in ("backbone", "projector", "action_encoder", "predictor"):
         keys = [k for k in ref if k.startswith(f"grad.{module}.")]
         whole_got, whole_ref = (torch.cat([d[k].flatten() for k in keys]) for d in (got, ref))
+        if float(whole_ref.norm()) == 0:  # the action encoder at step 0: AdaLN-zero's zero weights pass no gradient
+            assert float(whole_got.norm()) == 0, module
+            continue
         assert rel_err(whole_got, whole_ref) < 1e-4, module
         floor = 1e-3 * float(whole_ref.double().norm())
         assert max(rel_err(got[k], ref[k], floor) for k in keys) < 5e-3, module
