@@ -12,6 +12,7 @@ are expected to land in. The verdict compares the measured linear and kNN top-1 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -94,7 +95,13 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+# Environment variables that pick the CPU kernels: fp32 results differ in rounding between
+# instruction sets (AVX-512 vs AVX2), so a run's figures are tied to the path it took.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "ONEDNN_MAX_CPU_ISA")
+
+
 def machine() -> dict[str, Any]:
+    """The hardware and software a report's figures came from, including the CPU kernel path."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -105,9 +112,13 @@ def machine() -> dict[str, Any]:
         pass
     import torch  # here, so the CLI can list RECIPES without importing torch
 
+    from lejepa_cli import threads
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version(), "lejepa_cli": __version__}
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_settings": {k: os.environ[k] for k in ISA_VARIABLES if os.environ.get(k)},
+            "threads": torch.get_num_threads(), "threads_choice": threads.choice(), "gpu": gpu,
+            "torch": torch.__version__, "python": platform.python_version(), "lejepa_cli": __version__}
 
 
 def verdict(measured: dict[str, float], expected: dict[str, tuple[float, float]]) -> tuple[str, list[dict[str, Any]]]:
