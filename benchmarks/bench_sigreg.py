@@ -11,6 +11,8 @@ the extra memory at the peak of each (above the inputs; torch.cuda.max_memory_al
 the profiler's allocation trace on the CPU); the relative error of ours against the reference
 (value, and max |grad difference| / max |grad|); and the ratios. Also the process CPU
 milliseconds: with --threads 1 they are what a machine busy with other jobs does not inflate.
+On a CPU, "threads_side_by_side" times ours at 1 and at 2 threads in alternating rounds of one
+run, with the load average: what the thread count costs on this machine as busy as it is now.
 Runs on CUDA when available. A few minutes on 2 CPU cores, most of it the reference at N = 4096.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from typing import Callable
@@ -131,6 +134,40 @@ def _measure(n: int, k: int, m: int, t: int, device: torch.device, quick: bool) 
     }
 
 
+THREAD_CASES = (1, 2)  # CPU thread counts timed side by side: what a busy machine costs each
+
+
+def _threads_side_by_side(n: int, k: int, m: int, t: int, reps: int) -> dict:
+    """Median wall and process-CPU ms of ours (fwd+bwd) at each of THREAD_CASES, in alternating rounds.
+
+    Alternating rounds share the machine's load alike; on an idle machine 2 threads win, on one
+    whose runnable jobs outnumber its cores each kernel's end waits for a parked thread.
+    """
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n, k, generator=gen).requires_grad_()  # (N, K)
+    a = random_directions(k, m, step=0)  # (K, M)
+    ours = _fwd_bwd(lambda x: sigreg(x, step=0, directions=a, num_knots=t), z)
+    before = torch.get_num_threads()
+    times: dict[int, list[tuple[float, float]]] = {th: [] for th in THREAD_CASES}
+    try:
+        for rnd in range(reps + 1):
+            for th in THREAD_CASES:
+                torch.set_num_threads(th)
+                wall, cpu = time.perf_counter(), time.process_time()
+                ours()
+                if rnd:  # round 0 is the warm-up
+                    times[th].append((time.perf_counter() - wall, time.process_time() - cpu))
+    finally:
+        torch.set_num_threads(before)
+    return {
+        f"{th}_thread{'s' if th > 1 else ''}": {
+            "ours_ms": round(1e3 * statistics.median(w for w, _ in ts), 2),
+            "process_cpu_ms": round(1e3 * statistics.median(c for _, c in ts), 1),
+        }
+        for th, ts in times.items()
+    } | {"N": n, "K": k, "M": m, "T": t, "load_average_1min": round(os.getloadavg()[0], 2)}
+
+
 def run(quick: bool, threads: int | None = None) -> dict:
     """Benchmark every size on the GPU when there is one, else the CPU; returns the JSON-able result."""
     if threads:
@@ -144,6 +181,10 @@ def run(quick: bool, threads: int | None = None) -> dict:
         },
         "quick": quick,
         "sizes": [_measure(*size, device, quick) for size in (QUICK_SIZES if quick else SIZES)],
+        # CPU only: the same sizes at 1 and 2 threads in one run (the thread count above is the suite's)
+        "threads_side_by_side": [] if device.type != "cpu" else [
+            _threads_side_by_side(*size, reps=3 if quick else 10) for size in (QUICK_SIZES if quick else SIZES)
+        ],
     }
 
 

@@ -224,6 +224,9 @@ def _fail(message: str, code: int, error: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script: known errors (UserError, usage errors, I/O errors) end as one line."""
+    from lejepa_cli import threads
+
+    threads.apply_default()  # before torch is imported: one thread on a busy machine unless pinned
     try:
         code = app(args=argv, prog_name="lejepa", standalone_mode=False)
     except UserError as e:

@@ -20,11 +20,15 @@ from torch import Tensor
 
 from lejepa_cli import dist
 
-# Elements (rows x samples) per block of the ECF kernel, which needs about 90 bytes of
-# scratch per element. On CPU a block then stays in cache; on an accelerator the bound
-# caps the scratch memory while keeping kernels large.
+# Elements (rows x samples) per block of the ECF kernel, which needs about 100 bytes of
+# scratch per element (about 20 (A + B) bytes with direct powers, below). On CPU a block then stays
+# in cache (larger blocks measured no faster); on an accelerator the bound caps the scratch
+# memory while keeping kernels large.
 _BLOCK_ELEMS = {"cpu": 1 << 16}
 _BLOCK_ELEMS_DEFAULT = 1 << 21
+# Powers of exp(i dt p) straight from their angles (`_direct`): a kernel count per
+# block that does not grow with the number of knots. Off on CPUs, where the products are cheaper.
+_DIRECT_POWERS = {"cpu": False}
 
 
 def random_directions(
@@ -53,58 +57,83 @@ def _knots(t_max: float, num_knots: int, like: Tensor) -> tuple[Tensor, Tensor]:
     return t, 2.0 * trap * torch.exp(-0.5 * t * t)
 
 
-def _unit_phasor(x: Tensor) -> Tensor:
-    """exp(i x) as a complex tensor (torch.polar and exp of a complex are slower on CPU)."""
-    return torch.complex(torch.cos(x), torch.sin(x))
-
-
 def _split(num_knots: int) -> tuple[int, int]:
     """(A, B), A * B >= num_knots, A + B small: knot j = a * B + b with 0 <= a < A, 1 <= b <= B."""
     b = math.ceil(math.sqrt(num_knots))
     return math.ceil(num_knots / b), b
 
 
-def _low_powers(e: Tensor, b: int) -> Tensor:
-    """(R, N) -> (R, B, N) holding e^1 .. e^B, each from the previous by one complex product."""
-    low = torch.empty(e.shape[0], b, e.shape[1], dtype=e.dtype, device=e.device)
-    low[:, 0] = e
-    for k in range(1, b):
-        torch.mul(low[:, k - 1], e, out=low[:, k])
-    return low
+def _doubling(x: Tensor, out: Tensor) -> Tensor:
+    """Fill out (R, P, N) with x^1 .. x^P, x (R, N), in ceil(log2 P) products (each one kernel)."""
+    out[:, 0] = x
+    filled = 1
+    while filled < out.shape[1]:
+        count = min(filled, out.shape[1] - filled)
+        # x^(filled + 1 .. filled + count) = x^(1 .. count) * x^filled
+        torch.mul(out[:, :count], out[:, filled - 1 : filled], out=out[:, filled : filled + count])
+        filled += count
+    return out
+
+
+def _phasor(x: Tensor) -> Tensor:
+    """exp(i x) as a complex tensor (torch.polar and exp of a complex are slower on CPU)."""
+    return torch.complex(torch.cos(x), torch.sin(x))
+
+
+def _ladder(e: Tensor, na: int, nb: int) -> tuple[Tensor, Tensor]:
+    """e (R, N) -> low (R, B, N) = e^1 .. e^B and high (R, A, N) = e^0, e^B, .., e^((A-1)B),
+    by complex products, each kernel doubling the exponents done: O(log A + log B) kernels."""
+    low = _doubling(e, torch.empty(e.shape[0], nb, e.shape[1], dtype=e.dtype, device=e.device))
+    high = torch.empty(e.shape[0], na, e.shape[1], dtype=e.dtype, device=e.device)
+    high[:, 0] = 1
+    if na > 1:
+        _doubling(low[:, -1], high[:, 1:])
+    return low, high
+
+
+def _direct(p: Tensor, dt: float, na: int, nb: int) -> tuple[Tensor, Tensor]:
+    """p (R, N) -> the same (low, high) as `_ladder` of exp(i dt p), each power from its own
+    angle: one broadcast product, one cos, one sin and one complex, whatever the number of knots."""
+    k = torch.cat([torch.arange(1, nb + 1), torch.arange(na) * nb]).to(p)  # (B + A,)
+    e = _phasor(p.unsqueeze(1) * (dt * k).unsqueeze(-1))  # (R, B + A, N)
+    return e[:, :nb], e[:, nb:]
 
 
 class _ECF(torch.autograd.Function):
     """p (R, N) real -> ECF mean_n exp(i t_j p[r, n]) at t_j = j * dt, j = 1..J, as (R, J, 2).
 
     The plain formula materialises (R, N, J) complex exponentials. Here, with e = exp(i dt p)
-    and j = a B + b, exp(i t_j p) = (e^B)^a e^b (angle addition: one cos and one sin per sample,
-    then complex products), so a sample needs only e^1..e^B and e^0, e^B, .., e^((A-1)B), and the
-    sums over samples of all A x B products are one batched matmul. Rows go in blocks, which
-    bounds the scratch memory. Backward recomputes the powers from the saved p and evaluates
-    sum_j w_j e^j = sum_a (e^B)^a (sum_b w_ab e^b) by a batched matmul and Horner's rule.
+    and j = a B + b, exp(i t_j p) = (e^B)^a e^b (angle addition), so a sample needs only the
+    powers e^1..e^B and e^0, e^B, .., e^((A-1)B), and the sums over samples of all A x B
+    products are one batched matmul. Rows go in blocks, which bounds the scratch memory.
+    Backward recomputes the powers and evaluates sum_j w_j e^j = sum_a (e^B)^a (sum_b w_ab e^b)
+    by a batched matmul and one weighted sum over a.
+
+    The powers: `direct` evaluates each from its angle, so the kernels per block do not grow
+    with J (accelerators, launch-bound: 2 sqrt(J) cos/sin per sample cost them little);
+    otherwise one cos/sin per sample, for all rows at once, and products in blocks (CPUs, where
+    a cos/sin costs several complex products).
     """
 
     @staticmethod
-    def forward(ctx, p: Tensor, dt: float, num_knots: int, block_rows: int) -> Tensor:
+    def forward(ctx, p: Tensor, dt: float, num_knots: int, block_rows: int, direct: bool) -> Tensor:
         r, n = p.shape
         na, nb = _split(num_knots)
         cdtype = torch.complex128 if p.dtype == torch.float64 else torch.complex64
         ecf = torch.empty(r, na, nb, dtype=cdtype, device=p.device)  # knot a * B + b at [a, b - 1]
+        e = None if direct else _phasor(dt * p)  # (R, N)
         for r0 in range(0, r, block_rows):
-            low = _low_powers(_unit_phasor(dt * p[r0 : r0 + block_rows]), nb)  # (rb, B, N)
-            high = torch.empty(low.shape[0], na, n, dtype=cdtype, device=p.device)  # (e^B)^a
-            high[:, 0] = 1
-            for a in range(1, na):
-                torch.mul(high[:, a - 1], low[:, -1], out=high[:, a])
-            torch.bmm(high, low.transpose(1, 2), out=ecf[r0 : r0 + block_rows])
+            rows = slice(r0, r0 + block_rows)
+            low, high = _direct(p[rows], dt, na, nb) if direct else _ladder(e[rows], na, nb)  # (rb, B|A, N)
+            torch.bmm(high, low.transpose(1, 2), out=ecf[rows])
         ctx.save_for_backward(p)
-        ctx.dt, ctx.num_knots, ctx.block_rows = dt, num_knots, block_rows
+        ctx.dt, ctx.num_knots, ctx.block_rows, ctx.direct = dt, num_knots, block_rows, direct
         return torch.view_as_real(ecf.view(r, na * nb)[:, :num_knots] / n)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         (p,) = ctx.saved_tensors
-        dt, num_knots, block_rows = ctx.dt, ctx.num_knots, ctx.block_rows
+        dt, num_knots, block_rows, direct = ctx.dt, ctx.num_knots, ctx.block_rows, ctx.direct
         r, n = p.shape
         na, nb = _split(num_knots)
         t = dt * torch.arange(1, num_knots + 1, dtype=p.dtype, device=p.device)  # (J,)
@@ -115,14 +144,13 @@ class _ECF(torch.autograd.Function):
         w[:, :num_knots] = (1j / n) * t * g.conj()
         w = w.view(r, na, nb)
         dp = torch.empty_like(p)
+        e = None if direct else _phasor(dt * p)  # (R, N)
         for r0 in range(0, r, block_rows):
-            low = _low_powers(_unit_phasor(dt * p[r0 : r0 + block_rows]), nb)  # (rb, B, N)
-            part = torch.bmm(w[r0 : r0 + block_rows], low)  # (rb, A, N): sum_b w_ab e^b
-            acc = part[:, -1]
-            for a in range(na - 2, -1, -1):  # Horner in e^B
-                acc = torch.addcmul(part[:, a], acc, low[:, -1])
-            dp[r0 : r0 + block_rows] = acc.real
-        return dp, None, None, None
+            rows = slice(r0, r0 + block_rows)
+            low, high = _direct(p[rows], dt, na, nb) if direct else _ladder(e[rows], na, nb)  # (rb, B|A, N)
+            part = torch.bmm(w[rows], low)  # (rb, A, N): sum_b w_ab e^b
+            torch.sum((part * high).real, dim=1, out=dp[rows])  # Re sum_a (e^B)^a part_a
+        return dp, None, None, None, None
 
 
 def sigreg(
@@ -162,7 +190,8 @@ def sigreg(
         p = a.T @ views.to(dtype).reshape(v * n, k).T  # (M, V * N)
         rows = max(1, _BLOCK_ELEMS.get(z.device.type, _BLOCK_ELEMS_DEFAULT) // n)
         t, weight = _knots(t_max, num_knots, p)
-        ecf = _ECF.apply(p.view(-1, n), t_max / (num_knots - 1), num_knots - 1, rows)
+        direct = _DIRECT_POWERS.get(z.device.type, True)
+        ecf = _ECF.apply(p.view(-1, n), t_max / (num_knots - 1), num_knots - 1, rows, direct)
         ecf = ecf.view(-1, v, num_knots - 1, 2)  # (M, V, J, 2)
         # Average the ECF, not the statistic: the result is then the global batch's statistic.
         ecf = dist.all_reduce_mean(ecf)

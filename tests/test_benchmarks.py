@@ -137,6 +137,14 @@ def test_sigreg_bench_matches_the_reference_on_tiny_sizes():
     assert {"reference_ms", "ours_ms", "matmul_floor_ms", "speedup_vs_reference", "reference_peak_mib"} <= set(r)
 
 
+def test_sigreg_bench_times_one_and_two_threads_side_by_side():
+    before = torch.get_num_threads()
+    r = bench_sigreg._threads_side_by_side(32, 8, 16, 17, reps=1)
+    assert torch.get_num_threads() == before  # the caller's thread count is restored
+    assert r["1_thread"]["ours_ms"] > 0 and r["2_threads"]["ours_ms"] > 0
+    assert r["1_thread"]["process_cpu_ms"] >= 0 and "load_average_1min" in r
+
+
 def test_resnet_stem_bench_times_every_variant_on_a_tiny_batch():
     r = bench_resnet_stem.run(quick=True, batch=4, rounds=1)
     assert set(r["images_per_s"]) == set(bench_resnet_stem.VARIANTS)

@@ -86,7 +86,7 @@ def test_export_reloads_to_the_training_models_features(exported, trained, run_d
     assert info["arch_config"] == meta["backbone"] and info["step"] == 2
     assert info["mean"] == meta["data"]["mean"] and info["std"] == meta["data"]["std"]
     assert (info["image_size"], info["channels"], info["patch_size"]) == (16, 3, 4)
-    assert info["config"]["model"]["arch"] == "vit_micro" and info["preset"] == "demo" and info["lambda"] == 0.05
+    assert info["config"]["model"]["arch"] == "vit_micro" and info["preset"] == "demo" and info["lambda"] == load_config("demo").loss.lamb
     assert info["data"]["fingerprint"] == meta["data"]["fingerprint"]
     assert set(info["probe"]) >= {"knn_top1"}  # the scores logged at that step
 

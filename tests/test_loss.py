@@ -27,6 +27,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=[False, True], ids=["cpu-ladder", "direct-powers"])
+def powers(request, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways of forming the ECF's powers (CPU products; accelerators' direct angles), here on the CPU."""
+    monkeypatch.setitem(loss_mod._DIRECT_POWERS, "cpu", request.param)
+    return request.param
+
+
 def gaussian(n: int, k: int = K, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -113,7 +120,7 @@ def test_collapsed_embeddings_score_far_above_gaussian() -> None:
 
 @pytest.mark.parametrize("shape", [(256, 32), (3, 64, 16)])
 @pytest.mark.parametrize("t_max,num_knots", [(3.0, 17), (5.0, 6), (1.0, 2), (4.0, 33)])
-def test_matches_plain_reference(shape: tuple[int, ...], t_max: float, num_knots: int) -> None:
+def test_matches_plain_reference(shape: tuple[int, ...], t_max: float, num_knots: int, powers: bool) -> None:
     z = gaussian(math.prod(shape[:-1]), shape[-1], seed=7).view(shape) * 1.5
     a = random_directions(shape[-1], 256, step=11)
     grid = {"t_max": t_max, "num_knots": num_knots}
@@ -127,7 +134,7 @@ def test_matches_plain_reference(shape: tuple[int, ...], t_max: float, num_knots
     assert rel_err(g_lib, g_ref) < 1e-4
 
 
-def test_float64_is_exact_and_float32_recurrence_is_accurate() -> None:
+def test_float64_is_exact_and_float32_recurrence_is_accurate(powers: bool) -> None:
     # Wide inputs make t * p reach ~40 rad, where the angle-addition recurrence is most exposed.
     z = gaussian(512, 16, seed=8, dtype=torch.float64) * 4
     a = random_directions(16, 128, step=2).double()
@@ -141,18 +148,44 @@ def test_float64_is_exact_and_float32_recurrence_is_accurate() -> None:
     assert rel_err(g32.double(), g_ref) < 1e-4
 
 
-def test_gradcheck_float64() -> None:
+def test_gradcheck_float64(powers: bool) -> None:
     z = gaussian(12, 5, seed=9, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: sigreg(x, step=0, num_slices=8, num_knots=7), (z,))
 
 
-def test_block_size_does_not_change_result(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_block_size_does_not_change_result(monkeypatch: pytest.MonkeyPatch, powers: bool) -> None:
     z = gaussian(100, 16, seed=12)
     whole, g_whole = value_and_grad(lambda x: sigreg(x, step=4, num_slices=64), z)
     monkeypatch.setitem(loss_mod._BLOCK_ELEMS, "cpu", 1)  # one row per block
     rows, g_rows = value_and_grad(lambda x: sigreg(x, step=4, num_slices=64), z)
     torch.testing.assert_close(rows, whole)
     torch.testing.assert_close(g_rows, g_whole)
+
+
+def _kernels(fn) -> int:
+    """Compute kernels (aten ops with no aten op inside, views and allocations left out) fn() runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    free = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::as_strided", "aten::view",
+            "aten::view_as_real", "aten::view_as_complex", "aten::resolve_conj", "aten::lift_fresh",
+            "aten::alias", "aten::detach", "aten::result_type"}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.name not in free
+               and not any(c.name.startswith("aten::") for c in e.cpu_children))
+
+
+def test_direct_powers_kernel_count_does_not_grow_with_knots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accelerator path is launch-bound: 257 knots must issue no more kernels than 17."""
+    z = gaussian(64, 16, seed=3).requires_grad_()
+    monkeypatch.setitem(loss_mod._BLOCK_ELEMS, "cpu", 1 << 30)  # one block, as on an accelerator
+    counts = {}
+    for direct in (True, False):
+        monkeypatch.setitem(loss_mod._DIRECT_POWERS, "cpu", direct)
+        counts[direct] = [_kernels(lambda: sigreg(z, step=0, num_slices=32, num_knots=j).backward()) for j in (17, 257)]
+    assert counts[True][1] <= counts[True][0] + 2  # the same, up to a kernel or two of bookkeeping (add_ at 257 knots)
+    # The CPU ladder doubles its exponents per kernel: 16x the knots, a handful more kernels.
+    assert counts[False][1] - counts[False][0] <= 10
 
 
 def test_views_share_directions_and_average() -> None:

@@ -56,11 +56,27 @@ def test_reproduce_demo_end_to_end_on_tiny_settings(tmp_path, tiny_overrides):
     assert all(0.0 <= v <= 1.0 for v in report["measured"].values())
     assert [r["metric"] for r in report["checks"]] == list(RECIPES["demo"].expected)
     assert report["config"]["train"]["steps"] == 4 and report["machine"]["torch"]
+    assert report["machine"]["cpu_capability"] in result.output
     assert (tmp_path / "run" / "checkpoints" / "step-000000004.safetensors").is_file()
     # Running it again continues the finished run instead of training from scratch.
     again = CliRunner().invoke(app, ["reproduce", "demo", "--out", str(tmp_path), "--no-progress", *sets])
     assert again.exit_code == result.exit_code
     assert json.loads((tmp_path / "reproduce.json").read_text())["measured"] == report["measured"]
+
+
+def test_report_records_the_cpu_kernel_path(monkeypatch):
+    """fp32 figures differ in rounding between AVX-512 and AVX2 kernels: the report says which ran."""
+    import torch
+
+    from lejepa_cli.reproduce import machine
+
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    m = machine()
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["isa_settings"] == {"DNNL_MAX_CPU_ISA": "AVX2"}
+    assert m["threads"] == torch.get_num_threads() and m["threads_choice"]
 
 
 def test_imagenette_vit_s8_prepares_at_160_and_trains_the_authors_views(tmp_path):

@@ -37,7 +37,8 @@ def reproduce(
     machine = result["machine"]
     console.print(f"expected figures: {result['expected_from']}")
     console.print(f"time: {minutes['total']:.1f} min (data {minutes['data']:.1f}, pretrain {minutes['pretrain']:.1f}, "
-                  f"probe {minutes['probe']:.1f}) on {machine['cpu']} x{machine['threads']} threads"
+                  f"probe {minutes['probe']:.1f}) on {machine['cpu']} ({machine['cpu_capability']}"
+                  f"{''.join(f', {k}={v}' for k, v in machine['isa_settings'].items())}) x{machine['threads']} threads"
                   f"{', ' + machine['gpu'] if machine['gpu'] else ''}")
     tag = "[bold green]PASS" if result["verdict"] == "PASS" else "[bold red]FAIL" if result["verdict"] == "FAIL" else "[bold yellow]NO-REFERENCE"
     if overrides:
