@@ -40,6 +40,7 @@ from lejepa_cli.errors import RunFailed, UserError
 from lejepa_cli.evaluate import extract_features
 from lejepa_cli.export import Exported, export_backbone, load_encoder
 from lejepa_cli.lejepa import ViewEncoder, ViewProjector, build_projector_from_config, load_projector
+from lejepa_cli.limits import MAX_ADAPT_STEPS
 from lejepa_cli.loss import lejepa_loss
 from lejepa_cli.views import make_views
 
@@ -205,11 +206,12 @@ def adapt_encoder(source: str | Path, out: str | Path, opts: AdaptOptions,
     from lejepa_cli.train import select_device
 
     out = Path(out)
-    if opts.steps < 0:
-        raise UserError(f"--steps {opts.steps} is not allowed: expected an integer >= 0 (0: statistics only)")
+    if not 0 <= opts.steps <= MAX_ADAPT_STEPS:
+        raise UserError(f"--steps {opts.steps} is not allowed: expected an integer in [0, {MAX_ADAPT_STEPS}] "
+                        f"(0: statistics only)")
     if opts.batch_size < 2:
         raise UserError(f"--batch-size {opts.batch_size} is not allowed: expected an integer >= 2")
-    if not opts.lr > 0:
+    if not 0 < opts.lr < float("inf"):
         raise UserError(f"--lr {opts.lr} is not allowed: expected a number > 0")
     if not 0 <= opts.seed < 2**63:
         raise UserError(f"--seed {opts.seed} is not allowed: expected an integer in [0, 2**63)")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lejepa_cli import __version__, dist
+from lejepa_cli import __version__, dist, threads
 from lejepa_cli.checkpoint import (
     checkpoint_name, find_resumable, load_checkpoint, optimizer_from_flat, optimizer_to_flat, prune,
     save_checkpoint, split_prefix,
@@ -267,7 +267,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                        show_progress=progress, run_config=cfg.to_dict())
     logger.print(f"{cfg.preset or 'custom'}: {run.describe()}, "
                  f"device {device}{' bf16' if autocast_dtype(cfg, device) else ''}, global batch {cfg.train.batch_size} = "
-                 f"{world} process(es) x {cfg.train.grad_accum} micro-batch(es) x {per_rank}"
+                 f"{world} process(es) x {cfg.train.grad_accum} micro-batch(es) x {per_rank}, "
+                 f"{torch.get_num_threads()} CPU thread(s) ({threads.choice()})"
                  f"{' (FSDP)' if dist.is_sharded(run.modules['backbone']) else ''}")
 
     if cfg.train.eval_every and start == 0:  # where the curve starts: the encoder before any update

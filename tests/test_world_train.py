@@ -223,3 +223,32 @@ def test_gradient_clipping_bounds_the_update_and_is_off_by_default(two_room, tmp
         runs[name] = weights(tmp_path / name)
     assert all(torch.equal(runs["off"][k], runs["loose"][k]) for k in runs["off"])  # a norm it never reaches
     assert any(not torch.equal(runs["off"][k], runs["tight"][k]) for k in runs["off"] if k.startswith("model."))
+
+
+@pytest.mark.parametrize("kind", ["npz", "h5"])
+def test_a_trajectory_npz_and_a_lewm_hdf5_file_prepare_and_train(kind, tmp_path, capsys):
+    """Users' own trajectories: `lejepa data prepare` of an .npz or a LeWM-layout HDF5 file, then a world preset."""
+    rng = np.random.default_rng(0)
+    lengths = [14, 12, 16, 13, 15]
+    T = sum(lengths)
+    frames = rng.integers(0, 256, (T, 16, 16, 3), dtype=np.uint8)
+    actions = rng.normal(size=(T, 2)).astype(np.float32)
+    episode_idx = np.repeat(np.arange(len(lengths)), lengths)
+    if kind == "npz":
+        src = tmp_path / "mine.npz"
+        np.savez(src, frames=frames, actions=actions, episode_idx=episode_idx)
+    else:
+        h5py = pytest.importorskip("h5py")
+        src = tmp_path / "lewm.h5"
+        with h5py.File(src, "w") as f:  # LeWM's layout: one row per step, channels first
+            for key, value in {"pixels": frames.transpose(0, 3, 1, 2), "action": actions, "episode_idx": episode_idx,
+                               "step_idx": np.concatenate([np.arange(n) for n in lengths])}.items():
+                f.create_dataset(key, data=value)
+    code, err = run_cli(["data", "prepare", str(src), "--out", str(tmp_path / "prep"), "--val-fraction", "0.4"], capsys)
+    assert code in (0, None), err
+    sets = [x for o in TINY_WORLD if not o.startswith("train.steps") for x in ("--set", o)]
+    code, err = run_cli(["train", "--preset", "world-tworoom", "--data", str(tmp_path / "prep"), "--out",
+                         str(tmp_path / "run"), "--no-progress", *sets, "--set", "train.steps=3"], capsys)
+    assert code in (0, None), err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 3 and np.isfinite(summary["one_step_err"])

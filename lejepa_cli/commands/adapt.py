@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+from lejepa_cli.limits import MAX_ADAPT_STEPS
 from rich.console import Console
 
 err_console = Console(stderr=True)
@@ -15,13 +17,13 @@ def adapt(
     source: Annotated[Path, typer.Argument(help="A training checkpoint, a run folder (its newest checkpoint) or an export folder.")],
     data: Annotated[str, typer.Option("--data", help="Unlabelled target images: builtin, an IDX folder, an .npz or a prepared folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the adapted export to (model.safetensors + config.json).")],
-    steps: Annotated[int, typer.Option("--steps", help="LeJEPA fine-tuning steps on the target images before the statistics (0: BatchNorm statistics only).")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=0, help=f"LeJEPA fine-tuning steps on the target images before the statistics (0: BatchNorm statistics only; at most {MAX_ADAPT_STEPS}).")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Fine-tuning learning rate (AdamW, constant).")] = 1e-4,
     split: Annotated[str, typer.Option("--split", help="Split of the target data to adapt on.")] = "train",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per fine-tuning step and per statistics batch.")] = 128,
-    max_images: Annotated[Optional[int], typer.Option("--max-images", help="Estimate the statistics from at most this many images (evenly spaced).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Images per fine-tuning step and per statistics batch.")] = 128,
+    max_images: Annotated[Optional[int], typer.Option("--max-images", min=1, help="Estimate the statistics from at most this many images (evenly spaced).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seeds the fine-tuning's batches, views and fresh projector.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the fine-tuning's batches, views and fresh projector.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is in --out.")] = False,
 ) -> None:
     """Adapt an encoder to new images without labels (BatchNorm statistics, optional LeJEPA fine-tuning); write an export."""
