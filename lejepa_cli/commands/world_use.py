@@ -1,0 +1,185 @@
+"""`lejepa world plan | probe | surprise`: thin commands over lejepa_cli.world.plan, .probe and .surprise."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.terminal import make_console
+
+console = make_console()
+err_console = make_console(stderr=True)
+
+Run = Annotated[Path, typer.Argument(help="A world run folder, one of its checkpoints, or its export folder.")]
+Episodes = Annotated[int, typer.Option("--episodes", "-n", min=1, max=1000, help="Evaluation episodes.")]
+JsonFile = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
+Seed = Annotated[int, typer.Option(help="Seed of the evaluation episodes, goals and planner.")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
+
+
+def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str):
+    from lejepa_cli.outputs import check_output_file
+    from lejepa_cli.world.use import open_world_run
+
+    if json_file is not None:
+        check_output_file(json_file, "--json")  # before the work, not after it
+    used = open_world_run(run, world_sets=sets)
+    world = used.require_world(what)
+    err_console.print(f"world: {used.note}; frames {world.size}px, frameskip {used.model.frameskip}, "
+                      f"history {used.model.history}", highlight=False, soft_wrap=True)
+    return used, world
+
+
+def _finish(report: dict, json_file: Path | None, started: float, used) -> None:
+    from lejepa_cli.probe_report import write_json
+
+    report["world_source"] = used.note  # which simulator the figures come from
+
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    if json_file is not None:
+        write_json({k: v for k, v in report.items() if k != "video"}, json_file)
+        err_console.print(f"report written to {json_file}", highlight=False, soft_wrap=True)
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.0f} %" if pct else f"{x:.3f}"
+
+
+def plan_cmd(
+    run: Run,
+    episodes: Episodes = 20,
+    budget: Annotated[int, typer.Option(min=1, max=10000, help="Environment steps per episode.")] = 50,
+    candidates: Annotated[int, typer.Option(min=1, help="CEM candidate sequences per iteration.")] = 300,
+    iterations: Annotated[int, typer.Option(min=1, help="CEM iterations per decision.")] = 30,
+    elites: Annotated[int, typer.Option(min=1, help="CEM elites kept per iteration.")] = 30,
+    horizon: Annotated[int, typer.Option(min=1, help="Planning horizon in frameskip blocks.")] = 5,
+    goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
+    save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the random policy and the true-dynamics planner.")] = False,
+    seed: Seed = 0,
+    sets: Sets = None,
+    json_file: JsonFile = None,
+) -> None:
+    """Plan towards goal images with CEM in the model's latent space; random policy and true dynamics beside it."""
+    from lejepa_cli.world import plan as planning
+
+    started = time.perf_counter()
+    used, world = _open(run, json_file, sets, "plan")
+    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon)
+    cfg.check()
+    if save_video is not None:
+        from lejepa_cli.outputs import check_output_file
+
+        check_output_file(save_video, "--save-video")
+    if goal is not None:
+        report = _plan_to_image(used.model, world, goal, episodes, budget, cfg, seed, save_video)
+        _finish(report, json_file, started, used)
+        return
+    planners = ("model",) if no_baselines else planning.PLANNERS
+    report = planning.plan(used.model, world, episodes=episodes, budget=budget, seed=seed, cfg=cfg,
+                           planners=planners, record=save_video is not None)
+    table = Table("planner", "success", "mean steps to success", "s / decision",
+                  title=f"{world.name}: {episodes} episodes, budget {budget} steps, CEM {candidates}x{iterations}, horizon {horizon}")
+    for kind, label in (("", "world model (CEM)"), ("random_", "random policy"), ("oracle_", "true dynamics (CEM)")):
+        if f"{kind}success_rate" in report:
+            table.add_row(label, _fmt(report[f"{kind}success_rate"], pct=True), _fmt(report[f"{kind}mean_steps"]),
+                          _fmt(report[f"{kind}seconds_per_decision"]))
+    console.print(table)
+    if save_video is not None:
+        video = report["video"]
+        planning.save_strip(video["frames"], video["goal"], save_video, every=used.model.frameskip)
+        err_console.print(f"episode 0 ({'reached' if video['success'] else 'not reached'}) written to {save_video}", highlight=False)
+    _finish(report, json_file, started, used)
+
+
+def _plan_to_image(model, world, goal: Path, episodes: int, budget: int, cfg, seed: int, save_video: Path | None) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    from lejepa_cli.world import plan as planning
+
+    try:
+        image = np.asarray(Image.open(goal).convert("RGB"))
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"--goal {goal} is not a readable image ({e.__class__.__name__})") from None
+    images = planning.check_goal_images(world, image, episodes)
+    starts, _ = planning.draw_problems(world, episodes, seed)
+    result = planning.run_episodes("model", world, starts, None, model=model, frameskip=model.frameskip, budget=budget,
+                                   cfg=cfg, seed=seed, goal_images=images, record=save_video is not None)
+    report = {"episodes": episodes, "budget": budget, "goal": str(goal), "success_rate": None,
+              "seconds_per_decision": result["seconds_per_decision"],
+              "final_latent_distance": float(result["final_cost"].mean())}
+    console.print(f"{episodes} episodes towards {goal}: mean final squared latent distance "
+                  f"{report['final_latent_distance']:.3f}, {report['seconds_per_decision']:.3f} s per decision", highlight=False)
+    if save_video is not None:
+        planning.save_strip(result["frames"], result["goal_image"], save_video, every=model.frameskip)
+    return report
+
+
+def probe_cmd(
+    run: Run,
+    episodes: Episodes = 20,
+    steps: Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated episode.")] = 60,
+    seed: Seed = 0,
+    sets: Sets = None,
+    json_file: JsonFile = None,
+) -> None:
+    """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder."""
+    from lejepa_cli.world.probe import probe_world
+
+    started = time.perf_counter()
+    used, world = _open(run, json_file, sets, "probe")
+    report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed)
+    table = Table("state variable", "linear", "MLP", "linear (history)", "MLP (history)", "linear, random init",
+                  "MLP (history), random init",
+                  title=f"{world.name}: held-out R^2 ({episodes} episodes; probes fitted on {report['train_episodes']})")
+    for name in world.state_names:
+        table.add_row(name, *(_fmt(report[k][name]) for k in ("r2", "r2_mlp", "r2_history", "r2_history_mlp",
+                                                              "r2_random_init", "r2_history_mlp_random_init")))
+    console.print(table)
+    for name, h in report["hidden"].items():
+        console.print(f"hidden {name}: R^2 {h['frame']:.2f} from one frame, {h['history']:.2f} from the history "
+                      f"-> recoverable from: {h['recoverable_from']}", highlight=False)
+    _finish(report, json_file, started, used)
+
+
+def surprise_cmd(
+    run: Run,
+    episodes: Episodes = 20,
+    steps: Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated episode.")] = 60,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of surprise along one episode, the event marked.")] = None,
+    seed: Seed = 0,
+    sets: Sets = None,
+    json_file: JsonFile = None,
+) -> None:
+    """Inject impossible events (teleport, colour change, pass through a wall) and report surprise AUROC per kind."""
+    from lejepa_cli.world.surprise import surprise
+
+    started = time.perf_counter()
+    used, world = _open(run, json_file, sets, "surprise")
+    if plot is not None:
+        from lejepa_cli.outputs import check_output_file
+
+        check_output_file(plot, "--plot")
+    report = surprise(used.model, world, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
+    table = Table("event", "AUROC", "mean surprise at the event", "mean surprise, normal frames",
+                  title=f"{world.name}: {episodes} held-out episodes of {steps} steps")
+    for kind, value in report["auroc"].items():
+        table.add_row(kind, f"{value:.3f}", _fmt(report["mean_event_surprise"][kind]), _fmt(report["mean_normal_surprise"]))
+    console.print(table)
+    if plot is not None:
+        err_console.print(f"plot written to {plot}", highlight=False)
+    _finish(report, json_file, started, used)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan_cmd)
+    app.command("probe")(probe_cmd)
+    app.command("surprise")(surprise_cmd)
