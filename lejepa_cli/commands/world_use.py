@@ -30,10 +30,13 @@ def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str):
     if json_file is not None:
         check_output_file(json_file, "--json")  # before the work, not after it
     used = open_world_run(run, world_sets=sets)
-    world = used.require_world(what)
-    err_console.print(f"world: {used.note}; frames {world.size}px, frameskip {used.model.frameskip}, "
+    return used, used.require_world(what)
+
+
+def _describe(used) -> None:
+    """After the input checks (so a bad input stays one line): which world the figures come from."""
+    err_console.print(f"world: {used.note}; frames {used.world.size}px, frameskip {used.model.frameskip}, "
                       f"history {used.model.history}", highlight=False, soft_wrap=True)
-    return used, world
 
 
 def _finish(report: dict, json_file: Path | None, started: float, used) -> None:
@@ -80,9 +83,10 @@ def plan_cmd(
 
         check_output_file(save_video, "--save-video")
     if goal is not None:
-        report = _plan_to_image(used.model, world, goal, episodes, budget, cfg, seed, save_video)
+        report = _plan_to_image(used, goal, episodes, budget, cfg, seed, save_video)
         _finish(report, json_file, started, used)
         return
+    _describe(used)
     planners = ("model",) if no_baselines else planning.PLANNERS
     report = planning.plan(used.model, world, episodes=episodes, budget=budget, seed=seed, cfg=cfg,
                            planners=planners, record=save_video is not None)
@@ -100,7 +104,7 @@ def plan_cmd(
     _finish(report, json_file, started, used)
 
 
-def _plan_to_image(model, world, goal: Path, episodes: int, budget: int, cfg, seed: int, save_video: Path | None) -> dict:
+def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg, seed: int, save_video: Path | None) -> dict:
     from PIL import Image, UnidentifiedImageError
 
     from lejepa_cli.world import plan as planning
@@ -109,7 +113,9 @@ def _plan_to_image(model, world, goal: Path, episodes: int, budget: int, cfg, se
         image = np.asarray(Image.open(goal).convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"--goal {goal} is not a readable image ({e.__class__.__name__})") from None
+    model, world = used.model, used.world
     images = planning.check_goal_images(world, image, episodes)
+    _describe(used)
     starts, _ = planning.draw_problems(world, episodes, seed)
     result = planning.run_episodes("model", world, starts, None, model=model, frameskip=model.frameskip, budget=budget,
                                    cfg=cfg, seed=seed, goal_images=images, record=save_video is not None)
@@ -136,6 +142,7 @@ def probe_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "probe")
+    _describe(used)
     report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed)
     table = Table("state variable", "linear", "MLP", "linear (history)", "MLP (history)", "linear, random init",
                   "MLP (history), random init",
@@ -168,6 +175,7 @@ def surprise_cmd(
         from lejepa_cli.outputs import check_output_file
 
         check_output_file(plot, "--plot")
+    _describe(used)
     report = surprise(used.model, world, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
     table = Table("event", "AUROC", "mean surprise at the event", "mean surprise, normal frames",
                   title=f"{world.name}: {episodes} held-out episodes of {steps} steps")

@@ -28,6 +28,7 @@ from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, observe
 
 PLANNERS = ("model", "random", "oracle")
+MIN_GOAL_DISTANCE = 0.2  # arena units (side 1): four success radii of two-room
 
 
 @dataclass(frozen=True)
@@ -191,9 +192,16 @@ def summarise(result: dict) -> dict:
 
 
 def draw_problems(world: World, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Start and goal states (N, S) from their own seed stream (held out from any training data's streams)."""
+    """Start and goal states (N, S) from their own seed stream (held out from any training data's streams),
+    goals at least MIN_GOAL_DISTANCE from the start (a goal reached before acting tests nothing)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-    return world.reset(rng, episodes), world.sample_goal(rng, episodes)
+    starts, goals = world.reset(rng, episodes), world.sample_goal(rng, episodes)
+    for _ in range(100):
+        near = world.goal_distance(starts, goals) < MIN_GOAL_DISTANCE
+        if not near.any():
+            break
+        goals[near] = world.sample_goal(rng, int(near.sum()))
+    return starts, goals
 
 
 def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: int = 50, seed: int = 0,

@@ -1,0 +1,209 @@
+"""Using a world model: CEM planning, physical probes, surprise at injected events, their CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+from lejepa_cli.cli import main
+from lejepa_cli.config import load_config
+from lejepa_cli.train import train
+from lejepa_cli.world.plan import CEMConfig, cem, draw_problems, run_episodes, MIN_GOAL_DISTANCE
+from lejepa_cli.world.probe import r2_score, ridge_probe
+from lejepa_cli.world.sim import make_world
+from lejepa_cli.world.surprise import auroc, replay
+from test_world_train import simulate, world_config
+
+SMALL_CEM = ["--candidates", "20", "--iterations", "2", "--elites", "4"]
+
+
+@pytest.fixture(scope="module")
+def world_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world-use")
+    data = simulate(root / "two-room")
+    train(world_config(data), root / "run", progress=False)
+    return root / "run"
+
+
+def cli(args: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    out = capsys.readouterr()
+    return info.value.code or 0, out.out, out.err
+
+
+# ---- the planner ----------------------------------------------------------------------------------
+
+
+def test_cem_finds_the_optimum_of_a_quadratic():
+    target = torch.tensor(np.random.default_rng(0).uniform(-0.8, 0.8, (3, 5, 4)), dtype=torch.float32)  # (B, K, A)
+    calls = []
+
+    def cost(samples):  # (B, C, K, A) -> (B, C)
+        calls.append(samples.shape)
+        return ((samples - target[:, None]) ** 2).sum((2, 3))
+
+    best = cem(cost, 3, 4, CEMConfig(candidates=200, iterations=25, elites=20), torch.Generator().manual_seed(0))
+    assert best.shape == (3, 5, 4) and len(calls) == 25 and calls[0] == (3, 200, 5, 4)
+    assert float((best - target).abs().max()) < 0.05
+
+
+def test_true_dynamics_planner_reaches_near_goals_on_two_room_and_random_mostly_does_not():
+    world = make_world("two-room", size=16)
+    starts = np.array([[0.2, 0.3, 0, 0], [0.8, 0.7, 0, 0], [0.3, 0.8, 0, 0], [0.75, 0.2, 0, 0]], float)
+    goals = starts + np.array([[0.2, 0.1, 0, 0], [-0.15, -0.2, 0, 0], [0.05, -0.25, 0, 0], [0.1, 0.2, 0, 0]])
+    cfg = CEMConfig(candidates=100, iterations=8, elites=10)
+    oracle = run_episodes("oracle", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
+    assert oracle["success"].all() and (oracle["steps"] > 0).all() and (oracle["steps"] <= 50).all()
+    # Straight-line reach needs >= distance / speed steps.
+    assert (oracle["steps"] >= np.linalg.norm((goals - starts)[:, :2], axis=1) / 0.04 - 1e-9).all()
+    rand = run_episodes("random", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
+    assert rand["success"].sum() < 4
+
+
+def test_problems_have_goals_away_from_the_start():
+    world = make_world("two-room", size=16)
+    starts, goals = draw_problems(world, 64, 0)
+    assert (world.goal_distance(starts, goals) >= MIN_GOAL_DISTANCE).all()
+    again = draw_problems(world, 64, 0)
+    assert np.array_equal(again[0], starts) and np.array_equal(again[1], goals)
+
+
+# ---- probes and AUROC -----------------------------------------------------------------------------
+
+
+def test_linear_probe_on_a_linear_image_of_the_state_has_r2_one():
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(600, 4))
+    latents = state @ rng.normal(size=(4, 16)) + 1e-4 * rng.normal(size=(600, 16))  # z = state matrix, mixed
+    r2 = r2_score(state[400:], ridge_probe(latents[:400], state[:400], latents[400:], lam=1e-8))
+    assert r2.min() > 0.999
+    noise = rng.normal(size=(600, 16))  # latents that know nothing
+    assert r2_score(state[400:], ridge_probe(noise[:400], state[:400], noise[400:])).max() < 0.1
+
+
+def brute_force_auroc(pos, neg) -> float:
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_the_pairwise_count_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    pos = rng.integers(0, 6, rng.integers(1, 30)).astype(float)  # small integers: many ties
+    neg = rng.integers(0, 5, rng.integers(1, 30)).astype(float)
+    assert auroc(pos, neg) == pytest.approx(brute_force_auroc(pos, neg), abs=1e-12)
+    assert auroc([2.0], [1.0]) == 1.0 and auroc([1.0], [2.0]) == 0.0 and auroc([1.0], [1.0]) == 0.5
+
+
+# ---- surprise events ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["two-room", "push", "balls"])
+def test_event_injection_changes_exactly_the_intended_frames(name):
+    world = make_world(name, size=16, sets=["noise=0.02"])  # random draws must stay in step too
+    rng = np.random.default_rng(0)
+    n, steps = 4, 12
+    starts = world.reset(rng, n)
+    actions = rng.uniform(-1, 1, (n, steps, world.action_dim))
+    event = np.array([3, 5, 6, 9])
+    clean, clean_state = replay(world, starts, actions, seed=1)
+    again, _ = replay(world, starts, actions, seed=1)
+    assert np.array_equal(clean, again)
+    differs = lambda frames: (frames != clean).any(axis=(2, 3, 4))  # (N, T)
+    t = np.arange(steps)[None]
+    colour, colour_state = replay(world, starts, actions, seed=1, kind="colour", event_step=event)
+    assert np.array_equal(differs(colour), t == event[:, None]) and np.array_equal(colour_state, clean_state)
+    moved, moved_state = replay(world, starts, actions, seed=1, kind="teleport", event_step=event)
+    assert not differs(moved)[t < event[:, None]].any() and differs(moved)[t == event[:, None]].all()
+    assert np.array_equal(moved_state[t < event[:, None]], clean_state[t < event[:, None]])
+    obj = {"two-room": "agent", "push": "block", "balls": "ball0"}[name]
+    cols = [world.column(f"{obj}_x"), world.column(f"{obj}_y")]
+    rows = np.arange(n)
+    jump = np.linalg.norm(moved_state[rows, event][:, cols] - clean_state[rows, event][:, cols], axis=1)
+    assert (jump >= 0.3).all()
+    if name == "two-room":
+        crossed, crossed_state = replay(world, starts, actions, seed=1, kind="pass_through", event_step=event)
+        before, after = clean_state[rows, event, 0], crossed_state[rows, event, 0]
+        assert not differs(crossed)[t < event[:, None]].any()
+        assert np.allclose(after, 1 - before) and ((before < 0.5) != (after < 0.5)).all()
+
+
+# ---- the commands -----------------------------------------------------------------------------
+
+
+def test_plan_probe_surprise_write_their_json_keys(world_run, tmp_path, capsys):
+    code, out, err = cli(["world", "plan", str(world_run), "-n", "2", "--budget", "6", *SMALL_CEM, "--json",
+                          str(tmp_path / "plan.json"), "--save-video", str(tmp_path / "ep.png")], capsys)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert {"success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"} <= plan.keys()
+    assert "world model (CEM)" in out and "true dynamics" in out
+    strip = np.asarray(Image.open(tmp_path / "ep.png"))
+    assert strip.shape[0] == 16 and strip.shape[1] > 2 * 16  # frames, a gap, the goal
+    code, out, err = cli(["world", "probe", str(world_run), "-n", "2", "--steps", "16", "--json", str(tmp_path / "probe.json")], capsys)
+    assert code == 0, err
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    names = ["agent_x", "agent_y", "agent_vx", "agent_vy"]
+    assert list(probe["r2"]) == names and list(probe["r2_random_init"]) == names
+    assert all(isinstance(v, float) for v in probe["r2"].values())
+    code, out, err = cli(["world", "surprise", str(world_run), "-n", "3", "--steps", "16", "--json", str(tmp_path / "s.json"),
+                          "--plot", str(tmp_path / "s.png")], capsys)
+    assert code == 0, err
+    surprise = json.loads((tmp_path / "s.json").read_text())
+    assert set(surprise["auroc"]) == {"teleport", "colour", "pass_through"}
+    assert all(0.0 <= v <= 1.0 for v in surprise["auroc"].values()) and (tmp_path / "s.png").stat().st_size > 1000
+
+
+def _export(world_run: Path, out: Path, capsys) -> Path:
+    code, _, err = cli(["export", str(world_run), "--out", str(out)], capsys)
+    assert code == 0, err
+    return out
+
+
+def _edit_world(export: Path, name) -> None:
+    cfg = json.loads((export / "config.json").read_text())
+    cfg["lejepa"]["world"]["world"] = name
+    (export / "config.json").write_text(json.dumps(cfg))
+
+
+def test_bad_inputs_are_one_line_with_exit_code_2(world_run, tmp_path, tiny_overrides, capsys):
+    image_run = tmp_path / "image-run"
+    train(load_config("demo", tiny_overrides), image_run, progress=False)
+    export = _export(world_run, tmp_path / "exp", capsys)
+    unknown, no_sim = tmp_path / "unknown", tmp_path / "nosim"
+    shutil.copytree(export, unknown)
+    shutil.copytree(export, no_sim)
+    _edit_world(unknown, "atlantis")
+    _edit_world(no_sim, None)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "small.png")
+    cases = [
+        (["world", "plan", str(image_run)], "not a world model"),
+        (["world", "probe", str(image_run)], "not a world model"),
+        (["world", "plan", str(export), "--goal", str(tmp_path / "small.png")], "goal images must be"),
+        (["world", "surprise", str(unknown)], "unknown world"),
+        (["world", "plan", str(no_sim)], "without a simulator"),
+        (["world", "surprise", str(no_sim)], "without a simulator"),
+        (["world", "plan", str(tmp_path / "missing")], "does not exist"),
+        (["world", "plan", str(export), "--set", "bogus=1"], "has no option bogus"),
+    ]
+    for args, message in cases:
+        code, _, err = cli(args, capsys)
+        assert code == 2 and err.count("\n") == 1 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_plan_to_a_goal_image_reports_the_latent_distance(world_run, tmp_path, capsys):
+    world = make_world("two-room", size=16)
+    Image.fromarray(world.render(world.sample_goal(np.random.default_rng(0), 1))[0]).save(tmp_path / "goal.png")
+    code, out, err = cli(["world", "plan", str(world_run), "-n", "2", "--budget", "4", *SMALL_CEM, "--goal",
+                          str(tmp_path / "goal.png"), "--json", str(tmp_path / "g.json")], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["success_rate"] is None and report["final_latent_distance"] >= 0
