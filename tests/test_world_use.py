@@ -207,3 +207,32 @@ def test_plan_to_a_goal_image_reports_the_latent_distance(world_run, tmp_path, c
     assert code == 0, err
     report = json.loads((tmp_path / "g.json").read_text())
     assert report["success_rate"] is None and report["final_latent_distance"] >= 0
+
+
+def test_stress_table_has_the_clean_row_then_every_condition_level(world_run, tmp_path, capsys):
+    from lejepa_cli.world.stress import CONDITIONS
+
+    code, out, err = cli(["world", "stress", str(world_run), "-n", "2", "--steps", "16", "--plan-episodes", "1",
+                          "--candidates", "8", "--iterations", "1", "--elites", "2", "--json", str(tmp_path / "st.json"),
+                          "--plot", str(tmp_path / "st.png")], capsys)
+    assert code == 0, err
+    rows = json.loads((tmp_path / "st.json").read_text())["conditions"]
+    expected = [("clean", 0.0)] + [(c.name, lv) for c in CONDITIONS if c.name != "hidden parameters out of range" for lv in c.levels]
+    assert [(r["condition"], r["level"]) for r in rows] == expected  # two-room has no masses
+    for r in rows:
+        assert np.isfinite(r["probe_r2"]) and 0 <= r["surprise_auroc"] <= 1 and 0 <= r["plan_success"] <= 1
+    assert rows[1]["options"] == {"noise": 0.05} and (tmp_path / "st.png").stat().st_size > 1000
+    code, _, err = cli(["world", "stress", str(world_run), "--condition", "gravity"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "unknown stress condition" in err
+
+
+def test_out_of_range_masses_lie_above_the_training_range():
+    from lejepa_cli.world.stress import CONDITIONS
+
+    cond = next(c for c in CONDITIONS if c.name == "hidden parameters out of range")
+    push = make_world("push", size=16)
+    assert cond.applies(push) and not cond.applies(make_world("two-room", size=16))
+    for level in cond.levels:
+        stressed = make_world("push", size=16, **{**push.options, **cond.options(push, level)})
+        masses = stressed.reset(np.random.default_rng(0), 64)[:, stressed.column("block_mass")]
+        assert masses.min() > push.options["mass_max"]

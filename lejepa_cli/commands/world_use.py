@@ -1,4 +1,4 @@
-"""`lejepa world plan | probe | surprise`: thin commands over lejepa_cli.world.plan, .probe and .surprise."""
+"""`lejepa world plan | probe | surprise | stress`: thin commands over lejepa_cli.world.plan, .probe, .surprise, .stress."""
 
 from __future__ import annotations
 
@@ -187,7 +187,50 @@ def surprise_cmd(
     _finish(report, json_file, started, used)
 
 
+def stress_cmd(
+    run: Run,
+    episodes: Episodes = 20,
+    plan_episodes: Annotated[Optional[int], typer.Option(min=0, help="Planning episodes per row (default: --episodes; 0: no planning).")] = None,
+    candidates: Annotated[int, typer.Option(min=1, help="CEM candidate sequences per iteration.")] = 300,
+    iterations: Annotated[int, typer.Option(min=1, help="CEM iterations per decision.")] = 30,
+    elites: Annotated[int, typer.Option(min=1, help="CEM elites kept per iteration.")] = 30,
+    condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
+    steps: Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated probe / surprise episode.")] = 60,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
+    seed: Seed = 0,
+    sets: Sets = None,
+    json_file: JsonFile = None,
+) -> None:
+    """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world."""
+    from lejepa_cli.world import plan as planning
+    from lejepa_cli.world.stress import check_conditions, plot_stress, stress
+
+    started = time.perf_counter()
+    used, world = _open(run, json_file, sets, "stress")
+    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites)
+    cfg.check()
+    if plot is not None:
+        from lejepa_cli.outputs import check_output_file
+
+        check_output_file(plot, "--plot")
+    check_conditions(condition)
+    _describe(used)
+    report = stress(used.model, world, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
+                    conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False))
+    table = Table("condition", "level", "position probe R^2", "teleport AUROC", "planning success",
+                  title=f"{world.name}: conditions at evaluation ({episodes} episodes, {report['plan_episodes']} planned)")
+    for row in report["conditions"]:
+        table.add_row(row["condition"], f"{row['level']:g}", _fmt(row["probe_r2"]), _fmt(row["surprise_auroc"]),
+                      _fmt(row["plan_success"], pct=True))
+    console.print(table)
+    if plot is not None:
+        plot_stress(report, str(plot))
+        err_console.print(f"plot written to {plot}", highlight=False)
+    _finish(report, json_file, started, used)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("stress")(stress_cmd)
     app.command("plan")(plan_cmd)
     app.command("probe")(probe_cmd)
     app.command("surprise")(surprise_cmd)
