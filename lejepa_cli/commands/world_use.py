@@ -20,6 +20,10 @@ Run = Annotated[Path, typer.Argument(help="A world run folder, one of its checkp
 Episodes = Annotated[int, typer.Option("--episodes", "-n", min=1, max=1000, help="Evaluation episodes.")]
 JsonFile = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
 Seed = Annotated[int, typer.Option(help="Seed of the evaluation episodes, goals and planner.")]
+Candidates = Annotated[int, typer.Option(min=1, help="CEM candidate sequences per iteration.")]
+Iterations = Annotated[int, typer.Option(min=1, help="CEM iterations per decision.")]
+Elites = Annotated[int, typer.Option(min=1, help="CEM elites kept per iteration.")]
+Steps = Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated episode.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
 
 
@@ -60,9 +64,9 @@ def plan_cmd(
     run: Run,
     episodes: Episodes = 20,
     budget: Annotated[int, typer.Option(min=1, max=10000, help="Environment steps per episode.")] = 50,
-    candidates: Annotated[int, typer.Option(min=1, help="CEM candidate sequences per iteration.")] = 300,
-    iterations: Annotated[int, typer.Option(min=1, help="CEM iterations per decision.")] = 30,
-    elites: Annotated[int, typer.Option(min=1, help="CEM elites kept per iteration.")] = 30,
+    candidates: Candidates = 300,
+    iterations: Iterations = 30,
+    elites: Elites = 30,
     horizon: Annotated[int, typer.Option(min=1, help="Planning horizon in frameskip blocks.")] = 5,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
@@ -132,7 +136,7 @@ def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg, seed: int,
 def probe_cmd(
     run: Run,
     episodes: Episodes = 20,
-    steps: Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated episode.")] = 60,
+    steps: Steps = 60,
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
@@ -160,7 +164,7 @@ def probe_cmd(
 def surprise_cmd(
     run: Run,
     episodes: Episodes = 20,
-    steps: Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated episode.")] = 60,
+    steps: Steps = 60,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of surprise along one episode, the event marked.")] = None,
     seed: Seed = 0,
     sets: Sets = None,
@@ -191,11 +195,11 @@ def stress_cmd(
     run: Run,
     episodes: Episodes = 20,
     plan_episodes: Annotated[Optional[int], typer.Option(min=0, help="Planning episodes per row (default: --episodes; 0: no planning).")] = None,
-    candidates: Annotated[int, typer.Option(min=1, help="CEM candidate sequences per iteration.")] = 300,
-    iterations: Annotated[int, typer.Option(min=1, help="CEM iterations per decision.")] = 30,
-    elites: Annotated[int, typer.Option(min=1, help="CEM elites kept per iteration.")] = 30,
+    candidates: Candidates = 300,
+    iterations: Iterations = 30,
+    elites: Elites = 30,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
-    steps: Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated probe / surprise episode.")] = 60,
+    steps: Steps = 60,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
     seed: Seed = 0,
     sets: Sets = None,
