@@ -68,6 +68,36 @@ def test_true_dynamics_planner_reaches_near_goals_on_two_room_and_random_mostly_
     assert rand["success"].sum() < 4
 
 
+class CentroidModel:
+    """A stand-in world model with exact latents: z = the agent's pixel centroid (arena units), and a
+    rollout that moves it by speed x the block's actions (no walls). Checks the planner's plumbing."""
+
+    history, frameskip, speed = 3, 2, 0.04
+
+    def encode(self, frames):
+        f = np.asarray(frames, np.float64)  # (B, R, R, 3)
+        red = (f[..., 0] > 150) & (f[..., 1] < 120)  # the agent's colour
+        rows, cols = np.mgrid[: f.shape[1], : f.shape[2]]
+        n = red.sum((1, 2))
+        z = np.stack([(red * (cols + 0.5)).sum((1, 2)) / n, (red * (rows + 0.5)).sum((1, 2)) / n], 1) / f.shape[1]
+        return torch.tensor(z, dtype=torch.float32)
+
+    def rollout(self, latents, actions, future):
+        blocks = torch.cat([torch.as_tensor(actions)[:, -1:], torch.as_tensor(future)], 1)  # (B, K, fs * 2)
+        moves = self.speed * blocks.view(*blocks.shape[:2], self.frameskip, 2).sum(2)  # (B, K, 2)
+        return latents[:, -1:] + moves.cumsum(1)
+
+
+def test_latent_planner_with_exact_latents_reaches_near_goals():
+    world = make_world("two-room", size=32)
+    starts = np.array([[0.2, 0.3, 0, 0], [0.8, 0.7, 0, 0], [0.3, 0.8, 0, 0]], float)
+    goals = starts + np.array([[0.2, 0.1, 0, 0], [-0.15, -0.2, 0, 0], [0.05, -0.25, 0, 0]])
+    result = run_episodes("model", world, starts, goals, model=CentroidModel(), frameskip=2, budget=50,
+                          cfg=CEMConfig(candidates=100, iterations=8, elites=10), seed=0, record=True)
+    assert result["success"].all() and result["frames"].shape[1:] == (32, 32, 3)
+    assert result["final_cost"].max() < 0.01
+
+
 def test_problems_have_goals_away_from_the_start():
     world = make_world("two-room", size=16)
     starts, goals = draw_problems(world, 64, 0)
