@@ -28,7 +28,7 @@ import numpy as np
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.plan import CEMConfig, plan
-from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, r2_score, ridge_probe, simulated_split
+from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, r2_score, ridge_cv, simulated_split
 from lejepa_cli.world.sim import World, make_world
 from lejepa_cli.world.surprise import surprise
 
@@ -86,7 +86,7 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
 
     def evaluate(w: World) -> dict:
         test = features(model, *simulated_split(w, episodes, steps, seed, TEST_STREAM))
-        r2 = r2_score(test["state"][:, cols], ridge_probe(train["frame"], train["state"][:, cols], test["frame"]))
+        r2 = r2_score(test["state"][:, cols], ridge_cv(train["frame"], train["state"][:, cols], test["frame"], train["episode"]))
         row = {"probe_r2": float(np.mean(r2)),
                "surprise_auroc": surprise(model, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
                "plan_success": None}
