@@ -178,12 +178,13 @@ def test_plan_probe_surprise_write_their_json_keys(world_run, tmp_path, capsys):
     assert "world model (CEM)" in out and "true dynamics" in out
     strip = np.asarray(Image.open(tmp_path / "ep.png"))
     assert strip.shape[0] == 16 and strip.shape[1] > 2 * 16  # frames, a gap, the goal
-    code, out, err = cli(["world", "probe", str(world_run), "-n", "2", "--steps", "16", "--json", str(tmp_path / "probe.json")], capsys)
+    code, out, err = cli(["world", "probe", str(world_run), "-n", "2", "--steps", "16", "--history", "4", "--json",
+                          str(tmp_path / "probe.json")], capsys)
     assert code == 0, err
     probe = json.loads((tmp_path / "probe.json").read_text())
     names = ["agent_x", "agent_y", "agent_vx", "agent_vy"]
     assert list(probe["r2"]) == names and list(probe["r2_random_init"]) == names
-    assert all(isinstance(v, float) for v in probe["r2"].values())
+    assert all(isinstance(v, float) for v in probe["r2"].values()) and probe["history"] == 4 and "history of 4" in out
     code, out, err = cli(["world", "surprise", str(world_run), "-n", "3", "--steps", "16", "--json", str(tmp_path / "s.json"),
                           "--plot", str(tmp_path / "s.png")], capsys)
     assert code == 0, err

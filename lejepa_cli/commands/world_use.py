@@ -137,6 +137,7 @@ def probe_cmd(
     run: Run,
     episodes: Episodes = 20,
     steps: Steps = 60,
+    history: Annotated[Optional[int], typer.Option(min=1, help="Window frames in the history features (default: the predictor's history H).")] = None,
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
@@ -147,8 +148,9 @@ def probe_cmd(
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "probe")
     _describe(used)
-    report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed)
-    table = Table("state variable", "linear", "MLP", "linear (history)", "MLP (history)", "linear, random init",
+    report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed, history=history)
+    hist = f"history of {report['history']}"
+    table = Table("state variable", "linear", "MLP", f"linear ({hist})", f"MLP ({hist})", "linear, random init",
                   "MLP (history), random init",
                   title=f"{world.name}: held-out R^2 ({episodes} episodes; probes fitted on {report['train_episodes']})")
     for name in world.state_names:

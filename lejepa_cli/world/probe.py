@@ -129,9 +129,9 @@ def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: 
     return np.concatenate(frames), np.concatenate(states).astype(np.float64)
 
 
-def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray) -> dict[str, np.ndarray]:
+def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
     """Window-frame features with a full history: 'frame' (M, D), 'history' (M, H * D), 'state' (M, S), 'episode' (M,)."""
-    fs, h = model.frameskip, model.history
+    fs, h = model.frameskip, history or model.history
     z = encode_episodes(model, window_frames(frames, fs)).numpy()  # (N, L, D)
     s = window_frames(states, fs)  # (N, L, S)
     n, length, d = z.shape
@@ -157,12 +157,13 @@ def is_hidden(name: str) -> bool:
 
 
 def probe_world(model: WorldModelExport, world: World, *, episodes: int = 20, train_episodes: int | None = None,
-                steps: int = 60, seed: int = 0) -> dict:
+                steps: int = 60, seed: int = 0, history: int | None = None) -> dict:
     """Probe every state variable of `world` from the model's latents and from a random-init encoder's.
 
     Keys: r2 and r2_random_init (variable -> linear single-frame R^2), r2_mlp, r2_history,
     r2_history_mlp and their _random_init twins, hidden (hidden parameter -> its best R^2 from one
-    frame and from the history and where it is recoverable from), episodes, train_episodes.
+    frame and from the history and where it is recoverable from), episodes, train_episodes,
+    history (window frames in the history features: the predictor's H unless `history` is given).
     """
     train_episodes = train_episodes or 2 * episodes
     if episodes < 1 or train_episodes < 1:
@@ -170,9 +171,13 @@ def probe_world(model: WorldModelExport, world: World, *, episodes: int = 20, tr
     names = world.state_names
     train_f, train_s = simulated_split(world, train_episodes, steps, seed, TRAIN_STREAM)
     test_f, test_s = simulated_split(world, episodes, steps, seed, TEST_STREAM)
-    report: dict = {"episodes": episodes, "train_episodes": train_episodes, "steps": steps, "world": world.name}
+    history = history or model.history
+    if history < 1:
+        raise UserError(f"--history must be >= 1 window frame, got {history}")
+    report: dict = {"episodes": episodes, "train_episodes": train_episodes, "steps": steps, "world": world.name,
+                    "history": history}
     for tag, m in (("", model), ("_random_init", random_init_like(model, seed))):
-        scores = fit_probes(features(m, train_f, train_s), features(m, test_f, test_s), seed)
+        scores = fit_probes(features(m, train_f, train_s, history), features(m, test_f, test_s, history), seed)
         for key, r2 in (("r2", "linear_frame"), ("r2_mlp", "mlp_frame"), ("r2_history", "linear_history"),
                         ("r2_history_mlp", "mlp_history")):
             report[f"{key}{tag}"] = {n: float(v) for n, v in zip(names, scores[r2])}
