@@ -116,6 +116,7 @@ def plot_stress(report: dict, out: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = report["conditions"]
     clean = rows[0]
@@ -130,6 +131,10 @@ def plot_stress(report: dict, out: str) -> None:
             if pts:
                 ax.plot([p[0] + 1 for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xlabel("level (1 = mildest)")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if key == "probe_r2":  # a broken read-out goes far below 0; the range that tells apart is [-1, 1]
+            ax.set_ylim(max(ax.get_ylim()[0], -1.05), 1.05)
+            label += " (axis cut at -1)"
         ax.set_title(label)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{report['world']}: conditions at evaluation")
