@@ -257,7 +257,7 @@ def test_stress_table_has_the_clean_row_then_every_condition_level(world_run, tm
     assert code == 2 and err.count("\n") == 1 and "unknown stress condition" in err
 
 
-def test_out_of_range_masses_lie_above_the_training_range():
+def test_out_of_range_masses_leave_the_training_range_and_background_shifts_away_from_the_clip():
     from lejepa_cli.world.stress import CONDITIONS
 
     cond = next(c for c in CONDITIONS if c.name == "hidden parameters out of range")
@@ -265,5 +265,8 @@ def test_out_of_range_masses_lie_above_the_training_range():
     assert cond.applies(push) and not cond.applies(make_world("two-room", size=16))
     for level in cond.levels:
         stressed = make_world("push", size=16, **{**push.options, **cond.options(push, level)})
-        masses = stressed.reset(np.random.default_rng(0), 64)[:, stressed.column("block_mass")]
-        assert masses.min() > push.options["mass_max"]
+        masses = stressed.reset(np.random.default_rng(0), 256)[:, stressed.column("block_mass")]
+        assert masses.min() < push.options["mass_min"] and masses.max() > push.options["mass_max"]
+    shift = next(c for c in CONDITIONS if c.name == "background shift")
+    assert shift.options(push, 0.2) == {"bg_shift": -0.2}  # light background: darker
+    assert shift.options(make_world("balls", size=16), 0.2) == {"bg_shift": 0.2}  # dark background: lighter

@@ -7,11 +7,11 @@
 The model is trained on the clean world; here the world it is evaluated in changes, one
 condition at a time (the first row is the clean world itself):
 - pixel noise (`noise`), dropped frames (`drop_prob`), colour shift (`hue_shift`), background
-  shift (`bg_shift`): what the camera sees;
+  shift (`bg_shift`, darker for a light background, lighter for a dark one): what the camera sees;
 - random disturbances (`kick_prob`: pushes the actions did not cause, now and then) and
   stochastic dynamics (a push of growing size at every step);
-- hidden parameters outside the training range (worlds with masses: every mass drawn `level`
-  times above the training maximum).
+- hidden parameters outside the training range (worlds with masses: masses drawn from the
+  training range widened by `level` on both sides, [min / level, max x level]).
 Figures per row: `probe_r2`, the mean held-out R^2 over the position variables of a linear probe
 fitted on the clean world's episodes (a deployed read-out, scored where the world has drifted);
 `surprise_auroc`, the teleport AUROC within the changed world; `plan_success`, the world-model
@@ -42,15 +42,22 @@ class Condition:
 
 
 def _mass_out_of_range(world: World, factor: float) -> dict:
-    top = float(world.options["mass_max"])
-    return {"mass_min": min(100.0, top * factor), "mass_max": min(100.0, top * factor * 1.25)}
+    # Widen the range on both sides: scaling every mass by one factor would change nothing where
+    # only mass ratios matter (balls' elastic collisions).
+    return {"mass_min": max(0.05, world.options["mass_min"] / factor), "mass_max": min(100.0, world.options["mass_max"] * factor)}
+
+
+def _background_shift(world: World, amount: float) -> dict:
+    # Away from the clip: darker for a light background, lighter for a dark one.
+    frame = world.render(world.reset(np.random.default_rng(0), 1))
+    return {"bg_shift": -amount if np.median(frame) > 127 else amount}
 
 
 CONDITIONS = (
     Condition("pixel noise", (0.05, 0.1, 0.2), lambda w, v: {"noise": v}),
     Condition("dropped frames", (0.2, 0.5), lambda w, v: {"drop_prob": v}),
     Condition("colour shift", (30.0, 90.0), lambda w, v: {"hue_shift": v}),
-    Condition("background shift", (-0.2, -0.4), lambda w, v: {"bg_shift": v}),
+    Condition("background shift", (0.2, 0.4), _background_shift),
     Condition("random disturbances", (0.05, 0.2), lambda w, v: {"kick_prob": v, "kick_strength": 1.0}),
     Condition("stochastic dynamics", (0.25, 0.5), lambda w, v: {"kick_prob": 1.0, "kick_strength": v}),
     Condition("hidden parameters out of range", (2.0, 4.0), _mass_out_of_range, lambda w: "mass_max" in w.options),
