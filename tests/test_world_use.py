@@ -270,3 +270,36 @@ def test_out_of_range_masses_leave_the_training_range_and_background_shifts_away
     shift = next(c for c in CONDITIONS if c.name == "background shift")
     assert shift.options(push, 0.2) == {"bg_shift": -0.2}  # light background: darker
     assert shift.options(make_world("balls", size=16), 0.2) == {"bg_shift": 0.2}  # dark background: lighter
+
+
+def use_command_lines(run: Path) -> dict[tuple[str, ...], list[str]]:
+    """Base command lines that run in about a second on the tiny world run (the fuzzed option comes last and wins)."""
+    cem = ["--candidates", "2", "--iterations", "1", "--elites", "1"]
+    return {
+        ("world", "plan"): [str(run), "-n", "1", "--budget", "2", "--horizon", "2", *cem, "--no-baselines"],
+        ("world", "probe"): [str(run), "-n", "1", "--steps", "8"],
+        ("world", "surprise"): [str(run), "-n", "1", "--steps", "12"],
+        ("world", "stress"): [str(run), "-n", "1", "--steps", "12", "--plan-episodes", "0", "--condition", "pixel noise", *cem],
+    }
+
+
+def test_numeric_options_of_the_use_commands_run_or_refuse_in_one_line(world_run, tmp_path, capsys, monkeypatch):
+    """Both sides of each declared bound, huge and nan: exit 0, or one line with exit 2 (never a
+    traceback, never a run that would not fit in memory); each option accepts one value and refuses another."""
+    from test_fuzz_cli import numeric_options
+
+    monkeypatch.chdir(tmp_path)
+    bases = use_command_lines(world_run)
+    options = [o for o in numeric_options() if o[0] in bases]
+    assert {p for p, _, _, _ in options} == set(bases)
+    for path, option, kind, bounds in options:
+        codes = set()
+        values = dict.fromkeys(["16", str(10**12), "nan", *(str(b + d) for b in bounds for d in (-1, 0, 1))])
+        for value in values:
+            if len(bounds) == 2 and value in (str(bounds[1] - 1), str(bounds[1])) and option != "--seed":
+                continue  # at the upper bound a command runs for real, for minutes: max + 1 checks the bound
+            code, out, err = cli([*path, *bases[path], option, value], capsys)
+            assert "Traceback" not in out + err and code in (0, 2), (path, option, value, err)
+            assert code == 0 or err.strip().count("\n") == 0 or err.splitlines()[-1].startswith("error:"), err
+            codes.add(code)
+        assert codes == {0, 2}, (path, option)

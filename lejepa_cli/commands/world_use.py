@@ -17,13 +17,13 @@ console = make_console()
 err_console = make_console(stderr=True)
 
 Run = Annotated[Path, typer.Argument(help="A world run folder, one of its checkpoints, or its export folder.")]
-Episodes = Annotated[int, typer.Option("--episodes", "-n", min=1, max=1000, help="Evaluation episodes.")]
+Episodes = Annotated[int, typer.Option("--episodes", "-n", min=1, max=500, help="Evaluation episodes.")]
 JsonFile = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
-Seed = Annotated[int, typer.Option(help="Seed of the evaluation episodes, goals and planner.")]
-Candidates = Annotated[int, typer.Option(min=1, help="CEM candidate sequences per iteration.")]
-Iterations = Annotated[int, typer.Option(min=1, help="CEM iterations per decision.")]
-Elites = Annotated[int, typer.Option(min=1, help="CEM elites kept per iteration.")]
-Steps = Annotated[int, typer.Option(min=2, max=10000, help="Steps per simulated episode.")]
+Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the evaluation episodes, goals and planner.")]
+Candidates = Annotated[int, typer.Option(min=1, max=20000, help="CEM candidate sequences per iteration.")]
+Iterations = Annotated[int, typer.Option(min=1, max=1000, help="CEM iterations per decision.")]
+Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per iteration (at most --candidates).")]
+Steps = Annotated[int, typer.Option(min=2, max=2000, help="Steps per simulated episode.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
 
 
@@ -63,11 +63,11 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def plan_cmd(
     run: Run,
     episodes: Episodes = 20,
-    budget: Annotated[int, typer.Option(min=1, max=10000, help="Environment steps per episode.")] = 50,
+    budget: Annotated[int, typer.Option(min=1, max=1000, help="Environment steps per episode.")] = 50,
     candidates: Candidates = 300,
     iterations: Iterations = 30,
     elites: Elites = 30,
-    horizon: Annotated[int, typer.Option(min=1, help="Planning horizon in frameskip blocks.")] = 5,
+    horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the random policy and the true-dynamics planner.")] = False,
@@ -137,7 +137,7 @@ def probe_cmd(
     run: Run,
     episodes: Episodes = 20,
     steps: Steps = 60,
-    history: Annotated[Optional[int], typer.Option(min=1, help="Window frames in the history features (default: the predictor's history H).")] = None,
+    history: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Window frames in the history features (default: the predictor's history H).")] = None,
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
@@ -196,7 +196,7 @@ def surprise_cmd(
 def stress_cmd(
     run: Run,
     episodes: Episodes = 20,
-    plan_episodes: Annotated[Optional[int], typer.Option(min=0, help="Planning episodes per row (default: --episodes; 0: no planning).")] = None,
+    plan_episodes: Annotated[Optional[int], typer.Option(min=0, max=500, help="Planning episodes per row (default: --episodes; 0: no planning).")] = None,
     candidates: Candidates = 300,
     iterations: Iterations = 30,
     elites: Elites = 30,
