@@ -196,7 +196,7 @@ def surprise_cmd(
 def stress_cmd(
     run: Run,
     episodes: Episodes = 20,
-    plan_episodes: Annotated[Optional[int], typer.Option(min=0, max=500, help="Planning episodes per row (default: --episodes; 0: no planning).")] = None,
+    plan_episodes: Annotated[int, typer.Option(min=0, max=500, help="Planning episodes per row (0: no planning); planning is what costs.")] = 4,
     candidates: Candidates = 300,
     iterations: Iterations = 30,
     elites: Elites = 30,
