@@ -303,3 +303,13 @@ def test_numeric_options_of_the_use_commands_run_or_refuse_in_one_line(world_run
             assert code == 0 or err.strip().count("\n") == 0 or err.splitlines()[-1].startswith("error:"), err
             codes.add(code)
         assert codes == {0, 2}, (path, option)
+
+
+def test_the_world_comes_from_the_training_data_and_set_overrides_it(world_run):
+    from lejepa_cli.world.use import open_world_run
+
+    used = open_world_run(world_run)
+    assert used.world.name == "two-room" and used.world.size == 16 and "training data's options" in used.note
+    changed = open_world_run(world_run, world_sets=["noise=0.1", "speed=0.05"])
+    assert changed.world.options["noise"] == 0.1 and changed.world.options["speed"] == 0.05
+    assert changed.world.size == 16 and "noise=0.1" in changed.note

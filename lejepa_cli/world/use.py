@@ -21,7 +21,7 @@ import torch
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
-from lejepa_cli.world.sim import World, make_world, world_class
+from lejepa_cli.world.sim import World, make_world, parse_sets, world_class
 
 
 @dataclass
@@ -64,7 +64,7 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, dev
     name = model.spec.get("world")
     if not name:
         return LoadedWorld(model, None, "its data names no built-in world", path)
-    world_class(name)  # UserError for an unknown world
+    cls = world_class(name)  # UserError for an unknown world
     info = model.model.backbone.lejepa_info
     index = _training_index(info)
     data = info.get("data") or {}
@@ -74,8 +74,8 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, dev
     else:
         options, size = {}, int(data.get("resolution") or 64)
         note = f"{name} with default options (the training data's index.json is not reachable)"
-    world = make_world(name, size=size, sets=world_sets, **{k: v for k, v in options.items()
-                                                            if k not in {s.split('=')[0].strip() for s in world_sets or []}})
+    options.update(parse_sets(cls, world_sets))  # --set at evaluation wins over the training data's options
+    world = make_world(name, size=size, **options)
     if world_sets:
         note += f", with {', '.join(world_sets)}"
     return LoadedWorld(model, world, note, path)
