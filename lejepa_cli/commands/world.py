@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="Built-in simulated worlds for world models: list them, simulate trajectory datasets.", no_args_is_help=True)
+app = typer.Typer(help="Built-in simulated worlds and trained world models: list and simulate worlds; plan, probe and surprise with a world run.", no_args_is_help=True)
 console = Console()
 err_console = Console(stderr=True)
 
@@ -51,3 +51,12 @@ def simulate(
     counts = ", ".join(f"{split} {e['episodes']} episodes x {e['steps'] // max(e['episodes'], 1)} steps" for split, e in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else f"done in {s['seconds']:.1f} s"
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
+
+
+def _register_use_commands() -> None:
+    from lejepa_cli.commands.world_use import register
+
+    register(app)
+
+
+_register_use_commands()

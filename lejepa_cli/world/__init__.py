@@ -7,4 +7,7 @@ prepared trajectory format), files.py (reading .npz / HDF5 trajectory files), bu
 Model and training: model.py (encoder, action encoder, predictor), loss.py (the world
 objective), objective.py (what the shared training loop runs), export.py (artefacts and
 `load_world_model`).
+Use (`lejepa world plan | probe | surprise | stress`): use.py (a run with its simulator), plan.py
+(CEM planning), probe.py (state probes), surprise.py (injected events, AUROC), stress.py
+(deployment conditions at graded levels).
 """

@@ -1,0 +1,242 @@
+"""Model-predictive control towards a goal image: the cross-entropy method (CEM) in latent space.
+
+    from lejepa_cli.world.plan import plan
+    report = plan(model, world, episodes=20)          # model = load_world_model(...), world = make_world(...)
+    report["success_rate"], report["random_success_rate"], report["oracle_success_rate"]
+
+The planner knows only a cost of an action sequence. With the world model the cost is the
+squared distance between the predicted final latent (encode the last H window frames, roll the
+predictor out over the candidate's blocks) and the goal image's latent. With the simulator's
+true dynamics (`oracle`) it is the squared distance of the simulated final state to the goal
+state: the same planner with perfect dynamics, the ceiling of what this planner can do. A
+random policy is the floor. Receding horizon: plan `horizon` blocks of `frameskip` steps,
+execute the first block, observe, replan, until the goal is reached or `budget` steps are spent.
+Episodes are planned together as one batch (their candidates are independent rows).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.world.export import WorldModelExport
+from lejepa_cli.world.sim import World, observe
+
+PLANNERS = ("model", "random", "oracle")
+MIN_GOAL_DISTANCE = 0.2  # arena units (side 1): four success radii of two-room
+
+
+@dataclass(frozen=True)
+class CEMConfig:
+    """LeWM's defaults: 300 candidates, 30 iterations, keep the best 30, horizon 5 blocks."""
+
+    candidates: int = 300
+    iterations: int = 30
+    elites: int = 30
+    horizon: int = 5
+    init_std: float = 1.0
+    min_std: float = 0.05  # keeps some exploration when the elites agree
+
+    def check(self) -> None:
+        if not (1 <= self.elites <= self.candidates) or self.iterations < 1 or self.horizon < 1:
+            raise UserError(f"CEM needs 1 <= elites ({self.elites}) <= candidates ({self.candidates}), "
+                            f"iterations >= 1 ({self.iterations}) and horizon >= 1 ({self.horizon})")
+
+
+def cem(cost: Callable[[torch.Tensor], torch.Tensor], batch: int, dim: int, cfg: CEMConfig,
+        generator: torch.Generator, init_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Minimise cost over sequences in [-1, 1]^(horizon x dim), `batch` problems at once.
+
+    cost: candidates (B, C, horizon, dim) -> (B, C). Each iteration samples C candidates from a
+    Gaussian per problem, step and dimension, keeps the `elites` cheapest and refits the Gaussian
+    to them. Returns the final mean (B, horizon, dim).
+    """
+    shape = (batch, cfg.horizon, dim)
+    mean = torch.zeros(shape) if init_mean is None else init_mean.clone()
+    std = torch.full(shape, cfg.init_std)
+    for _ in range(cfg.iterations):
+        noise = torch.randn((batch, cfg.candidates, cfg.horizon, dim), generator=generator)
+        samples = (mean[:, None] + std[:, None] * noise).clamp(-1.0, 1.0)  # (B, C, K, A)
+        samples[:, 0] = mean  # the current mean competes too, so a good plan is never lost
+        costs = cost(samples)  # (B, C)
+        best = costs.topk(cfg.elites, dim=1, largest=False).indices  # (B, E)
+        elite = samples.gather(1, best[:, :, None, None].expand(-1, -1, cfg.horizon, dim))  # (B, E, K, A)
+        mean = elite.mean(1)
+        std = elite.std(1, unbiased=False).clamp_min(cfg.min_std)
+    return mean
+
+
+def model_cost(model: WorldModelExport, z_hist: torch.Tensor, b_hist: torch.Tensor, z_goal: torch.Tensor):
+    """Cost of candidates for the world model: context latents (B, h, D), the h - 1 blocks between them, goal (B, D)."""
+
+    def cost(samples: torch.Tensor) -> torch.Tensor:
+        b, c, k, a = samples.shape
+        ctx = z_hist[:, None].expand(-1, c, -1, -1).reshape(b * c, *z_hist.shape[1:])  # (B*C, h, D)
+        past = b_hist[:, None].expand(-1, c, -1, -1).reshape(b * c, b_hist.shape[1], a)  # (B*C, h-1, A')
+        acts = torch.cat([past, samples[:, :, :1].reshape(b * c, 1, a)], dim=1)  # last context block = first executed
+        pred = model.rollout(ctx, acts, samples[:, :, 1:].reshape(b * c, k - 1, a))  # (B*C, K, D)
+        return ((pred[:, -1].view(b, c, -1) - z_goal[:, None]) ** 2).sum(-1)
+
+    return cost
+
+
+def oracle_cost(world: World, state: np.ndarray, goal: np.ndarray, frameskip: int):
+    """Cost of candidates with the simulator's dynamics: squared distance of the final state to the goal."""
+
+    def cost(samples: torch.Tensor) -> torch.Tensor:
+        b, c, k, _ = samples.shape
+        acts = samples.numpy().reshape(b * c, k * frameskip, world.action_dim)  # blocks -> steps
+        s = np.repeat(state, c, axis=0)  # (B*C, S)
+        for t in range(k * frameskip):
+            s = world.step(s, acts[:, t])  # rng=None: no random pushes in the planner's model
+        d = world.goal_distance(s, np.repeat(goal, c, axis=0))
+        return torch.from_numpy(d**2).float().view(b, c)
+
+    return cost
+
+
+def check_goal_images(world: World, images: np.ndarray, n: int) -> np.ndarray:
+    """Goal images must be uint8 (n or 1, R, R, 3) at the world's frame size R."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    want = (world.size, world.size, 3)
+    if images.ndim != 4 or images.shape[1:] != want or images.dtype != np.uint8 or len(images) not in (1, n):
+        raise UserError(f"goal images must be uint8 of shape {want} (the world's frames), got {images.dtype} {images.shape[-3:]}")
+    return np.broadcast_to(images, (n, *want)).copy()
+
+
+def run_episodes(kind: str, world: World, starts: np.ndarray, goals: np.ndarray | None, *, model: WorldModelExport | None,
+                 frameskip: int, budget: int, cfg: CEMConfig, seed: int, goal_images: np.ndarray | None = None,
+                 record: bool = False) -> dict:
+    """Run one planner (`model`, `random` or `oracle`) from `starts` (N, S) towards `goals` (N, S) for `budget` steps.
+
+    Returns success (N,) bool, steps (N,) steps to success (-1: not reached), seconds_per_decision,
+    final_cost (N,) (the model's latent cost of its final frame, model planner only) and, with
+    record, frames (T, R, R, 3) of episode 0.
+    """
+    if kind not in PLANNERS:
+        raise UserError(f"unknown planner '{kind}' (choose from {', '.join(PLANNERS)})")
+    cfg.check()
+    n, a = len(starts), world.action_dim
+    if a == 0:
+        raise UserError(f"world {world.name} has no actions: there is nothing to plan")
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    state = world.set_state(starts)
+    if goal_images is None:
+        goal_images = world.render(goals)
+    done = np.zeros(n, bool)
+    steps = np.full(n, -1)
+    frame = observe(world, world.render(state), None, rng)
+    recorded = [frame[0]] if record else []
+    if kind == "model":
+        z_goal = model.encode(goal_images)  # (N, D)
+        z_hist = model.encode(frame)[:, None]  # (N, 1, D)
+        b_hist = torch.zeros(n, 0, frameskip * a)
+    plan_seconds, decisions, t = 0.0, 0, 0
+    mean = torch.zeros(n, cfg.horizon, frameskip * a)  # warm start: last plan shifted by one block
+    while t < budget and not (goals is not None and done.all()):
+        live = np.flatnonzero(~done)
+        tic = time.perf_counter()
+        if kind == "random":
+            block = torch.from_numpy(rng.uniform(-1, 1, (len(live), frameskip * a))).float()
+        else:
+            if kind == "model":
+                cost = model_cost(model, z_hist[live], b_hist[live], z_goal[live])
+            else:
+                cost = oracle_cost(world, state[live], goals[live], frameskip)
+            plan_ = cem(cost, len(live), frameskip * a, cfg, gen, init_mean=mean[live])
+            block = plan_[:, 0]  # (n_live, fs * A)
+            mean[live] = torch.cat([plan_[:, 1:], torch.zeros_like(plan_[:, :1])], dim=1)
+        plan_seconds += time.perf_counter() - tic
+        decisions += len(live)
+        acts = block.numpy().reshape(len(live), frameskip, a).astype(np.float64)
+        for j in range(frameskip):
+            if t >= budget:
+                break
+            state[live] = world.step(state[live], acts[:, j], rng)
+            t += 1
+            if goals is not None:
+                reached = world.success(state, goals) & ~done
+                steps[reached] = t
+                done |= reached
+            frame = observe(world, world.render(state), frame, rng)
+            if record and 0 in live:
+                recorded.append(frame[0])
+        if kind == "model":
+            z_hist = torch.cat([z_hist, model.encode(frame)[:, None]], dim=1)[:, -model.history:]
+            full = torch.zeros(n, frameskip * a)
+            full[live] = block
+            b_hist = torch.cat([b_hist, full[:, None]], dim=1)
+            b_hist = b_hist[:, b_hist.shape[1] - (z_hist.shape[1] - 1):]  # the blocks between the kept latents
+    out = {"success": done, "steps": steps, "seconds_per_decision": plan_seconds / decisions if decisions else 0.0}
+    if kind == "model":
+        out["final_cost"] = ((model.encode(frame) - z_goal) ** 2).sum(-1).numpy()
+    if record:
+        out["frames"] = np.stack(recorded)
+        out["goal_image"] = goal_images[0]
+    return out
+
+
+def summarise(result: dict) -> dict:
+    success, steps = result["success"], result["steps"]
+    return {"success_rate": float(success.mean()) if len(success) else 0.0,
+            "mean_steps": float(steps[success].mean()) if success.any() else None,
+            "seconds_per_decision": float(result["seconds_per_decision"])}
+
+
+def draw_problems(world: World, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and goal states (N, S) from their own seed stream (held out from any training data's streams),
+    goals at least MIN_GOAL_DISTANCE from the start (a goal reached before acting tests nothing)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    starts, goals = world.reset(rng, episodes), world.sample_goal(rng, episodes)
+    for _ in range(100):
+        near = world.goal_distance(starts, goals) < MIN_GOAL_DISTANCE
+        if not near.any():
+            break
+        goals[near] = world.sample_goal(rng, int(near.sum()))
+    return starts, goals
+
+
+def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: int = 50, seed: int = 0,
+         cfg: CEMConfig = CEMConfig(), planners: tuple[str, ...] = PLANNERS, record: bool = False) -> dict:
+    """Plan towards goal images of held-out goal states with each planner; the report of issue 20's `plan`.
+
+    Keys: success_rate, random_success_rate, oracle_success_rate (fractions of `episodes`),
+    seconds_per_decision (the world model's), mean_steps / random_mean_steps / oracle_mean_steps
+    (steps to success of the successful episodes), random_ / oracle_seconds_per_decision, and
+    `video` (frames of episode 0 and its goal image) with record.
+    """
+    if episodes < 1 or budget < 1:
+        raise UserError(f"--episodes and --budget must be >= 1, got {episodes} and {budget}")
+    starts, goals = draw_problems(world, episodes, seed)
+    report: dict = {"episodes": episodes, "budget": budget, "world": world.name, "frameskip": model.frameskip,
+                    "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites,
+                            "horizon": cfg.horizon}}
+    for kind in planners:
+        result = run_episodes(kind, world, starts, goals, model=model, frameskip=model.frameskip, budget=budget,
+                              cfg=cfg, seed=seed, record=record and kind == "model")
+        prefix = "" if kind == "model" else f"{kind}_"
+        for key, value in summarise(result).items():
+            report[f"{prefix}{key}"] = value
+        if "frames" in result:
+            report["video"] = {"frames": result["frames"], "goal": result["goal_image"], "success": bool(result["success"][0])}
+    return report
+
+
+def save_strip(frames: np.ndarray, goal: np.ndarray, out, every: int = 1) -> None:
+    """A PNG strip (frames every `every` steps, then a gap, then the goal) or, for .gif, an animation with the goal beside."""
+    from PIL import Image
+
+    gap = np.full((frames.shape[1], max(2, frames.shape[1] // 8), 3), 255, np.uint8)
+    if str(out).lower().endswith(".gif"):
+        pics = [Image.fromarray(np.concatenate([f, gap, goal], axis=1)) for f in frames]
+        pics[0].save(out, save_all=True, append_images=pics[1:], duration=120, loop=0)
+        return
+    Image.fromarray(np.concatenate([*frames[::every], gap, goal], axis=1)).save(out)

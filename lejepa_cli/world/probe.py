@@ -1,0 +1,191 @@
+"""Physical probes: how much of the true state a world model's latents hold, in a form a line can read.
+
+    from lejepa_cli.world.probe import probe_world
+    report = probe_world(model, world, episodes=20)
+    report["r2"]["agent_x"]            # held-out R^2 of a linear probe on one frame's latent
+    report["r2_random_init"]["agent_x"]  # the same probe on a randomly initialised encoder
+
+Probes are fitted on freshly simulated training episodes and scored on other, held-out ones
+(seed streams no training dataset uses). Features: one window frame's latent z_t, or the
+history the predictor reads (the H latents z_{t-H+1} .. z_t, concatenated), both on the same
+frames (those with a full history). Probes: ridge regression in closed form (penalty chosen by
+cross-validation over whole training episodes), and a small MLP (one hidden layer, full-batch
+Adam, early-stopped on held-out training episodes). Hidden parameters (mass, friction:
+constant in an episode, invisible in one frame) are "recoverable" from a feature set when a probe reaches R^2 >= 0.5.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.world.export import WorldModelExport
+from lejepa_cli.world.sim import World, simulate
+from lejepa_cli.world.use import encode_episodes, window_frames
+
+LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalties tried (times N, on standardised features)
+RECOVERABLE = 0.5  # R^2 from which a hidden parameter counts as readable
+TRAIN_STREAM, TEST_STREAM = 101, 102  # seed streams apart from `lejepa world simulate`'s 0 (train) and 1 (val)
+
+
+def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Per-column R^2 = 1 - SSE / SST of predictions (N, S); a constant column scores 0 when predicted exactly, else < 0."""
+    sse = ((y - pred) ** 2).sum(0)
+    sst = ((y - y.mean(0)) ** 2).sum(0)
+    return np.where(sst > 1e-12, 1.0 - sse / np.maximum(sst, 1e-12), np.where(sse < 1e-12, 0.0, -np.inf))
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mu, sd = train.mean(0), train.std(0) + 1e-6
+    return [(x - mu) / sd for x in (train, *others)]
+
+
+def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, lam: float = 1e-3) -> np.ndarray:
+    """Closed-form ridge regression (features standardised, intercept unpenalised); predictions (N_test, S)."""
+    xs, xt = _standardise(x_train.astype(np.float64), x_test.astype(np.float64))
+    y_mean = y_train.mean(0)
+    gram = xs.T @ xs + lam * len(xs) * np.eye(xs.shape[1])
+    w = np.linalg.solve(gram, xs.T @ (y_train - y_mean))  # (F, S)
+    return xt @ w + y_mean
+
+
+def _folds(groups: np.ndarray, k: int = 4) -> list[np.ndarray]:
+    """Boolean validation masks that split whole episodes (a probe must not learn an episode by heart)."""
+    ids = np.unique(groups)
+    return [np.isin(groups, ids[i::k]) for i in range(min(k, len(ids))) if len(ids) > 1]
+
+
+def ridge_cv(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Ridge with the penalty chosen per state column by episode-grouped cross-validation on the training set."""
+    folds = _folds(groups)
+    if not folds:
+        return ridge_probe(x_train, y_train, x_test)
+    errors = []
+    for lam in LAMBDAS:
+        err = sum(((ridge_probe(x_train[~v], y_train[~v], x_train[v], lam) - y_train[v]) ** 2).sum(0) for v in folds)
+        errors.append(err)  # (S,)
+    best = np.asarray(LAMBDAS)[np.argmin(np.stack(errors), axis=0)]  # (S,)
+    out = np.empty((len(x_test), y_train.shape[1]))
+    for lam in np.unique(best):
+        cols = best == lam
+        out[:, cols] = ridge_probe(x_train, y_train[:, cols], x_test, float(lam))
+    return out
+
+
+def mlp_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, groups: np.ndarray | None = None, *,
+              hidden: int = 128, steps: int = 400, seed: int = 0) -> np.ndarray:
+    """A one-hidden-layer MLP (full-batch Adam on standardised inputs and targets); predictions (N_test, S).
+
+    With `groups`, a quarter of the training episodes is held out and the weights with the lowest
+    error on them are kept (early stopping, so the MLP does not learn episodes by heart).
+    """
+    val = _folds(groups)[0] if groups is not None and _folds(groups) else np.zeros(len(x_train), bool)
+    xs, xt = (torch.from_numpy(a).float() for a in _standardise(x_train, x_test))
+    (ys,) = _standardise(y_train)
+    y_mu, y_sd = y_train.mean(0), y_train.std(0) + 1e-6
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Linear(xs.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, ys.shape[1]))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    target = torch.from_numpy(ys).float()
+    fit, held = torch.from_numpy(~val), torch.from_numpy(val)
+    best, best_state = float("inf"), None
+    for step in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(xs[fit]), target[fit]).backward()
+        opt.step()
+        if val.any() and step % 10 == 9:
+            with torch.no_grad():
+                loss = float(torch.nn.functional.mse_loss(net(xs[held]), target[held]))
+            if loss < best:
+                best, best_state = loss, {k: v.clone() for k, v in net.state_dict().items()}
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    with torch.no_grad():
+        return net(xt).numpy().astype(np.float64) * y_sd + y_mu
+
+
+def random_init_like(model: WorldModelExport, seed: int = 0) -> WorldModelExport:
+    """A world model of the same architecture and input normalisation, with freshly initialised weights."""
+    from lejepa_cli.models import build_backbone
+    from lejepa_cli.world.model import WorldModel
+
+    spec, info = model.spec, model.model.backbone.lejepa_info
+    torch.manual_seed(seed)
+    backbone = build_backbone(**info["arch_config"])
+    backbone.lejepa_info = info
+    fresh = WorldModel(backbone, latent_dim=spec["latent_dim"], action_dim=spec["frameskip"] * spec["action_dim"],
+                       history=spec["history"], proj_hidden=spec["proj_hidden"], depth=spec["depth"], heads=spec["heads"],
+                       head_dim=spec["head_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"])
+    return WorldModelExport(fresh, spec, model.mean, model.std)
+
+
+def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (N, T, R, R, 3) and states (N, T, S) of `episodes` exploration episodes."""
+    frames, states = [], []
+    for chunk in simulate(world, episodes, steps, seed, stream):
+        frames.append(chunk.frames.reshape(chunk.episodes, steps, *chunk.frames.shape[1:]))
+        states.append(chunk.state.reshape(chunk.episodes, steps, -1))
+    return np.concatenate(frames), np.concatenate(states).astype(np.float64)
+
+
+def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
+    """Window-frame features with a full history: 'frame' (M, D), 'history' (M, H * D), 'state' (M, S), 'episode' (M,)."""
+    fs, h = model.frameskip, history or model.history
+    z = encode_episodes(model, window_frames(frames, fs)).numpy()  # (N, L, D)
+    s = window_frames(states, fs)  # (N, L, S)
+    n, length, d = z.shape
+    if length < h:
+        raise UserError(f"episodes of {frames.shape[1]} steps give {length} window frames, fewer than the history {h}")
+    hist = np.concatenate([z[:, k : length - h + 1 + k] for k in range(h)], axis=-1)  # (N, L-H+1, H*D)
+    episode = np.repeat(np.arange(n), length - h + 1)  # (M,) which episode each row comes from
+    return {"frame": z[:, h - 1 :].reshape(-1, d), "history": hist.reshape(-1, h * d),
+            "state": s[:, h - 1 :].reshape(-1, s.shape[-1]), "episode": episode}
+
+
+def fit_probes(train: dict[str, np.ndarray], test: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """R^2 per state column for {linear, mlp} x {frame, history}: keys like 'linear_frame'."""
+    out = {}
+    for feat in ("frame", "history"):
+        out[f"linear_{feat}"] = r2_score(test["state"], ridge_cv(train[feat], train["state"], test[feat], train["episode"]))
+        out[f"mlp_{feat}"] = r2_score(test["state"], mlp_probe(train[feat], train["state"], test[feat], train["episode"], seed=seed))
+    return out
+
+
+def is_hidden(name: str) -> bool:
+    return name.endswith(("mass", "friction"))
+
+
+def probe_world(model: WorldModelExport, world: World, *, episodes: int = 20, train_episodes: int | None = None,
+                steps: int = 60, seed: int = 0, history: int | None = None) -> dict:
+    """Probe every state variable of `world` from the model's latents and from a random-init encoder's.
+
+    Keys: r2 and r2_random_init (variable -> linear single-frame R^2), r2_mlp, r2_history,
+    r2_history_mlp and their _random_init twins, hidden (hidden parameter -> its best R^2 from one
+    frame and from the history and where it is recoverable from), episodes, train_episodes,
+    history (window frames in the history features: the predictor's H unless `history` is given).
+    """
+    train_episodes = train_episodes or 2 * episodes
+    if episodes < 1 or train_episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {episodes}")
+    names = world.state_names
+    train_f, train_s = simulated_split(world, train_episodes, steps, seed, TRAIN_STREAM)
+    test_f, test_s = simulated_split(world, episodes, steps, seed, TEST_STREAM)
+    history = history or model.history
+    if history < 1:
+        raise UserError(f"--history must be >= 1 window frame, got {history}")
+    report: dict = {"episodes": episodes, "train_episodes": train_episodes, "steps": steps, "world": world.name,
+                    "history": history}
+    for tag, m in (("", model), ("_random_init", random_init_like(model, seed))):
+        scores = fit_probes(features(m, train_f, train_s, history), features(m, test_f, test_s, history), seed)
+        for key, r2 in (("r2", "linear_frame"), ("r2_mlp", "mlp_frame"), ("r2_history", "linear_history"),
+                        ("r2_history_mlp", "mlp_history")):
+            report[f"{key}{tag}"] = {n: float(v) for n, v in zip(names, scores[r2])}
+    hidden = {}
+    for name in filter(is_hidden, names):
+        frame = max(report["r2"][name], report["r2_mlp"][name])
+        history = max(report["r2_history"][name], report["r2_history_mlp"][name])
+        where = "history" if history >= RECOVERABLE else "not recoverable"
+        hidden[name] = {"frame": frame, "history": history, "recoverable_from": "one frame" if frame >= RECOVERABLE else where}
+    report["hidden"] = hidden
+    return report

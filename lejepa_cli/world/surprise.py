@@ -1,0 +1,179 @@
+"""Violation of expectation: does the world model's prediction error spike at impossible events?
+
+    from lejepa_cli.world.surprise import surprise
+    report = surprise(model, world, episodes=20)
+    report["auroc"]["teleport"]        # event frames against normal frames, 0.5 = blind, 1 = perfect
+
+Held-out episodes are simulated with the exploration policy, then replayed twice with the same
+actions and the same random draws: once clean, once with one impossible event at a known window
+frame k (chosen per episode, after a full history):
+- `teleport`: the world's main object (two-room's agent, push's block, balls' first ball) jumps
+  to a random free position at least 0.3 away, and moves on from there;
+- `colour`: frame k alone is rendered with every colour's hue rotated by 120 degrees;
+- `pass_through` (two-room): the agent crosses the wall away from the door, x -> 1 - x.
+Surprise of frame t + 1 = ||p_t - z_{t+1}||^2, the predictor's error from the history ending at t.
+AUROC: the event frames (frame k of every event episode) against every frame of the clean
+replays with a full history.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.world.export import WorldModelExport
+from lejepa_cli.world.sim import World, observe, simulate
+from lejepa_cli.world.use import blocks, encode_episodes, one_step_surprise, window_frames
+
+EVENT_STREAM = 103  # seed stream of the held-out episodes (apart from the dataset's 0 and 1)
+MIN_JUMP = 0.3  # a teleport moves the object at least this far (arena side = 1)
+HUE_EVENT = 120.0
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Probability that a random positive scores above a random negative (ties count 1/2), via ranks."""
+    pos, neg = np.asarray(positive, np.float64).ravel(), np.asarray(negative, np.float64).ravel()
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUROC needs at least one positive and one negative score")
+    scores = np.concatenate([pos, neg])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # Average rank (1-based) over each run of equal scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for s, e in zip(starts, ends):
+        ranks[order[s:e]] = (s + e + 1) / 2.0
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def event_kinds(world: World) -> tuple[str, ...]:
+    return ("teleport", "colour", "pass_through") if world.name == "two-room" else ("teleport", "colour")
+
+
+def _object_columns(world: World) -> tuple[int, int]:
+    name = {"two-room": "agent", "push": "block", "balls": "ball0"}.get(world.name)
+    if name is None:
+        raise UserError(f"no surprise events are defined for world {world.name}")
+    return world.column(f"{name}_x"), world.column(f"{name}_y")
+
+
+def teleport(world: World, state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Move the main object of each row to a fresh free position at least MIN_JUMP away (the farthest of 16 draws)."""
+    cx, cy = _object_columns(world)
+    old = state[:, [cx, cy]]
+    draws = np.stack([world.reset(rng, len(state))[:, [cx, cy]] for _ in range(16)], axis=1)  # (B, 16, 2)
+    far = np.linalg.norm(draws - old[:, None], axis=-1)  # (B, 16)
+    ok = far >= MIN_JUMP
+    pick = np.where(ok.any(1), ok.argmax(1), far.argmax(1))  # first far-enough draw, else the farthest
+    out = state.copy()
+    out[:, [cx, cy]] = draws[np.arange(len(state)), pick]
+    return out
+
+
+def pass_through(world: World, state: np.ndarray) -> np.ndarray:
+    """two-room: mirror the agent across the wall (x -> 1 - x), moved off the door's height so it crosses wall."""
+    o = world.options
+    out = state.copy()
+    x, y = world.column("agent_x"), world.column("agent_y")
+    out[:, x] = 1.0 - state[:, x]
+    clear = o["door"] / 2 + o["radius"] + 0.02
+    near_door = np.abs(state[:, y] - o["door_y"]) < clear
+    off = np.where(state[:, y] >= o["door_y"], o["door_y"] + clear, o["door_y"] - clear)
+    out[:, y] = np.where(near_door, np.clip(off, o["radius"], 1 - o["radius"]), state[:, y])
+    return out
+
+
+def replay(world: World, starts: np.ndarray, actions: np.ndarray, seed: int, kind: str | None = None,
+           event_step: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Replay actions (N, T, A) from starts (N, S); with `kind`, inject that event at step event_step (N,).
+
+    Every random draw (pushes, pixel noise, dropped frames) comes from a generator seeded by `seed`
+    and does not depend on the state, so a clean and an event replay differ only where the event
+    acts. Returns frames (N, T, R, R, 3) and states (N, T, S).
+    """
+    n, steps = actions.shape[:2]
+    rng, event_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
+    recolour = type(world)(size=world.size, **{**world.options, "hue_shift": (world.options["hue_shift"] + HUE_EVENT) % 360})
+    state = world.set_state(starts)
+    frames = np.empty((n, steps, world.size, world.size, 3), np.uint8)
+    states = np.empty((n, steps, world.state_dim))
+    previous = None
+    for t in range(steps):
+        hit = np.zeros(n, bool) if kind is None else event_step == t
+        if hit.any() and kind == "teleport":
+            state[hit] = teleport(world, state[hit], event_rng)
+        elif hit.any() and kind == "pass_through":
+            state[hit] = pass_through(world, state[hit])
+        clean = world.render(state)
+        if hit.any() and kind == "colour":
+            clean[hit] = recolour.render(state[hit])
+        previous = observe(world, clean, previous, rng)
+        frames[:, t], states[:, t] = previous, state
+        state = world.step(state, actions[:, t], rng)
+    return frames, states
+
+
+def surprise(model: WorldModelExport, world: World, *, episodes: int = 20, steps: int = 60, seed: int = 0,
+             kinds: tuple[str, ...] | None = None, plot: str | None = None) -> dict:
+    """Surprise AUROC per event kind on `episodes` held-out episodes; optionally a PNG of one episode.
+
+    Keys: auroc (kind -> AUROC), mean_event_surprise (kind -> mean surprise at event frames),
+    mean_normal_surprise, episodes, steps, event_frames (kind -> the window frame k of each episode).
+    """
+    kinds = kinds or event_kinds(world)
+    bad = [k for k in kinds if k not in event_kinds(world)]
+    if bad:
+        raise UserError(f"event '{bad[0]}' is not defined for world {world.name} (it has: {', '.join(event_kinds(world))})")
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {episodes}")
+    fs, h = model.frameskip, model.history
+    length = -(-steps // fs)  # window frames per episode
+    if length < h + 2:
+        raise UserError(f"--steps {steps} gives {length} window frames; surprise needs at least history + 2 = {h + 2}")
+    chunks = list(simulate(world, episodes, steps, seed, EVENT_STREAM))  # the exploration policy's actions
+    actions = np.concatenate([c.actions.reshape(c.episodes, steps, -1) for c in chunks]).astype(np.float64)
+    starts = np.concatenate([c.state.reshape(c.episodes, steps, -1)[:, 0] for c in chunks])
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    k = rng.integers(h, length - 1, episodes)  # the event's window frame: after a full history, not the last
+    act_blocks = blocks(actions.astype(np.float32), fs)
+    clean_frames, _ = replay(world, starts, actions, seed)
+    z = encode_episodes(model, window_frames(clean_frames, fs))
+    normal = one_step_surprise(model, z, act_blocks).numpy()[:, h - 1 :]  # frames h .. L-1 with a full history
+    report: dict = {"episodes": episodes, "steps": steps, "world": world.name, "auroc": {}, "mean_event_surprise": {},
+                    "mean_normal_surprise": float(normal.mean()), "event_frames": {}}
+    curves = {}
+    for kind in kinds:
+        frames, _ = replay(world, starts, actions, seed, kind, k * fs)
+        s = one_step_surprise(model, encode_episodes(model, window_frames(frames, fs)), act_blocks).numpy()  # (N, L-1)
+        event = s[np.arange(episodes), k - 1]  # surprise of frame k
+        report["auroc"][kind] = auroc(event, normal)
+        report["mean_event_surprise"][kind] = float(event.mean())
+        report["event_frames"][kind] = [int(v) for v in k]
+        curves[kind] = s[0]
+    if plot:
+        plot_surprise(curves, one_step_surprise(model, z[:1], act_blocks[:1]).numpy()[0], int(k[0]), plot, world.name)
+    return report
+
+
+def plot_surprise(curves: dict[str, np.ndarray], clean: np.ndarray, event_frame: int, out: str, title: str) -> None:
+    """Surprise along episode 0 (window frames 1 .. L-1) for each event kind and the clean replay, event marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    x = np.arange(1, len(clean) + 1)
+    ax.plot(x, clean, color="black", lw=2, label="clean")
+    for kind, curve in curves.items():
+        ax.plot(x, curve, lw=1.2, label=kind)
+    ax.axvline(event_frame, color="red", ls="--", lw=1, label=f"event (frame {event_frame})")
+    ax.set_xlabel("window frame")
+    ax.set_ylabel("surprise ||p - z||^2")
+    ax.set_yscale("log")
+    ax.set_title(f"{title}: surprise along one held-out episode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

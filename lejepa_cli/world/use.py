@@ -1,0 +1,120 @@
+"""What `lejepa world plan | probe | surprise | stress` share: a world model with the world it was trained on.
+
+    used = open_world_run("runs/world-tworoom")     # run folder, checkpoint or export
+    used.model        # WorldModelExport (encode / rollout), eval mode
+    used.world        # the simulator rebuilt from the training data's metadata (None: no simulator)
+    used.note         # how the world was found, e.g. "default options (the training data is not reachable)"
+
+Also the helpers that turn a simulated episode into window frames and action blocks, and the
+one-step surprise ||p_t - z_{t+1}||^2 of the model along such episodes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lejepa_cli.errors import UserError
+from lejepa_cli.world.export import WorldModelExport
+from lejepa_cli.world.sim import World, make_world, parse_sets, world_class
+
+
+@dataclass
+class LoadedWorld:
+    model: WorldModelExport
+    world: World | None
+    note: str
+    source: Path
+
+    def require_world(self, what: str) -> World:
+        if self.world is None:
+            raise UserError(f"{self.source} was trained on data without a simulator ({self.note}); "
+                            f"`lejepa world {what}` needs a built-in world (two-room, push, balls)")
+        return self.world
+
+
+def _training_index(info: dict[str, Any]) -> dict[str, Any] | None:
+    """The training data's index.json, when the run's config names a folder that still exists."""
+    source = ((info.get("config") or {}).get("data") or {}).get("source")
+    if not source:
+        return None
+    index = Path(str(source)).expanduser() / "index.json"
+    try:
+        return json.loads(index.read_text()) if index.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, device: str = "cpu") -> LoadedWorld:
+    """The world model at `path` and its simulator (from the training data's world name and options)."""
+    from lejepa_cli.world.export import load_world_model
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist (give a world run folder, checkpoint or export)")
+    if path.is_dir() and (path / "config.json").is_file() and not (path / "world.safetensors").is_file():
+        raise UserError(f"{path} is an image-encoder export, not a world model (no world.safetensors); "
+                        "give a world run folder or the export of one")
+    model = load_world_model(path, device)
+    name = model.spec.get("world")
+    if not name:
+        return LoadedWorld(model, None, "its data names no built-in world", path)
+    cls = world_class(name)  # UserError for an unknown world
+    info = model.model.backbone.lejepa_info
+    index = _training_index(info)
+    data = info.get("data") or {}
+    if index is not None and index.get("world") == name:
+        options, size = dict(index.get("world_options") or {}), int(index.get("resolution", 64))
+        note = f"{name} with the training data's options"
+    else:
+        options, size = {}, int(data.get("resolution") or 64)
+        note = f"{name} with default options (the training data's index.json is not reachable)"
+    options.update(parse_sets(cls, world_sets))  # --set at evaluation wins over the training data's options
+    world = make_world(name, size=size, **options)
+    if world_sets:
+        note += f", with {', '.join(world_sets)}"
+    return LoadedWorld(model, world, note, path)
+
+
+def blocks(actions: np.ndarray, frameskip: int) -> np.ndarray:
+    """Per-step actions (N, T, A) -> action blocks (N, T // fs, fs * A): block k leads window frame k to k + 1."""
+    n, t, a = actions.shape
+    k = t // frameskip
+    return np.ascontiguousarray(actions[:, : k * frameskip].reshape(n, k, frameskip * a))
+
+
+def window_frames(frames: np.ndarray, frameskip: int) -> np.ndarray:
+    """Frames (N, T, ...) -> every frameskip-th frame (N, ceil(T / fs), ...): what the model sees."""
+    return frames[:, ::frameskip]
+
+
+@torch.no_grad()
+def encode_episodes(model: WorldModelExport, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """uint8 frames (N, T, R, R, 3) -> latents (N, T, D), encoded a few hundred frames at a time."""
+    n, t = frames.shape[:2]
+    flat = frames.reshape(n * t, *frames.shape[2:])
+    out = [model.encode(flat[i : i + batch]) for i in range(0, len(flat), batch)]  # each (b, D)
+    return torch.cat(out).view(n, t, -1)
+
+
+@torch.no_grad()
+def one_step_surprise(model: WorldModelExport, z: torch.Tensor, action_blocks: np.ndarray) -> torch.Tensor:
+    """||p_t - z_{t+1}||^2 for every window frame t + 1 >= 1: latents (N, L, D), blocks (N, >= L - 1, A') -> (N, L - 1).
+
+    Frame t + 1 is predicted from the (up to) H latents ending at t and their blocks, as in training
+    (the causal predictor's prefix positions are trained too, so the first frames get a shorter context).
+    """
+    n, length, d = z.shape
+    h = model.history
+    out = torch.zeros(n, length - 1)
+    for t in range(length - 1):
+        lo = max(0, t + 1 - h)
+        ctx, acts = z[:, lo : t + 1], action_blocks[:, lo : t + 1]  # (N, <=H, D), (N, <=H, A')
+        pred = model.rollout(ctx, acts, np.zeros((n, 0, acts.shape[-1]), np.float32))[:, 0]  # (N, D)
+        out[:, t] = ((pred.cpu() - z[:, t + 1].cpu()) ** 2).sum(-1)
+    return out
