@@ -93,3 +93,12 @@ def test_timings_say_they_are_for_an_idle_machine_and_how_to_pin_threads(doc):
     first_minutes = re.search(r"\d+(?:\.\d+)? min", text)
     assert first_minutes and "idle" in text[: first_minutes.end() + 200], "say the minutes are for an idle machine"
     assert "OMP_NUM_THREADS=1" in text and "shared with other" in text
+
+
+def test_the_readme_test_command_prints_its_passed_line():
+    """`python -m pytest -q` plus an `addopts = -q` is -qq, which hides the "N passed" line CI reads."""
+    import tomllib
+
+    config = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    addopts = config["tool"]["pytest"]["ini_options"].get("addopts", "")
+    assert "-q" not in str(addopts).split()

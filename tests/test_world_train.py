@@ -252,3 +252,12 @@ def test_a_trajectory_npz_and_a_lewm_hdf5_file_prepare_and_train(kind, tmp_path,
     assert code in (0, None), err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["step"] == 3 and np.isfinite(summary["one_step_err"])
+
+
+def test_world_benchmark_reports_training_and_planning_rollout_rates():
+    from benchmarks import bench_world
+
+    case = bench_world.measure("world-tworoom", 1, torch.device("cpu"), frame_side=32)
+    assert case["train_frames_per_s"] > 0 and case["rollout_frames_per_s"] > 0
+    assert case["rollout_candidates"] == 300 and case["rollout_horizon"] == 5
+    assert case["cem_plan_s_estimate"] == pytest.approx(30 * case["rollout_ms"] / 1e3, rel=0.01)

@@ -38,7 +38,7 @@ def simulate(
     steps: Annotated[int, typer.Option(help="Frames (and actions) per episode.")] = 100,
     val_episodes: Annotated[int, typer.Option(help="Held-out episodes (split 'val'), simulated from their own seeds.")] = 40,
     size: Annotated[int, typer.Option(help="Frame side in pixels (RGB).")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed, options and counts give the same data.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, options and counts give the same data.")] = 0,
     sets: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="World option key=value (repeatable), e.g. noise=0.05.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,

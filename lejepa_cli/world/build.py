@@ -39,6 +39,8 @@ def simulate_dataset(
         raise UserError(f"--episodes must be in [1, {MAX_EPISODES}] and --val-episodes in [0, {MAX_EPISODES}], got {episodes} and {val_episodes}")
     if not 1 <= steps <= 100_000:
         raise UserError(f"--steps must be in [1, 100000], got {steps}")
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63), got {seed}")
     world = make_world(name, size=size, sets=sets)
     out = Path(out).expanduser().resolve()
     plan = {"world": name, "options": world.options, "size": size, "episodes": episodes, "steps": steps,
