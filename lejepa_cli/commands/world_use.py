@@ -114,7 +114,8 @@ def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg, seed: int,
     from lejepa_cli.world import plan as planning
 
     try:
-        image = np.asarray(Image.open(goal).convert("RGB"))
+        with Image.open(goal, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")) as im:  # never EPS (Ghostscript)
+            image = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise UserError(f"--goal {goal} is not a readable image ({e.__class__.__name__})") from None
     model, world = used.model, used.world
