@@ -19,6 +19,8 @@ planner's goal image and a probe's clean frame stay clean; colour knobs are part
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -63,8 +65,8 @@ COMMON_OPTIONS = (
 )
 
 
-class World:
-    """Base class of the built-in worlds; subclasses fill in the class attributes and methods."""
+class World(ABC):
+    """Base class of the built-in worlds; subclasses fill in the class attributes and the abstract methods."""
 
     name: str = ""
     description: str = ""
@@ -87,31 +89,32 @@ class World:
     # -- what subclasses provide -----------------------------------------------------------
 
     @property
+    @abstractmethod
     def state_names(self) -> list[str]:
-        raise NotImplementedError
+        """Names of the state columns."""
 
     def configure(self) -> None:
         """Check option combinations (UserError, e.g. min > max) and precompute what the options fix."""
 
+    @abstractmethod
     def reset(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """(n, S) float64 initial states, hidden parameters drawn per episode."""
-        raise NotImplementedError
 
+    @abstractmethod
     def step(self, state: np.ndarray, action: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Next state (B, S) after actions (B, A) (clipped to [-1, 1]); random pushes only with an rng."""
-        raise NotImplementedError
 
+    @abstractmethod
     def render(self, state: np.ndarray) -> np.ndarray:
         """(B, R, R, 3) uint8 clean frames of the states (colour knobs applied, no noise)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def sample_goal(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """(n, S) goal states (reachable: in free space, at rest)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def goal_distance(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """(B,) distance, in arena units, between what the goal asks for and the state."""
-        raise NotImplementedError
 
     def explore_init(self, rng: np.random.Generator, state: np.ndarray) -> dict:
         """Memory of the exploration policy for a batch of new episodes."""
