@@ -155,8 +155,7 @@ def evaluate_rollouts(run: WorldRun) -> dict[str, float]:
     """Held-out rollout errors next to the 'nothing changes' guess; {} when no episode is long enough."""
     w, model = run.cfg.world, run.model
     horizon = w.eval_horizon
-    windows = Windows(run.val_data, w.history + horizon, w.frameskip)
-    windows.action_mean, windows.action_std = run.train_data.action_mean, run.train_data.action_std
+    windows = Windows(run.val_data, w.history + horizon, w.frameskip)  # normalised with the train split's statistics
     if len(windows) == 0:
         return {}
     count = len(windows) if w.eval_windows == 0 else min(w.eval_windows, len(windows))
