@@ -118,7 +118,8 @@ def _read_checkpoint(path: Path, verify: bool) -> tuple[dict[str, torch.Tensor],
             raise UserError(f"{path} is damaged ({str(e).splitlines()[0]})") from None
     if not state or not isinstance(meta.get("backbone"), dict):
         raise UserError(f"{path} holds no backbone (no model.backbone.* tensors or 'backbone' metadata)")
-    arch, data, cfg = meta["backbone"], meta.get("data") or {}, meta.get("config") or {}
+    arch, data, cfg = meta["backbone"], meta.get("data"), meta.get("config")
+    data, cfg = (data if isinstance(data, dict) else {}), (cfg if isinstance(cfg, dict) else {})  # damaged: text
     if not data.get("mean") or not data.get("std"):
         raise UserError(f"{path} does not record its data's mean/std, which inputs must be normalised with")
     info = {

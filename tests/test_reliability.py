@@ -285,6 +285,9 @@ def damaged_files(good: Path, folder: Path) -> dict[str, Path]:
         "pickle": pickle.dumps({"model": [1.0, 2.0]}, protocol=4),
         "directory": None,
     }
+    for key in ("config", "data", "backbone", "format"):  # each metadata value left as text that is not JSON
+        start = data.index(f'"{key}":"'.encode()) + len(f'"{key}":"')
+        variants[f"metadata-{key}-not-json"] = flip(data, start, 5)  # its opening brace or quote, changed
     for k in range(3):
         variants[f"bitflip-tensor-data-{k}"] = flip(data, rng.randrange(end, len(data)), rng.randrange(8))
         variants[f"bitflip-header-{k}"] = flip(data, rng.randrange(8, end), rng.randrange(8))

@@ -62,7 +62,8 @@ def is_world_checkpoint(source: str | Path) -> bool:
 
     try:
         path = _checkpoint_of(Path(source).expanduser())
-        return (read_metadata(path).get("config") or {}).get("objective") == "world"
+        config = read_metadata(path).get("config")
+        return isinstance(config, dict) and config.get("objective") == "world"
     except (UserError, OSError):
         return False
 
