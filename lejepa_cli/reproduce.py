@@ -21,6 +21,7 @@ from typing import Any
 
 from lejepa_cli import __version__
 from lejepa_cli.errors import UserError
+from lejepa_cli.world.reproduce import WorldRecipe
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Recipe:
     prepare: bool = False  # decode the fetched folder into shards first (image folders)
     resolution: int | None = None  # stored resolution for prepare
     overrides: tuple[str, ...] = ()
+    # Shift-table cells (corruption, severity) whose linear-top-1 drop from clean the recipe pins,
+    # as metrics named "<corruption>_<severity>_linear_drop"; any: the probe runs its shift table.
+    shift_drops: tuple[tuple[str, int], ...] = ()
+    world: WorldRecipe | None = None  # a world-model recipe: simulated data, world figures (world/reproduce.py)
     # Expected ranges per metric (inclusive). Empty: no reference figure is pinned yet.
     expected: dict[str, tuple[float, float]] = field(default_factory=dict)
     source_of_expected: str = ""
@@ -165,11 +170,21 @@ def _check_eval_split(source: str, split: str, name: str) -> None:
                         f"with train/ and {split}/ sub-folders, or one made by `lejepa data prepare --val-fraction 0.1`")
 
 
+def _probe_figures(run_dir: Path, source: str, recipe: Recipe, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """An image recipe's figures: linear and kNN top-1, and the shift-table drops it pins."""
+    from lejepa_cli.probe import ProbeOptions, run_probe
+
+    report = run_probe(run_dir, ProbeOptions(data=source, shift=bool(recipe.shift_drops), conditions=False, progress=progress))
+    measured = {"linear_top1": report["linear_top1"], "knn_top1": report["knn_top1"]["20"]}
+    for corruption, severity in recipe.shift_drops:
+        measured[f"{corruption}_{severity}_linear_drop"] = report["shift"]["corruptions"][corruption][str(severity)]["linear_drop"]
+    return measured, report
+
+
 def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str] | None = None,
               progress: bool = True) -> dict[str, Any]:
     """Run recipe `name` in folder `out` (resumable: running it again continues) and return the report."""
     from lejepa_cli.config import apply_overrides, diff_keys, load_config
-    from lejepa_cli.probe import ProbeOptions, run_probe
     from lejepa_cli.resume import resume_point
     from lejepa_cli.train import train
 
@@ -177,7 +192,12 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
         raise UserError(f"unknown recipe '{name}': choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[name]
     t0 = time.perf_counter()
-    source = resolve_data(recipe, out, data)
+    if recipe.world is not None and data is None:
+        from lejepa_cli.world.reproduce import simulate_data
+
+        source = simulate_data(recipe.world, out, progress)
+    else:
+        source = resolve_data(recipe, out, data)
     overrides = [*recipe.overrides, f"data.source={source}", *(extra or [])]
     run_dir = out / "run"
     cfg = load_config(recipe.preset, overrides)
@@ -196,8 +216,12 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
     t_data = time.perf_counter()
     train(cfg, run_dir, resume="auto" if point is None else str(point[0]), progress=progress)  # scanned once
     t_train = time.perf_counter()
-    report = run_probe(run_dir, ProbeOptions(data=source, shift=False, conditions=False, progress=progress))
-    measured = {"linear_top1": report["linear_top1"], "knn_top1": report["knn_top1"]["20"]}
+    if recipe.world is not None:
+        from lejepa_cli.world.reproduce import measure
+
+        measured, report = measure(run_dir, recipe.world, seed=cfg.train.seed)
+    else:
+        measured, report = _probe_figures(run_dir, source, recipe, progress)
     result, rows = verdict(measured, recipe.expected)
     summary = {
         "recipe": recipe.name, "verdict": result, "checks": rows, "measured": measured,

@@ -106,6 +106,28 @@ def test_problems_have_goals_away_from_the_start():
     assert np.array_equal(again[0], starts) and np.array_equal(again[1], goals)
 
 
+@pytest.mark.parametrize("name", ["two-room", "push"])
+def test_offset_goals_are_where_exploration_leads_and_reachable_in_that_many_steps(name):
+    world = make_world(name, size=16)
+    starts, goals = draw_problems(world, 32, 0, goal_offset=25)
+    assert (world.goal_distance(starts, goals) >= MIN_GOAL_DISTANCE).all()
+    anywhere = draw_problems(world, 32, 0, goal_offset=0)[1]
+    assert not np.array_equal(goals, anywhere)
+    # An explorer moves at most `speed` per step (plus nothing: no kicks by default), so 25 steps bound the distance.
+    assert (world.goal_distance(starts, goals) <= 25 * world.options["speed"] * np.sqrt(2) + 1e-9).all()
+    again = draw_problems(world, 32, 0, goal_offset=25)
+    assert np.array_equal(again[0], starts) and np.array_equal(again[1], goals)
+
+
+def test_offset_goals_on_two_room_the_true_dynamics_planner_reaches_them_and_random_rarely():
+    world = make_world("two-room", size=16)
+    starts, goals = draw_problems(world, 12, 1, goal_offset=25)
+    cfg = CEMConfig(candidates=100, iterations=10, elites=10)
+    oracle = run_episodes("oracle", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
+    rand = run_episodes("random", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
+    assert oracle["success"].mean() >= 0.75 and rand["success"].mean() <= 0.25
+
+
 # ---- probes and AUROC -----------------------------------------------------------------------------
 
 

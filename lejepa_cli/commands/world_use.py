@@ -68,6 +68,7 @@ def plan_cmd(
     iterations: Iterations = 30,
     elites: Elites = 30,
     horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
+    goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = 25,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the random policy and the true-dynamics planner.")] = False,
@@ -93,9 +94,10 @@ def plan_cmd(
     _describe(used)
     planners = ("model",) if no_baselines else planning.PLANNERS
     report = planning.plan(used.model, world, episodes=episodes, budget=budget, seed=seed, cfg=cfg,
-                           planners=planners, record=save_video is not None)
+                           planners=planners, record=save_video is not None, goal_offset=goal_offset)
+    goals = f"goals {goal_offset} exploration steps ahead" if goal_offset else "goals anywhere"
     table = Table("planner", "success", "mean steps to success", "s / decision",
-                  title=f"{world.name}: {episodes} episodes, budget {budget} steps, CEM {candidates}x{iterations}, horizon {horizon}")
+                  title=f"{world.name}: {episodes} episodes, {goals}, budget {budget} steps, CEM {candidates}x{iterations}, horizon {horizon}")
     for kind, label in (("", "world model (CEM)"), ("random_", "random policy"), ("oracle_", "true dynamics (CEM)")):
         if f"{kind}success_rate" in report:
             table.add_row(label, _fmt(report[f"{kind}success_rate"], pct=True), _fmt(report[f"{kind}mean_steps"]),

@@ -9,5 +9,5 @@ objective), objective.py (what the shared training loop runs), export.py (artefa
 `load_world_model`).
 Use (`lejepa world plan | probe | surprise | stress`): use.py (a run with its simulator), plan.py
 (CEM planning), probe.py (state probes), surprise.py (injected events, AUROC), stress.py
-(deployment conditions at graded levels).
+(deployment conditions at graded levels), reproduce.py (world recipes of `lejepa reproduce`).
 """

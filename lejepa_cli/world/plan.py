@@ -29,6 +29,7 @@ from lejepa_cli.world.sim import World, observe
 
 PLANNERS = ("model", "random", "oracle")
 MIN_GOAL_DISTANCE = 0.2  # arena units (side 1): four success radii of two-room
+GOAL_OFFSET = 25  # goals: the exploration policy's state this many steps after the start (LeWM's evaluation)
 
 
 @dataclass(frozen=True)
@@ -191,21 +192,36 @@ def summarise(result: dict) -> dict:
             "seconds_per_decision": float(result["seconds_per_decision"])}
 
 
-def draw_problems(world: World, episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Start and goal states (N, S) from their own seed stream (held out from any training data's streams),
-    goals at least MIN_GOAL_DISTANCE from the start (a goal reached before acting tests nothing)."""
+def draw_problems(world: World, episodes: int, seed: int, goal_offset: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Start and goal states (N, S) from their own seed stream (held out from any training data's streams).
+
+    goal_offset > 0 (LeWM's protocol): the goal is where the world's exploration policy, run from
+    the start, is `goal_offset` steps later, so every goal is reachable in about that many steps.
+    goal_offset 0: goals anywhere (`world.sample_goal`), which on two-room often means the far
+    side of the wall. Either way goals lie at least MIN_GOAL_DISTANCE from the start (a goal
+    reached before acting tests nothing); problems that fail it are drawn again.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
-    starts, goals = world.reset(rng, episodes), world.sample_goal(rng, episodes)
+    starts, goals = world.reset(rng, episodes), np.empty((episodes, world.state_dim))
+    todo = np.arange(episodes)
     for _ in range(100):
-        near = world.goal_distance(starts, goals) < MIN_GOAL_DISTANCE
-        if not near.any():
+        if goal_offset > 0:
+            starts[todo] = world.reset(rng, len(todo))
+            state, memory = starts[todo].copy(), world.explore_init(rng, starts[todo])
+            for _ in range(goal_offset):
+                state = world.step(state, world.explore(state, memory, rng), rng)
+            goals[todo] = state
+        else:
+            goals[todo] = world.sample_goal(rng, len(todo))
+        todo = np.flatnonzero(world.goal_distance(starts, goals) < MIN_GOAL_DISTANCE)
+        if not len(todo):
             break
-        goals[near] = world.sample_goal(rng, int(near.sum()))
     return starts, goals
 
 
 def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: int = 50, seed: int = 0,
-         cfg: CEMConfig = CEMConfig(), planners: tuple[str, ...] = PLANNERS, record: bool = False) -> dict:
+         cfg: CEMConfig = CEMConfig(), planners: tuple[str, ...] = PLANNERS, record: bool = False,
+         goal_offset: int = GOAL_OFFSET) -> dict:
     """Plan towards goal images of held-out goal states with each planner; the report of issue 20's `plan`.
 
     Keys: success_rate, random_success_rate, oracle_success_rate (fractions of `episodes`),
@@ -215,8 +231,9 @@ def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: i
     """
     if episodes < 1 or budget < 1:
         raise UserError(f"--episodes and --budget must be >= 1, got {episodes} and {budget}")
-    starts, goals = draw_problems(world, episodes, seed)
+    starts, goals = draw_problems(world, episodes, seed, goal_offset)
     report: dict = {"episodes": episodes, "budget": budget, "world": world.name, "frameskip": model.frameskip,
+                    "goal_offset": goal_offset,
                     "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites,
                             "horizon": cfg.horizon}}
     for kind in planners:

@@ -1,0 +1,76 @@
+"""World recipes of `lejepa reproduce`: simulate a built-in world, train, then probe, detect and plan.
+
+`lejepa_cli.reproduce` runs every recipe (resume, verdict, report); for a world recipe it calls
+`simulate_data` instead of fetching images and `measure` instead of the image probe. The
+figures `measure` returns are the ones a world recipe can pin:
+
+    position_r2            the lowest held-out linear R^2 of the position variables, one frame's latent
+    <param>_r2_frame       a hidden parameter's best R^2 (linear or MLP) from one frame's latent
+    <param>_r2_history     ... and from the predictor's history window (`probe_history` frames)
+    teleport_auroc         surprise detection of teleports
+    success_rate, random_success_rate, oracle_success_rate, seconds_per_decision   planning
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorldRecipe:
+    world: str  # a built-in world: two-room, push, balls
+    sets: tuple[str, ...] = ()  # world options of the simulated data (`lejepa world simulate --set`)
+    episodes: int = 400  # training episodes simulated
+    val_episodes: int = 40  # held-out episodes (the training loop's rollout evaluation)
+    steps: int = 100  # steps per episode
+    position: tuple[str, ...] = ()  # state variables pinned together as position_r2 (their minimum)
+    hidden: tuple[str, ...] = ()  # hidden parameters pinned from one frame and from a history
+    probe_episodes: int = 20  # held-out probe episodes (twice as many fit the probes)
+    probe_history: int | None = None  # window frames of the history features (None: the predictor's H)
+    surprise_episodes: int = 30
+    plan_episodes: int = 20  # 0: no planning (a world without actions)
+    goal_offset: int | None = None  # None: the planner's default (world/plan.py GOAL_OFFSET)
+    cem: tuple[int, int, int] = (300, 30, 30)  # candidates, iterations, elites (LeWM's CEM)
+
+
+def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
+    """The recipe's trajectory folder in `work`/data (simulated once; a finished folder is reused)."""
+    from lejepa_cli.world.build import simulate_dataset
+
+    out = work / "data"
+    simulate_dataset(recipe.world, out, episodes=recipe.episodes, val_episodes=recipe.val_episodes,
+                     steps=recipe.steps, sets=list(recipe.sets), progress=progress)
+    return str(out)
+
+
+def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
+    """The recipe's figures for the newest checkpoint in `run_dir`, and the full reports they come from."""
+    from lejepa_cli.world.plan import GOAL_OFFSET, CEMConfig, plan
+    from lejepa_cli.world.probe import probe_world
+    from lejepa_cli.world.surprise import surprise
+    from lejepa_cli.world.use import open_world_run
+
+    used = open_world_run(run_dir)
+    world = used.require_world("reproduce")
+    model = used.model
+    probe = probe_world(model, world, episodes=recipe.probe_episodes, seed=seed, history=recipe.probe_history)
+    measured: dict[str, float] = {}
+    if recipe.position:
+        measured["position_r2"] = min(probe["r2"][name] for name in recipe.position)
+    for name in recipe.hidden:
+        measured[f"{name}_r2_frame"] = probe["hidden"][name]["frame"]
+        measured[f"{name}_r2_history"] = probe["hidden"][name]["history"]
+    events = surprise(model, world, episodes=recipe.surprise_episodes, seed=seed, kinds=("teleport",))
+    measured["teleport_auroc"] = events["auroc"]["teleport"]
+    reports: dict[str, Any] = {"probe": probe, "surprise": events, "world_note": used.note}
+    if recipe.plan_episodes:
+        candidates, iterations, elites = recipe.cem
+        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed,
+                       cfg=CEMConfig(candidates=candidates, iterations=iterations, elites=elites),
+                       goal_offset=GOAL_OFFSET if recipe.goal_offset is None else recipe.goal_offset)
+        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
+            measured[key] = planned[key]
+        reports["plan"] = planned
+    return measured, reports
