@@ -104,13 +104,15 @@ class Predictor(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.out = LatentProjector(dim, proj_hidden, dim)
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, c: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         t = z.shape[1]
         if t > self.history:
             raise ValueError(f"the predictor takes at most {self.history} latents (its history), got {t}")
         x = z + self.pos_embed[:, :t]
         for block in self.blocks:
             x = block(x, c)
+        if last_only:  # a rollout reads only the newest prediction: project just that one (B, 1, dim)
+            x = x[:, -1:]
         return self.out(self.norm(x))
 
 
@@ -133,9 +135,10 @@ class WorldModel(nn.Module):
         h = self.backbone(frames.flatten(0, 1))  # (B*T, embed_dim)
         return self.projector(h).view(b, t, -1)
 
-    def predict(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Latents (B, T, D) and their action blocks (B, T, A) -> next latents (B, T, D), causally."""
-        return self.predictor(z, self.action_encoder(actions))
+    def predict(self, z: torch.Tensor, actions: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Latents (B, T, D) and their action blocks (B, T, A) -> next latents (B, T, D), causally
+        (last_only: only the prediction from the newest position, (B, 1, D))."""
+        return self.predictor(z, self.action_encoder(actions), last_only)
 
     def forward(self, frames: torch.Tensor, actions: torch.Tensor, history: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward: latents of every frame (B, T, D) and predictions from the first `history` (B, H, D)."""
@@ -153,7 +156,7 @@ class WorldModel(nn.Module):
         zs, acts = z, actions
         preds = []
         for k in range(future_actions.shape[1] + 1):
-            nxt = self.predict(zs[:, -self.history:], acts[:, -self.history:])[:, -1:]  # (B, 1, D)
+            nxt = self.predict(zs[:, -self.history:], acts[:, -self.history:], last_only=True)  # (B, 1, D)
             preds.append(nxt)
             if k < future_actions.shape[1]:
                 zs = torch.cat([zs, nxt], dim=1)
