@@ -31,8 +31,8 @@ def test_recipes_name_shipped_presets_and_say_where_their_figures_come_from():
     for recipe in RECIPES.values():
         assert recipe.preset in presets, recipe.name
         assert recipe.source_of_expected and recipe.budget, recipe.name
-        for low, high in recipe.expected.values():
-            assert 0.0 <= low < high <= 1.0
+        for low, high in recipe.expected.values():  # fractions; drops and R^2 may go below 0
+            assert -1.0 <= low < high <= 1.0
     assert RECIPES["demo"].expected and RECIPES["fashion-mnist"].expected  # the CPU recipes are pinned
 
 

@@ -246,6 +246,9 @@ def test_bad_inputs_are_one_line_with_exit_code_2(world_run, tmp_path, tiny_over
         (["world", "surprise", str(no_sim)], "without a simulator"),
         (["world", "plan", str(tmp_path / "missing")], "does not exist"),
         (["world", "plan", str(export), "--set", "bogus=1"], "has no option bogus"),
+        (["world", "surprise", str(export), "--steps", "3"], "surprise needs at least"),  # no "world: ..." line first
+        (["world", "probe", str(export), "--steps", "8", "--history", "9"], "fewer than the history"),
+        (["world", "stress", str(export), "--steps", "4"], "fewer than the history"),
     ]
     for args, message in cases:
         code, _, err = cli(args, capsys)

@@ -129,14 +129,20 @@ def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: 
     return np.concatenate(frames), np.concatenate(states).astype(np.float64)
 
 
+def check_steps(model: WorldModelExport, steps: int, history: int | None = None) -> None:
+    """Episodes of `steps` steps must hold at least one full history of window frames."""
+    length, h = -(-steps // model.frameskip), history or model.history
+    if length < h:
+        raise UserError(f"episodes of {steps} steps give {length} window frames, fewer than the history {h}")
+
+
 def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
     """Window-frame features with a full history: 'frame' (M, D), 'history' (M, H * D), 'state' (M, S), 'episode' (M,)."""
     fs, h = model.frameskip, history or model.history
     z = encode_episodes(model, window_frames(frames, fs)).numpy()  # (N, L, D)
     s = window_frames(states, fs)  # (N, L, S)
     n, length, d = z.shape
-    if length < h:
-        raise UserError(f"episodes of {frames.shape[1]} steps give {length} window frames, fewer than the history {h}")
+    check_steps(model, frames.shape[1], h)
     hist = np.concatenate([z[:, k : length - h + 1 + k] for k in range(h)], axis=-1)  # (N, L-H+1, H*D)
     episode = np.repeat(np.arange(n), length - h + 1)  # (M,) which episode each row comes from
     return {"frame": z[:, h - 1 :].reshape(-1, d), "history": hist.reshape(-1, h * d),

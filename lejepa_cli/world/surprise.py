@@ -114,6 +114,13 @@ def replay(world: World, starts: np.ndarray, actions: np.ndarray, seed: int, kin
     return frames, states
 
 
+def check_steps(model: WorldModelExport, steps: int) -> None:
+    """Episodes of `steps` steps must give a full history, an event frame and one after it."""
+    length, h = -(-steps // model.frameskip), model.history
+    if length < h + 2:
+        raise UserError(f"--steps {steps} gives {length} window frames; surprise needs at least history + 2 = {h + 2}")
+
+
 def surprise(model: WorldModelExport, world: World, *, episodes: int = 20, steps: int = 60, seed: int = 0,
              kinds: tuple[str, ...] | None = None, plot: str | None = None) -> dict:
     """Surprise AUROC per event kind on `episodes` held-out episodes; optionally a PNG of one episode.
@@ -127,10 +134,9 @@ def surprise(model: WorldModelExport, world: World, *, episodes: int = 20, steps
         raise UserError(f"event '{bad[0]}' is not defined for world {world.name} (it has: {', '.join(event_kinds(world))})")
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {episodes}")
+    check_steps(model, steps)
     fs, h = model.frameskip, model.history
     length = -(-steps // fs)  # window frames per episode
-    if length < h + 2:
-        raise UserError(f"--steps {steps} gives {length} window frames; surprise needs at least history + 2 = {h + 2}")
     chunks = list(simulate(world, episodes, steps, seed, EVENT_STREAM))  # the exploration policy's actions
     actions = np.concatenate([c.actions.reshape(c.episodes, steps, -1) for c in chunks]).astype(np.float64)
     starts = np.concatenate([c.state.reshape(c.episodes, steps, -1)[:, 0] for c in chunks])
