@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import TINY
 from lejepa_cli.cli import main
 from lejepa_cli.config import load_config
+from lejepa_cli.errors import UserError
 from lejepa_cli.train import train
 from lejepa_cli.world.plan import CEMConfig, cem, draw_problems, run_episodes, MIN_GOAL_DISTANCE
 from lejepa_cli.world.probe import r2_score, ridge_probe
@@ -126,6 +127,20 @@ def test_offset_goals_on_two_room_the_true_dynamics_planner_reaches_them_and_ran
     oracle = run_episodes("oracle", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
     rand = run_episodes("random", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
     assert oracle["success"].mean() >= 0.75 and rand["success"].mean() <= 0.25
+
+
+def test_min_cost_scores_the_nearest_block_and_plans_as_well():
+    from lejepa_cli.world.plan import reduce_cost
+
+    d = torch.tensor([[4.0, 1.0, 3.0], [2.0, 5.0, 0.5]])
+    assert reduce_cost(d, "final").tolist() == [3.0, 0.5] and reduce_cost(d, "min").tolist() == [1.0, 0.5]
+    with pytest.raises(UserError, match="unknown planning cost"):
+        CEMConfig(cost="max").check()
+    world = make_world("two-room", size=16)
+    starts, goals = draw_problems(world, 12, 1, goal_offset=25)
+    cfg = CEMConfig(candidates=100, iterations=10, elites=10, horizon=10, cost="min")
+    oracle = run_episodes("oracle", world, starts, goals, model=None, frameskip=2, budget=50, cfg=cfg, seed=0)
+    assert oracle["success"].mean() >= 0.75
 
 
 # ---- probes and AUROC -----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the evalu
 Candidates = Annotated[int, typer.Option(min=1, max=20000, help="CEM candidate sequences per iteration.")]
 Iterations = Annotated[int, typer.Option(min=1, max=1000, help="CEM iterations per decision.")]
 Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per iteration (at most --candidates).")]
+Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (latent distance to the goal after the last block, LeWM's) or 'min' (the nearest any block of the sequence gets).")]
 Steps = Annotated[int, typer.Option(min=2, max=2000, help="Steps per simulated episode.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
 
@@ -68,6 +69,7 @@ def plan_cmd(
     iterations: Iterations = 30,
     elites: Elites = 30,
     horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
+    cost: Cost = "final",
     goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = 25,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
@@ -81,7 +83,7 @@ def plan_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "plan")
-    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon)
+    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost)
     cfg.check()
     if save_video is not None:
         from lejepa_cli.outputs import check_output_file
@@ -97,7 +99,7 @@ def plan_cmd(
                            planners=planners, record=save_video is not None, goal_offset=goal_offset)
     goals = f"goals {goal_offset} exploration steps ahead" if goal_offset else "goals anywhere"
     table = Table("planner", "success", "mean steps to success", "s / decision",
-                  title=f"{world.name}: {episodes} episodes, {goals}, budget {budget} steps, CEM {candidates}x{iterations}, horizon {horizon}")
+                  title=f"{world.name}: {episodes} episodes, {goals}, budget {budget} steps, CEM {candidates}x{iterations}, horizon {horizon}, cost {cost}")
     for kind, label in (("", "world model (CEM)"), ("random_", "random policy"), ("oracle_", "true dynamics (CEM)")):
         if f"{kind}success_rate" in report:
             table.add_row(label, _fmt(report[f"{kind}success_rate"], pct=True), _fmt(report[f"{kind}mean_steps"]),
@@ -205,6 +207,8 @@ def stress_cmd(
     candidates: Candidates = 300,
     iterations: Iterations = 30,
     elites: Elites = 30,
+    horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
+    cost: Cost = "final",
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
     steps: Steps = 60,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
@@ -218,7 +222,7 @@ def stress_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "stress")
-    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites)
+    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost)
     cfg.check()
     if plot is not None:
         from lejepa_cli.outputs import check_output_file

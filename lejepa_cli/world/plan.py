@@ -6,7 +6,8 @@
 
 The planner knows only a cost of an action sequence. With the world model the cost is the
 squared distance between the predicted final latent (encode the last H window frames, roll the
-predictor out over the candidate's blocks) and the goal image's latent. With the simulator's
+predictor out over the candidate's blocks) and the goal image's latent; with cost "min", the
+smallest such distance after any of the candidate's blocks. With the simulator's
 true dynamics (`oracle`) it is the squared distance of the simulated final state to the goal
 state: the same planner with perfect dynamics, the ceiling of what this planner can do. A
 random policy is the floor. Receding horizon: plan `horizon` blocks of `frameskip` steps,
@@ -28,6 +29,7 @@ from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, observe
 
 PLANNERS = ("model", "random", "oracle")
+COSTS = ("final", "min")
 MIN_GOAL_DISTANCE = 0.2  # arena units (side 1): four success radii of two-room
 GOAL_OFFSET = 25  # goals: the exploration policy's state this many steps after the start (LeWM's evaluation)
 
@@ -42,11 +44,21 @@ class CEMConfig:
     horizon: int = 5
     init_std: float = 1.0
     min_std: float = 0.05  # keeps some exploration when the elites agree
+    # "final": the distance to the goal after the last block (LeWM's); "min": the nearest the
+    # sequence comes to the goal after any of its blocks (reach the goal at any point of the horizon).
+    cost: str = "final"
 
     def check(self) -> None:
         if not (1 <= self.elites <= self.candidates) or self.iterations < 1 or self.horizon < 1:
             raise UserError(f"CEM needs 1 <= elites ({self.elites}) <= candidates ({self.candidates}), "
                             f"iterations >= 1 ({self.iterations}) and horizon >= 1 ({self.horizon})")
+        if self.cost not in COSTS:
+            raise UserError(f"unknown planning cost '{self.cost}' (choose from {', '.join(COSTS)})")
+
+
+def reduce_cost(distances: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-block goal distances (..., K) -> one cost per candidate (...)."""
+    return distances[..., -1] if how == "final" else distances.min(-1).values
 
 
 def cem(cost: Callable[[torch.Tensor], torch.Tensor], batch: int, dim: int, cfg: CEMConfig,
@@ -72,7 +84,7 @@ def cem(cost: Callable[[torch.Tensor], torch.Tensor], batch: int, dim: int, cfg:
     return mean
 
 
-def model_cost(model: WorldModelExport, z_hist: torch.Tensor, b_hist: torch.Tensor, z_goal: torch.Tensor):
+def model_cost(model: WorldModelExport, z_hist: torch.Tensor, b_hist: torch.Tensor, z_goal: torch.Tensor, how: str = "final"):
     """Cost of candidates for the world model: context latents (B, h, D), the h - 1 blocks between them, goal (B, D)."""
 
     def cost(samples: torch.Tensor) -> torch.Tensor:
@@ -81,22 +93,24 @@ def model_cost(model: WorldModelExport, z_hist: torch.Tensor, b_hist: torch.Tens
         past = b_hist[:, None].expand(-1, c, -1, -1).reshape(b * c, b_hist.shape[1], a)  # (B*C, h-1, A')
         acts = torch.cat([past, samples[:, :, :1].reshape(b * c, 1, a)], dim=1)  # last context block = first executed
         pred = model.rollout(ctx, acts, samples[:, :, 1:].reshape(b * c, k - 1, a))  # (B*C, K, D)
-        return ((pred[:, -1].view(b, c, -1) - z_goal[:, None]) ** 2).sum(-1)
+        return reduce_cost(((pred.view(b, c, k, -1) - z_goal[:, None, None]) ** 2).sum(-1), how)  # from (B, C, K)
 
     return cost
 
 
-def oracle_cost(world: World, state: np.ndarray, goal: np.ndarray, frameskip: int):
-    """Cost of candidates with the simulator's dynamics: squared distance of the final state to the goal."""
+def oracle_cost(world: World, state: np.ndarray, goal: np.ndarray, frameskip: int, how: str = "final"):
+    """Cost of candidates with the simulator's dynamics: squared distance of the simulated state to the goal."""
 
     def cost(samples: torch.Tensor) -> torch.Tensor:
         b, c, k, _ = samples.shape
         acts = samples.numpy().reshape(b * c, k * frameskip, world.action_dim)  # blocks -> steps
-        s = np.repeat(state, c, axis=0)  # (B*C, S)
+        s, goals = np.repeat(state, c, axis=0), np.repeat(goal, c, axis=0)  # (B*C, S)
+        d = np.empty((b * c, k))
         for t in range(k * frameskip):
             s = world.step(s, acts[:, t])  # rng=None: no random pushes in the planner's model
-        d = world.goal_distance(s, np.repeat(goal, c, axis=0))
-        return torch.from_numpy(d**2).float().view(b, c)
+            if (t + 1) % frameskip == 0:
+                d[:, t // frameskip] = world.goal_distance(s, goals) ** 2
+        return reduce_cost(torch.from_numpy(d).float().view(b, c, k), how)
 
     return cost
 
@@ -149,9 +163,9 @@ def run_episodes(kind: str, world: World, starts: np.ndarray, goals: np.ndarray 
             block = torch.from_numpy(rng.uniform(-1, 1, (len(live), frameskip * a))).float()
         else:
             if kind == "model":
-                cost = model_cost(model, z_hist[live], b_hist[live], z_goal[live])
+                cost = model_cost(model, z_hist[live], b_hist[live], z_goal[live], cfg.cost)
             else:
-                cost = oracle_cost(world, state[live], goals[live], frameskip)
+                cost = oracle_cost(world, state[live], goals[live], frameskip, cfg.cost)
             plan_ = cem(cost, len(live), frameskip * a, cfg, gen, init_mean=mean[live])
             block = plan_[:, 0]  # (n_live, fs * A)
             mean[live] = torch.cat([plan_[:, 1:], torch.zeros_like(plan_[:, :1])], dim=1)
@@ -235,7 +249,7 @@ def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: i
     report: dict = {"episodes": episodes, "budget": budget, "world": world.name, "frameskip": model.frameskip,
                     "goal_offset": goal_offset,
                     "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites,
-                            "horizon": cfg.horizon}}
+                            "horizon": cfg.horizon, "cost": cfg.cost}}
     for kind in planners:
         result = run_episodes(kind, world, starts, goals, model=model, frameskip=model.frameskip, budget=budget,
                               cfg=cfg, seed=seed, record=record and kind == "model")

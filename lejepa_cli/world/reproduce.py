@@ -33,6 +33,8 @@ class WorldRecipe:
     plan_episodes: int = 20  # 0: no planning (a world without actions)
     goal_offset: int | None = None  # None: the planner's default (world/plan.py GOAL_OFFSET)
     cem: tuple[int, int, int] = (300, 30, 30)  # candidates, iterations, elites (LeWM's CEM)
+    horizon: int = 5  # planning horizon in blocks (LeWM: 5)
+    cost: str = "final"  # planning cost: final | min (world/plan.py)
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -68,7 +70,8 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
     if recipe.plan_episodes:
         candidates, iterations, elites = recipe.cem
         planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed,
-                       cfg=CEMConfig(candidates=candidates, iterations=iterations, elites=elites),
+                       cfg=CEMConfig(candidates=candidates, iterations=iterations, elites=elites,
+                                     horizon=recipe.horizon, cost=recipe.cost),
                        goal_offset=GOAL_OFFSET if recipe.goal_offset is None else recipe.goal_offset)
         for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
             measured[key] = planned[key]
