@@ -72,10 +72,22 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         # Clean floors as fashion-mnist's; drops (fractions of top-1) capped at issue 21's targets.
         expected={"linear_top1": (0.88, 1.0), "knn_top1": (0.85, 1.0), "gaussian_noise_1_linear_drop": (-1.0, 0.05),
                   "gaussian_noise_2_linear_drop": (-1.0, 0.10), "brightness_2_linear_drop": (-1.0, 0.05)},
-        source_of_expected=("measured here (2-core AMD EPYC with AVX-512, 2026-12-04): linear 0.899, kNN 0.875; noise "
-                            "severity 1 / 2 cost 1.5 / 2.8 points, brightness severity 2 1.3 (fashion-mnist without "
+        source_of_expected=("measured here (2-core AMD EPYC with AVX-512, 2026-12-04): linear 0.899, kNN 0.874; noise "
+                            "severity 1 / 2 cost 1.2 / 3.1 points, brightness severity 2 1.5 (fashion-mnist without "
                             "corruption views: 38 / 60 and 8)"),
         budget="~34 min on a 2-core CPU (the fashion-mnist recipe's, plus ~4 min for the shift table)",
+    ),
+    Recipe(
+        "demo-robust", "demo", "the demo with fmnist-robust's corruption views, unchanged: does it keep its accuracy?",
+        corruptions_from="fmnist-robust",
+        shift_drops=(("gaussian_noise", 1), ("gaussian_noise", 2), ("brightness", 2)),
+        # The floors are the lowest of the ten uncorrupted demo runs (docs/recipes.md): keeping the demo's
+        # accuracy means landing inside its own spread. It does not today (docs/robustness.md): FAIL.
+        expected={"linear_top1": (0.82, 1.0), "knn_top1": (0.734, 1.0), "gaussian_noise_1_linear_drop": (-1.0, 0.05)},
+        source_of_expected=("the demo's own spread, measured here (lowest of 10 runs: linear 0.820, kNN 0.734); "
+                            "measured with these views (seed 0, AVX-512, 2026-12-04): linear 0.807, kNN 0.704, noise "
+                            "severity 1 / 2 cost 2.1 / 21.8 points, brightness severity 2 35.9: FAIL"),
+        budget="~7 min on an idle 2-core CPU (the demo's, plus the shift table)",
     ),
     Recipe(
         "imagenette-vit-s", "vit-s", "ViT-S/16 on ImageNette (10 classes, 224 px); one GPU",

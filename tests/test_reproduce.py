@@ -64,6 +64,21 @@ def test_reproduce_demo_end_to_end_on_tiny_settings(tmp_path, tiny_overrides):
     assert json.loads((tmp_path / "reproduce.json").read_text())["measured"] == report["measured"]
 
 
+def test_a_robust_recipe_takes_the_corruption_views_and_pins_shift_drops(tmp_path, tiny_overrides):
+    """demo-robust: the demo with fmnist-robust's corruption keys; its report carries the shift-table drops."""
+    from lejepa_cli.config import load_config
+
+    report = reproduce("demo-robust", tmp_path, extra=list(tiny_overrides), progress=False)
+    views, robust = report["config"]["views"], load_config("fmnist-robust").views
+    assert views["noise_p"] == robust.noise_p > 0 and views["brightness_shift_p"] == robust.brightness_shift_p
+    assert views["local_views"] == load_config("demo", tiny_overrides).views.local_views  # the rest stays the demo's
+    drops = {k: v for k, v in report["measured"].items() if k.endswith("_linear_drop")}
+    assert set(drops) == {"gaussian_noise_1_linear_drop", "gaussian_noise_2_linear_drop", "brightness_2_linear_drop"}
+    cells = report["probe"]["shift"]["corruptions"]
+    assert drops["gaussian_noise_2_linear_drop"] == cells["gaussian_noise"]["2"]["linear_drop"]
+    assert [r["metric"] for r in report["checks"]] == list(RECIPES["demo-robust"].expected)
+
+
 def test_report_records_the_cpu_kernel_path(monkeypatch):
     """fp32 figures differ in rounding between AVX-512 and AVX2 kernels: the report says which ran."""
     import torch
