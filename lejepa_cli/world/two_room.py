@@ -29,7 +29,9 @@ class TwoRoom(World):
     success_radius = 0.05
     options_spec = (
         Option("speed", 0.04, "distance moved per step at full action (arena side = 1)", 0.001, 0.2),
-        Option("radius", 0.03, "agent radius (drawn and for collisions)", 0.005, 0.1),
+        # 0.06: a disc of ~4 px at a 32 px encoder input; at 0.03 (2 px) a ViT-Nano/8's latent held the
+        # agent's height at linear R^2 0.11 and planning failed (docs/world-use.md).
+        Option("radius", 0.06, "agent radius (drawn and for collisions)", 0.005, 0.1),
         Option("door", 0.2, "height of the door opening", 0.05, 0.9),
         Option("door_y", 0.5, "centre of the door opening", 0.1, 0.9),
         Option("wall", 0.04, "wall thickness", 0.01, 0.2),
