@@ -79,6 +79,25 @@ def test_a_robust_recipe_takes_the_corruption_views_and_pins_shift_drops(tmp_pat
     assert [r["metric"] for r in report["checks"]] == list(RECIPES["demo-robust"].expected)
 
 
+def test_a_world_recipe_simulates_trains_and_measures_its_figures(tmp_path, monkeypatch):
+    """world-tworoom end to end at toy sizes (world, CEM and evaluation shrunk): every pinned figure is measured."""
+    import dataclasses
+
+    from test_world_train import TINY_WORLD
+
+    recipe = RECIPES["world-tworoom"]
+    small = dataclasses.replace(recipe.world, episodes=6, val_episodes=2, steps=16, size=16, probe_episodes=2,
+                                surprise_episodes=2, plan_episodes=2, cem=(8, 2, 2), horizon=2)
+    monkeypatch.setitem(RECIPES, "world-tworoom", dataclasses.replace(recipe, world=small))
+    result = CliRunner().invoke(app, ["reproduce", "world-tworoom", "--out", str(tmp_path), "--no-progress",
+                                      *[a for o in TINY_WORLD for a in ("--set", o)]])
+    report = json.loads((tmp_path / "reproduce.json").read_text())
+    assert result.exit_code == (0 if report["verdict"] == "PASS" else 1), result.output
+    assert set(recipe.expected) <= set(report["measured"]) and (tmp_path / "data" / "index.json").is_file()
+    assert {"probe", "surprise", "plan"} <= set(report["probe"]) and report["probe"]["plan"]["cem"]["cost"] == "min"
+    assert 0.0 <= report["measured"]["teleport_auroc"] <= 1.0 and report["config"]["objective"] == "world"
+
+
 def test_report_records_the_cpu_kernel_path(monkeypatch):
     """fp32 figures differ in rounding between AVX-512 and AVX2 kernels: the report says which ran."""
     import torch

@@ -25,6 +25,7 @@ class WorldRecipe:
     episodes: int = 400  # training episodes simulated
     val_episodes: int = 40  # held-out episodes (the training loop's rollout evaluation)
     steps: int = 100  # steps per episode
+    size: int = 64  # rendered frame side in pixels
     position: tuple[str, ...] = ()  # state variables pinned together as position_r2 (their minimum)
     hidden: tuple[str, ...] = ()  # hidden parameters pinned from one frame and from a history
     probe_episodes: int = 20  # held-out probe episodes (twice as many fit the probes)
@@ -43,7 +44,7 @@ def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
 
     out = work / "data"
     simulate_dataset(recipe.world, out, episodes=recipe.episodes, val_episodes=recipe.val_episodes,
-                     steps=recipe.steps, sets=list(recipe.sets), progress=progress)
+                     steps=recipe.steps, size=recipe.size, sets=list(recipe.sets), progress=progress)
     return str(out)
 
 
