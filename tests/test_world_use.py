@@ -129,6 +129,19 @@ def test_offset_goals_on_two_room_the_true_dynamics_planner_reaches_them_and_ran
     assert oracle["success"].mean() >= 0.75 and rand["success"].mean() <= 0.25
 
 
+def test_the_plan_command_defaults_are_the_library_defaults():
+    import inspect
+
+    from lejepa_cli.commands.world_use import plan_cmd
+    from lejepa_cli.world.plan import GOAL_OFFSET
+
+    params = inspect.signature(plan_cmd).parameters
+    cfg = CEMConfig()
+    assert params["goal_offset"].default == GOAL_OFFSET and params["cost"].default == cfg.cost
+    assert (params["candidates"].default, params["iterations"].default, params["elites"].default,
+            params["horizon"].default) == (cfg.candidates, cfg.iterations, cfg.elites, cfg.horizon)
+
+
 def test_min_cost_scores_the_nearest_block_and_plans_as_well():
     from lejepa_cli.world.plan import reduce_cost
 
