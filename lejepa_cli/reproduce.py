@@ -92,7 +92,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(
         "world-tworoom", "world-tworoom",
         "a LeWM world model of the built-in two-room world: simulate, train, probe, detect teleports, plan",
-        world=WorldRecipe("two-room", position=("agent_x", "agent_y"), cem=(300, 10, 30), horizon=10, cost="min"),
+        world=WorldRecipe("two-room", position=("agent_x", "agent_y"), cem=(300, 10, 30), horizon=15, cost="min"),
         expected={"position_r2": (0.90, 1.0), "teleport_auroc": (0.95, 1.0), "success_rate": (0.80, 1.0),
                   "random_success_rate": (0.0, 0.10)},
         source_of_expected=("TBD"),
