@@ -103,9 +103,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "a LeWM world model of the built-in push world (hidden block mass and friction): probe, detect, plan",
         world=WorldRecipe("push", position=("agent_x", "agent_y", "block_x", "block_y"), hidden=("block_mass",),
                           cem=(300, 10, 30), horizon=10, cost="min"),
-        expected={},
-        source_of_expected=("TBD"),
-        budget="TBD",
+        # The world model's own planning success (0 of 10 here) and the hidden mass (R^2 ~0, also from the
+        # true state's history: docs/world-use.md) are reported, not pinned: there is no working range yet.
+        expected={"position_r2": (0.80, 1.0), "teleport_auroc": (0.95, 1.0), "random_success_rate": (0.0, 0.10),
+                  "oracle_success_rate": (0.80, 1.0)},
+        source_of_expected=("measured here (2-core AMD EPYC with AVX-512, 2026-12-04, one thread beside other jobs), "
+                            "each part run separately on the recipe's run: positions linear R^2 0.885-0.917 (random "
+                            "init 0.40-0.50), teleport AUROC 1.000; planning on 10 episodes: world model 0 %, random "
+                            "0 %, true dynamics 100 %; block mass R^2 -0.01 (frame) / -0.07 (history)"),
+        budget="~11 min of training and ~15 min of planning on a busy 2-core CPU (one thread); not yet timed end to end",
     ),
     Recipe(
         "imagenette-vit-s", "vit-s", "ViT-S/16 on ImageNette (10 classes, 224 px); one GPU",
