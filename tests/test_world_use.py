@@ -138,8 +138,23 @@ def test_the_plan_command_defaults_are_the_library_defaults():
     params = inspect.signature(plan_cmd).parameters
     cfg = CEMConfig()
     assert params["goal_offset"].default == GOAL_OFFSET and params["cost"].default == cfg.cost
+    assert params["noise_beta"].default == cfg.noise_beta
     assert (params["candidates"].default, params["iterations"].default, params["elites"].default,
             params["horizon"].default) == (cfg.candidates, cfg.iterations, cfg.elites, cfg.horizon)
+
+
+def test_coloured_noise_is_white_at_beta_0_and_keeps_a_direction_at_beta_2():
+    from lejepa_cli.world.plan import coloured_noise
+
+    def lag1(x):
+        return float(torch.corrcoef(torch.stack([x[:, :-1].flatten(), x[:, 1:].flatten()]))[0, 1])
+
+    white = coloured_noise((4000, 15, 2), 0.0, torch.Generator().manual_seed(0))
+    red = coloured_noise((4000, 15, 2), 2.0, torch.Generator().manual_seed(0))
+    assert abs(lag1(white)) < 0.03 and lag1(red) > 0.5
+    assert abs(float(white.std()) - 1) < 0.03 and torch.allclose(red.std(dim=1), torch.ones(4000, 2), atol=1e-4)
+    with pytest.raises(UserError, match="noise colour"):
+        CEMConfig(noise_beta=5.0).check()
 
 
 def test_min_cost_scores_the_nearest_block_and_plans_as_well():

@@ -24,6 +24,7 @@ Candidates = Annotated[int, typer.Option(min=1, max=20000, help="CEM candidate s
 Iterations = Annotated[int, typer.Option(min=1, max=1000, help="CEM iterations per decision.")]
 Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per iteration (at most --candidates).")]
 Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (latent distance to the goal after the last block, LeWM's) or 'min' (the nearest any block of the sequence gets).")]
+NoiseBeta = Annotated[float, typer.Option("--noise-beta", min=0.0, max=4.0, help="Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further.")]
 Steps = Annotated[int, typer.Option(min=2, max=2000, help="Steps per simulated episode.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
 
@@ -70,6 +71,7 @@ def plan_cmd(
     elites: Elites = 30,
     horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
     cost: Cost = "final",
+    noise_beta: NoiseBeta = 0.0,
     goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = 25,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
@@ -83,7 +85,8 @@ def plan_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "plan")
-    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost)
+    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost,
+                             noise_beta=noise_beta)
     cfg.check()
     if save_video is not None:
         from lejepa_cli.outputs import check_output_file
@@ -209,6 +212,7 @@ def stress_cmd(
     elites: Elites = 30,
     horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
     cost: Cost = "final",
+    noise_beta: NoiseBeta = 0.0,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
     steps: Steps = 60,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
@@ -222,7 +226,8 @@ def stress_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "stress")
-    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost)
+    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost,
+                             noise_beta=noise_beta)
     cfg.check()
     if plot is not None:
         from lejepa_cli.outputs import check_output_file

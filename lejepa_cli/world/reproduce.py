@@ -36,6 +36,7 @@ class WorldRecipe:
     cem: tuple[int, int, int] = (300, 30, 30)  # candidates, iterations, elites (LeWM's CEM)
     horizon: int = 5  # planning horizon in blocks (LeWM: 5)
     cost: str = "final"  # planning cost: final | min (world/plan.py)
+    noise_beta: float = 0.0  # colour of CEM's sampling noise (world/plan.py)
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -72,7 +73,7 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
         candidates, iterations, elites = recipe.cem
         planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed,
                        cfg=CEMConfig(candidates=candidates, iterations=iterations, elites=elites,
-                                     horizon=recipe.horizon, cost=recipe.cost),
+                                     horizon=recipe.horizon, cost=recipe.cost, noise_beta=recipe.noise_beta),
                        goal_offset=GOAL_OFFSET if recipe.goal_offset is None else recipe.goal_offset)
         for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
             measured[key] = planned[key]
