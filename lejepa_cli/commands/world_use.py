@@ -23,6 +23,7 @@ Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the evalu
 Candidates = Annotated[int, typer.Option(min=1, max=20000, help="CEM candidate sequences per iteration.")]
 Iterations = Annotated[int, typer.Option(min=1, max=1000, help="CEM iterations per decision.")]
 Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per iteration (at most --candidates).")]
+Horizon = Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")]
 Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (latent distance to the goal after the last block, LeWM's) or 'min' (the nearest any block of the sequence gets).")]
 NoiseBeta = Annotated[float, typer.Option("--noise-beta", min=0.0, max=4.0, help="Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further.")]
 Steps = Annotated[int, typer.Option(min=2, max=2000, help="Steps per simulated episode.")]
@@ -69,7 +70,7 @@ def plan_cmd(
     candidates: Candidates = 300,
     iterations: Iterations = 30,
     elites: Elites = 30,
-    horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
+    horizon: Horizon = 5,
     cost: Cost = "final",
     noise_beta: NoiseBeta = 0.0,
     goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = 25,
@@ -210,7 +211,7 @@ def stress_cmd(
     candidates: Candidates = 300,
     iterations: Iterations = 30,
     elites: Elites = 30,
-    horizon: Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")] = 5,
+    horizon: Horizon = 5,
     cost: Cost = "final",
     noise_beta: NoiseBeta = 0.0,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
@@ -222,6 +223,7 @@ def stress_cmd(
 ) -> None:
     """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world."""
     from lejepa_cli.world import plan as planning
+    from lejepa_cli.world import probe, surprise
     from lejepa_cli.world.stress import check_conditions, plot_stress, stress
 
     started = time.perf_counter()
@@ -234,8 +236,6 @@ def stress_cmd(
 
         check_output_file(plot, "--plot")
     check_conditions(condition)
-    from lejepa_cli.world import probe, surprise
-
     probe.check_steps(used.model, steps)
     surprise.check_steps(used.model, steps)
     _describe(used)
