@@ -65,6 +65,7 @@ class ViewsConfig:
     jpeg_quality: tuple[float, float] = (10.0, 60.0)  # libjpeg quality, 1..100
     dead_pixel_p: float = 0.0  # stuck dark / hot sensor pixels
     dead_pixel_fraction: tuple[float, float] = (0.001, 0.02)  # fraction of pixels stuck
+    corrupt_views: str = "all"  # which views the corruptions may hit: all | global | local
 
 
 @dataclass
@@ -197,6 +198,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "views.contrast_shift": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
     "views.jpeg_quality": (lambda v: 1 <= v[0] <= v[1] <= 100, "two numbers 1 <= lo <= hi <= 100"),
     "views.dead_pixel_fraction": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
+    "views.corrupt_views": (lambda v: v in ("all", "global", "local"), "one of all, global, local"),
     "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
     "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -235,7 +235,8 @@ def corruption_overrides(preset: str | None) -> list[str]:
     from lejepa_cli.corruptions import OPS
 
     views = load_config(preset).views
-    return [f"views.{key}={json.dumps(getattr(views, key), separators=(',', ':'))}" for pair in OPS.values() for key in pair]
+    keys = [key for pair in OPS.values() for key in pair] + ["corrupt_views"]
+    return [f"views.{key}={json.dumps(getattr(views, key), separators=(',', ':'))}" for key in keys]
 
 
 def _probe_figures(run_dir: Path, source: str, recipe: Recipe, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:

@@ -30,8 +30,9 @@ Definitions (torchvision's unless noted):
 - Single-channel images skip saturation, hue and grayscale; their brightness and contrast run as
   one affine map clamped once (see `_jitter_mono_`).
 - Sensor corruptions (noise, shot noise, brightness / contrast shifts, dead pixels, JPEG blocks;
-  `corruptions.py`), each with its own probability, after the ops above; all off by default, and
-  then nothing more is drawn, so default views are unchanged.
+  `corruptions.py`), each with its own probability, after the ops above, on the views
+  `corrupt_views` names (all, global or local); all off by default, and then nothing more is
+  drawn, so default views are unchanged.
 Everything runs in float32 in [0, 1], also inside an autocast region, and normalises last. On the CPU
 a gated op is computed only for the samples it applies to; on an accelerator for all, then picked
 with `where`, so the whole function queues kernels without waiting on the device.
@@ -103,17 +104,17 @@ def _make_views(
     std_t = _constant(images.device, tuple(std)).view(1, -1, 1, 1)
     ops = corruptions.active(cfg)  # none by default: then nothing more is drawn and views are unchanged
 
-    def group(views: int, size: int, scale: tuple[float, float]) -> Tensor:
+    def group(views: int, size: int, scale: tuple[float, float], kind: str) -> Tensor:
         u = torch.rand(views, n, _NUM_DRAWS, generator=generator, device=images.device)  # (V, N, D)
         x = atlas.crops(u, size, scale, cfg.ratio, cfg.flip_p)  # (V*N, C, S, S)
         x = _photometric(x, u.view(views * n, _NUM_DRAWS), cfg)
-        if ops:
+        if ops and cfg.corrupt_views in ("all", kind):
             x = _corrupt(x, ops, cfg, generator)
         x = x.sub_(mean_t).div_(std_t)
         return x.view(views, n, c, size, size)
 
-    global_views = group(cfg.global_views, cfg.global_size, cfg.global_scale)
-    local_views = group(cfg.local_views, cfg.local_size, cfg.local_scale) if cfg.local_views > 0 else None
+    global_views = group(cfg.global_views, cfg.global_size, cfg.global_scale, "global")
+    local_views = group(cfg.local_views, cfg.local_size, cfg.local_scale, "local") if cfg.local_views > 0 else None
     return global_views, local_views
 
 

@@ -215,3 +215,21 @@ def test_training_with_every_corruption_on_runs_and_its_checkpoint_keeps_the_set
     assert losses and all(abs(v) < 1e6 for v in losses)
     saved = read_metadata(list_checkpoints(out / "checkpoints")[-1])["config"]["views"]
     assert saved["jpeg_p"] == 0.5 and saved["jpeg_quality"] == [5.0, 40.0] and saved["noise_std"] == [0.05, 0.3]
+
+
+@pytest.mark.parametrize("which", ["all", "global", "local"])
+def test_corrupt_views_picks_the_views_the_corruptions_hit(which: str) -> None:
+    """corrupt_views: global keeps every local view clean (and local every global one): a grey image stays grey."""
+    cfg = _plain(global_views=2, local_views=3, local_scale=(1.0, 1.0), noise_p=1.0, noise_std=(0.2, 0.2),
+                 corrupt_views=which)
+    g, loc = make_views(_grey(4, 128), cfg, generator=_gen(12), mean=(0.0,), std=(1.0,))
+    noisy = {"global": bool(((g - 128 / 255).abs() > 0.01).any()), "local": bool(((loc - 128 / 255).abs() > 0.01).any())}
+    assert noisy == {"global": which in ("all", "global"), "local": which in ("all", "local")}
+
+
+def test_corrupt_views_rejects_an_unknown_choice() -> None:
+    from lejepa_cli.config import load_config
+    from lejepa_cli.errors import UserError
+
+    with pytest.raises(UserError, match="corrupt_views"):
+        load_config("demo", ["views.corrupt_views=some"])
