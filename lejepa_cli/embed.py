@@ -53,7 +53,7 @@ class DecodedOnRequest:
         return self.shape[0]
 
     def __getitem__(self, index: np.ndarray) -> np.ndarray:
-        from lejepa_cli.data.prepare import Skip, decode
+        from lejepa_cli.data.decode import Skip, decode
 
         out = np.zeros((len(index), *self.shape[1:]), np.uint8)  # (B, R, R, C)
         for j, i in enumerate(np.asarray(index).tolist()):
@@ -73,7 +73,7 @@ def open_data(data: str | Path, split: str | None, *, size: int, channels: int) 
         if dataset.channels != channels:
             raise UserError(f"{data} has {dataset.channels}-channel images; the encoder takes {channels}")
         return dataset
-    from lejepa_cli.data.prepare import detect_source, open_source
+    from lejepa_cli.data.readers import detect_source, open_source
 
     source = open_source(*detect_source(data))
     name = split or ("all" if "all" in source.splits else "train")

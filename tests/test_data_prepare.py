@@ -21,7 +21,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lejepa_cli.commands.data import app
-from lejepa_cli.data.prepare import detect_source, info, prepare
+from lejepa_cli.data.prepare import info, prepare
+from lejepa_cli.data.readers import detect_source
 from lejepa_cli.data.shards import ShardedImages, is_prepared, load_prepared, verify, write_array
 from lejepa_cli.errors import UserError
 

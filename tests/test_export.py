@@ -336,7 +336,7 @@ def _image_folder(root: Path) -> list[str]:
 
 @torch.no_grad()
 def test_embed_writes_one_row_per_image_with_ids(exported, tmp_path):
-    from lejepa_cli.data.prepare import decode
+    from lejepa_cli.data.decode import decode
 
     ids = _image_folder(tmp_path / "imgs")
     out = tmp_path / "emb.npy"
