@@ -139,10 +139,8 @@ def _score(path: Path, views: tuple[torch.Tensor, torch.Tensor | None], directio
 def _linear_accuracies(rows: list[dict[str, Any]], data: str | None, device: torch.device, epochs: int,
                        max_train: int | None, seed: int, progress: bool) -> float | None:
     """Add linear_top1 to every row (a quick linear probe on cached features); Spearman(-score, top-1)."""
-    from lejepa_cli.probe import (
-        FeatureSource, ProbeOptions, cache_root, encoder_digest, fit_linear_probe, head_accuracy, load_probe_encoder,
-        probe_datasets,
-    )
+    from lejepa_cli.probe import FeatureSource, ProbeOptions, cache_root, encoder_digest, load_probe_encoder, probe_datasets
+    from lejepa_cli.probe_classifiers import fit_linear_probe, head_accuracy
 
     train = evaluation = None
     for r in rows:

@@ -19,9 +19,8 @@ from lejepa_cli import probe as probe_mod
 from lejepa_cli.cli import app
 from lejepa_cli.config import load_config
 from lejepa_cli.export import load_encoder
-from lejepa_cli.probe import (
-    LinearHead, ProbeOptions, encoder_digest, fewshot_accuracy, head_accuracy, run_probe, split_train_val, train_linear_grid,
-)
+from lejepa_cli.probe import ProbeOptions, encoder_digest, run_probe
+from lejepa_cli.probe_classifiers import LinearHead, fewshot_accuracy, head_accuracy, split_train_val, train_linear_grid
 from lejepa_cli.selection import rank_checkpoints, spearman
 from lejepa_cli.shift import CORRUPTIONS, SEVERITIES, make_corruption
 from lejepa_cli.train import train
