@@ -30,7 +30,6 @@ from PIL import Image, ImageFile
 from lejepa_cli.data.dataset import channel_stats
 from lejepa_cli.data import shards
 from lejepa_cli.data.decode import _can_spawn, _decode_chunk, _set_limits, _worker_init, decide_geometry
-from lejepa_cli.data.decode import decode  # noqa: F401  (lives in decode.py; re-exported for world/build.py)
 from lejepa_cli.data.readers import KINDS, Items, Source, detect_source, open_source, source_fingerprint
 from lejepa_cli.errors import UserError
 

@@ -80,7 +80,7 @@ def prepare_trajectory_file(
 ) -> dict:
     """A trajectory .npz or LeWM HDF5 file -> a trajectory folder (frames squared and resized to
     `resolution`, default: the frames' shorter side); returns a summary dict."""
-    from lejepa_cli.data.prepare import decode
+    from lejepa_cli.data.decode import decode
     from lejepa_cli.data.shards import sha256_file
     from lejepa_cli.world.files import read_trajectory_file
 
