@@ -233,3 +233,14 @@ def test_corrupt_views_rejects_an_unknown_choice() -> None:
 
     with pytest.raises(UserError, match="corrupt_views"):
         load_config("demo", ["views.corrupt_views=some"])
+
+
+def test_corrupt_views_global_is_all_when_every_view_is_global() -> None:
+    """fmnist-robust's recipe has no local views: `global` and `all` give it the same views bit for bit."""
+    from lejepa_cli.config import load_config
+
+    views = load_config("fmnist-robust").views
+    images = torch.randint(0, 256, (8, 1, 28, 28), generator=_gen(13), dtype=torch.uint8)
+    a, b = (make_views(images, dataclasses.replace(views, corrupt_views=w), generator=_gen(3), mean=(0.3,), std=(0.3,))
+            for w in ("all", "global"))
+    assert views.local_views == 0 and torch.equal(a[0], b[0])
