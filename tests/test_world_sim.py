@@ -79,6 +79,36 @@ def test_push_heavier_block_moves_less():
     assert moved[0] > moved[1] > 0
 
 
+def test_a_pushed_block_moves_at_the_drive_shared_by_its_mass_and_a_free_one_slows_by_its_friction():
+    world = make_world("push", size=SMALL)
+    speed, masses = world.options["speed"], (0.5, 1.0, 3.0)
+    # The agent touches the block's left face: pushing right moves both at speed / (1 + mass).
+    touching = 0.4 - world.options["block"] / 2 - world.options["radius"]
+    state = world.set_state(np.array([[touching, 0.5, 0, 0, 0.4, 0.5, 0, 0, m, 2.0] for m in masses]))
+    for _ in range(5):
+        before = state
+        state = world.step(state, np.ones((3, 2)) * [1.0, 0.3])
+        np.testing.assert_allclose(state[:, 4:6] - before[:, 4:6], speed * np.array([[1.0, 0.3]]) / (1 + np.array(masses))[:, None], atol=1e-12)
+        np.testing.assert_allclose(state[:, 0:2] - before[:, 0:2], state[:, 4:6] - before[:, 4:6], atol=1e-12)  # together
+    # Left free, the block slides on and loses friction * FRICTION_SCALE of speed per step.
+    from lejepa_cli.world.push import FRICTION_SCALE
+
+    v0 = np.linalg.norm(state[:, 6:8], axis=1)
+    state = world.step(state, np.zeros((3, 2)))
+    np.testing.assert_allclose(np.linalg.norm(state[:, 6:8], axis=1), np.maximum(v0 - 2.0 * FRICTION_SCALE, 0), atol=1e-12)
+
+
+def test_push_exploration_keeps_the_block_pushed_most_of_the_time():
+    """A hidden mass shows only while the block is pushed: the exploration policy pushes on most steps."""
+    world = make_world("push", size=SMALL)
+    chunk = next(simulate(world, 32, 60, seed=0))
+    s = chunk.state.reshape(32, 60, -1).astype(np.float64)
+    moved = np.linalg.norm(np.diff(s[:, :, 4:6], axis=1), axis=2)
+    push_speed = world.options["speed"] / (1 + s[:, 1:, world.column("block_mass")])
+    pushed = np.abs(moved / push_speed - 1) < 0.2  # moving at the push speed (the policy's action noise is small)
+    assert pushed.mean() > 0.7  # 0.74 here, 0.81 on another seed stream
+
+
 def test_balls_conserve_kinetic_energy():
     world = make_world("balls", size=SMALL, balls=4, speed=0.05)
     state = world.reset(np.random.default_rng(3), 16)

@@ -1,13 +1,15 @@
 """`push`: an agent disc pushes a square block whose mass and friction are hidden.
 
-The agent is velocity-controlled (its velocity is `speed * action` each step) with mass 1;
-the block (axis-aligned square, no rotation) gets an inelastic contact impulse when the agent
-runs into it, so a heavy block moves less and slows the agent more; it then slides and
-loses `friction * FRICTION_SCALE` of speed per step (Coulomb friction) and bounces softly off
-the arena's edges. Each episode draws block_mass and block_friction uniformly from the option
-ranges; they stay constant within the episode and never change how a single frame looks, so
-only the history of motion reveals them. A goal is a block position; it is reached when the
-block's centre is within `success_radius` = 0.06 of it.
+The agent is velocity-controlled (its velocity is `speed * action` each step) with mass 1.
+Its drive is momentum-limited: while it pushes the block (axis-aligned square, no rotation),
+agent and block move together along the agent's drive at `speed * action / (1 + mass)` (a
+sticky contact: the block goes where the agent pushes it, at a speed its mass sets). A block
+left free slides on, loses `friction * FRICTION_SCALE` of speed per step (Coulomb friction)
+and bounces softly off the arena's edges. Each episode draws block_mass and block_friction
+uniformly from the option ranges; they stay constant within the episode and never change how a
+single frame looks, so only the history of motion reveals them: the mass in how fast a push
+moves the block, the friction in how soon a free block stops. A goal is a block position; it
+is reached when the block's centre is within `success_radius` = 0.06 of it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ COLOURS = {"background": (0.9, 0.9, 0.92), "agent": (0.15, 0.35, 0.85), "block":
 FRICTION_SCALE = 0.002  # speed lost per step per unit of friction (arena units per step)
 AGENT_MASS = 1.0
 WALL_RESTITUTION = 0.5
+START_REACH = 0.2  # the agent starts at most this far from the block's centre
+START_MARGIN = 0.1  # the block starts (and exploration keeps it) this far from the walls
+PUSH_CONE = np.deg2rad(60.0)  # exploration pushes within this angle of the contact normal, so it keeps the block
+TURN_PER_DISTANCE = 0.5  # exploration's push direction wanders by this many radians per sqrt(arena unit) moved
 
 
 class Push(World):
@@ -33,8 +39,8 @@ class Push(World):
         Option("speed", 0.03, "agent speed per step at full action (arena side = 1)", 0.001, 0.1),
         Option("radius", 0.05, "agent radius", 0.01, 0.15),
         Option("block", 0.12, "block side length", 0.02, 0.4),
-        Option("mass_min", 0.5, "lowest hidden block mass (agent mass = 1)", 0.05, 100.0),
-        Option("mass_max", 3.0, "highest hidden block mass", 0.05, 100.0),
+        Option("mass_min", 0.25, "lowest hidden block mass (agent mass = 1; a push moves the block at 1 / (1 + mass))", 0.05, 100.0),
+        Option("mass_max", 4.0, "highest hidden block mass", 0.05, 100.0),
         Option("friction_min", 0.5, "lowest hidden block friction", 0.0, 50.0),
         Option("friction_max", 4.0, "highest hidden block friction", 0.0, 50.0),
     )
@@ -54,10 +60,10 @@ class Push(World):
 
     def reset(self, rng: np.random.Generator, n: int) -> np.ndarray:
         o, h, r = self.options, self._half(), self.options["radius"]
-        block = rng.uniform(h + 0.1, 1 - h - 0.1, (n, 2))
-        # Agent somewhere not touching the block: a random direction at a clear distance.
+        block = rng.uniform(h + START_MARGIN, 1 - h - START_MARGIN, (n, 2))
+        # Agent near the block, not touching it: a random direction at a short clear distance.
         angle = rng.uniform(0, 2 * np.pi, n)
-        reach = rng.uniform(h * 1.5 + r + 0.02, 0.45, n)
+        reach = rng.uniform(h * 1.5 + r + 0.02, START_REACH, n)
         agent = np.clip(block + reach[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1), r, 1 - r)
         mass = rng.uniform(o["mass_min"], o["mass_max"], n)
         friction = rng.uniform(o["friction_min"], o["friction_max"], n)
@@ -103,15 +109,17 @@ class Push(World):
         v_agent = o["speed"] * np.clip(np.asarray(action, dtype=np.float64), -1.0, 1.0)
         v_block = s[:, 6:8] + self.kicks(rng, len(s), o["speed"])
         mass = s[:, 8:9]
-        # Contact impulse (perfectly inelastic along the normal) when the agent is about to hit.
+        # A push: the agent is about to touch the block and drives into it faster than it moves away.
         depth, normal = self._contact(s[:, 0:2] + v_agent, s[:, 4:6] + v_block)
         closing = np.sum((v_agent - v_block) * normal, axis=1, keepdims=True)
-        impulse = np.where((depth[:, None] > 0) & (closing > 0), closing / (1 / AGENT_MASS + 1 / mass), 0.0)
-        v_agent = v_agent - impulse / AGENT_MASS * normal
-        v_block = v_block + impulse / mass * normal
-        # Coulomb friction on the block.
+        pushing = (depth[:, None] > 0) & (closing > 0)
+        # Momentum-limited drive, sticky contact: the pair moves along the drive, its speed shared by 1 + mass.
+        shared = v_agent * AGENT_MASS / (AGENT_MASS + mass)
+        v_agent = np.where(pushing, shared, v_agent)
+        v_block = np.where(pushing, shared, v_block)
+        # Coulomb friction slows a free block (a pushed one moves at the drive's speed).
         speed = np.linalg.norm(v_block, axis=1, keepdims=True)
-        slow = np.maximum(speed - s[:, 9:10] * FRICTION_SCALE, 0.0)
+        slow = np.where(pushing, speed, np.maximum(speed - s[:, 9:10] * FRICTION_SCALE, 0.0))
         v_block = v_block * np.divide(slow, speed, out=np.zeros_like(speed), where=speed > 0)
         agent = np.clip(s[:, 0:2] + v_agent, r, 1 - r)
         block = s[:, 4:6] + v_block
@@ -140,25 +148,53 @@ class Push(World):
     def goal_distance(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         return np.linalg.norm(state[:, 4:6] - goal[:, 4:6], axis=1)
 
-    # -- exploration: walk behind the block relative to a random target, then push towards it,
-    # with OU noise, so episodes contain many pushes in many directions.
+    # -- exploration: keep pushing the block (a hidden mass shows only while the block is pushed),
+    # in a direction that wanders and reflects off the edges of the region the block starts in,
+    # and stays within PUSH_CONE of the contact normal, so the agent keeps its hold; walk round to
+    # the block where it has none. The direction wanders per distance the block moves, not per
+    # step, so every mass traces the same random path, only at its own speed: where the block is
+    # (one frame) says nothing about its mass, how fast it gets there (a history) does.
 
     def explore_init(self, rng: np.random.Generator, state: np.ndarray) -> dict:
-        h = self._half()
-        return {"ou": np.zeros((len(state), 2)), "target": rng.uniform(h, 1 - h, (len(state), 2))}
+        return {"ou": np.zeros((len(state), 2)), "heading": rng.uniform(0, 2 * np.pi, len(state)),
+                "block": state[:, 4:6].copy()}
 
     def explore(self, state: np.ndarray, memory: dict, rng: np.random.Generator) -> np.ndarray:
-        h, r, speed = self._half(), self.options["radius"], self.options["speed"]
-        agent, block, target = state[:, 0:2], state[:, 4:6], memory["target"]
-        to_target = target - block
-        direction = to_target / np.maximum(np.linalg.norm(to_target, axis=1, keepdims=True), 1e-9)
-        behind = block - direction * (h * 1.4 + r)
-        ready = np.linalg.norm(agent - behind, axis=1) < 0.05
-        aim = np.where(ready[:, None], target, behind)
-        offset = aim - agent
-        dist = np.linalg.norm(offset, axis=1, keepdims=True)
-        steer = offset / np.maximum(dist, 1e-9) * np.minimum(1.0, dist / speed)
-        action = np.clip(0.8 * steer + ou_step(memory["ou"], rng), -1.0, 1.0)
-        renew = (np.linalg.norm(to_target, axis=1) < 0.08) | (rng.random(len(agent)) < 1 / 50)
-        memory["target"] = np.where(renew[:, None], rng.uniform(h, 1 - h, (len(agent), 2)), target)
-        return action
+        h, r = self._half(), self.options["radius"]
+        agent, block = state[:, 0:2], state[:, 4:6]
+        moved = np.linalg.norm(block - memory["block"], axis=1)
+        memory["block"] = block.copy()
+        heading = memory["heading"] + TURN_PER_DISTANCE * np.sqrt(moved) * rng.standard_normal(len(state))
+        d = np.stack([np.cos(heading), np.sin(heading)], 1)
+        # Reflect off the start region's edges (the region reset draws the block from).
+        low, high = h + START_MARGIN, 1 - h - START_MARGIN
+        outward = lambda d: (((block < low) & (d < 0)) | ((block > high) & (d > 0))).any(1)  # noqa: E731
+        d = np.where(((block < low) & (d < 0)) | ((block > high) & (d > 0)), -d, d)
+        heading = np.arctan2(d[:, 1], d[:, 0])
+        # Holding the block: push at most PUSH_CONE off the contact normal, on the cone's edge nearest
+        # the wanted direction that does not lead out of the region (else let go and walk round).
+        depth, normal = self._contact(agent, block)
+        touching = depth > -0.01
+        normal_angle = np.arctan2(normal[:, 1], normal[:, 0])
+        off = (heading - normal_angle + np.pi) % (2 * np.pi) - np.pi
+        near_edge = normal_angle + np.clip(off, -PUSH_CONE, PUSH_CONE)
+        far_edge = normal_angle - np.sign(off) * PUSH_CONE
+        ok_near, ok_far = (~outward(np.stack([np.cos(a), np.sin(a)], 1)) for a in (near_edge, far_edge))
+        held = np.where(ok_near, near_edge, np.where(ok_far, far_edge, heading))
+        heading = np.where(touching, held, heading)
+        memory["heading"] = heading
+        d = np.stack([np.cos(heading), np.sin(heading)], 1)
+        # No hold: go behind the block (by a point beside it if the agent is on the wrong side).
+        clear = h * 1.5 + r
+        side_axis = np.stack([-d[:, 1], d[:, 0]], 1)
+        side = np.where(np.sum((agent - block) * side_axis, 1) >= 0, 1.0, -1.0)[:, None]
+        wrong_side = np.sum((agent - block) * d, 1) > -0.5 * clear
+        waypoint = np.where(wrong_side[:, None], block + side * side_axis * 1.2 * clear - d * 0.6 * clear, block - d * (h + r))
+        pushing = touching & (np.sum(d * normal, 1) > 0)
+        action = np.where(pushing[:, None], d, _unit(waypoint - agent))
+        return np.clip(action + 0.15 * ou_step(memory["ou"], rng), -1.0, 1.0)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """Rows of v scaled to length 1 (zero rows stay zero)."""
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-9)
