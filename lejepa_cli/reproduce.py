@@ -110,17 +110,17 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "world-push", "world-push",
         "a LeWM world model of the built-in push world (hidden block mass and friction): probe, detect, plan",
         world=WorldRecipe("push", position=("agent_x", "agent_y", "block_x", "block_y"), hidden=("block_mass",),
-                          cem=(300, 10, 30), horizon=10, cost="min"),
-        # The world model's own planning success (0 of 10 here) and the hidden mass (R^2 ~0, also from the
-        # true state's history: docs/world-use.md) are reported, not pinned: there is no working range yet.
-        expected={"position_r2": (0.80, 1.0), "teleport_auroc": (0.95, 1.0), "random_success_rate": (0.0, 0.10),
-                  "oracle_success_rate": (0.80, 1.0)},
-        source_of_expected=("measured here (2-core AMD EPYC with AVX-512, 2026-12-04, one thread beside other jobs), "
-                            "each part run separately on the recipe's run: positions linear R^2 0.885-0.917 (random "
-                            "init 0.40-0.50), teleport AUROC 1.000; planning on 10 episodes: world model 0 %, random "
-                            "0 %, true dynamics 100 %; block mass R^2 -0.01 (frame) / -0.07 (history)"),
-        budget=("12.7 min end to end on a 2-core CPU (2026-12-04: data 0.1, training 4.8, evaluation 7.8, partly beside "
-                "the test suite): PASS; world model planning 0 %, block mass R^2 -0.01 / -0.07"),
+                          probe_episodes=100, probe_steps=100, cem=(300, 10, 30), horizon=5, cost="min"),
+        # The world model's own planning success (0 %) and the mass from a history (0.06-0.39, below issue 20's
+        # 0.5: docs/world-use.md) are reported, not pinned; one frame must say about nothing of the mass.
+        expected={"position_r2": (0.80, 1.0), "block_mass_r2_frame": (-1.0, 0.2), "teleport_auroc": (0.95, 1.0),
+                  "random_success_rate": (0.0, 0.10), "oracle_success_rate": (0.80, 1.0)},
+        source_of_expected=("measured here (2-core AMD EPYC with AVX-512, 2026-12-04, one thread beside other jobs) on "
+                            "the recipe's run: positions linear R^2 0.958-0.989 (random init 0.55-0.63), block mass "
+                            "0.09 from one frame and 0.20 from the 3-frame history (MLP; random init 0.29), teleport "
+                            "AUROC 0.999; planning on 20 episodes: world model 0 %, random 0 %, true dynamics 100 %"),
+        budget=("11.1 min end to end on a 2-core CPU beside another run (2026-12-04: data 0.1, training 8.8, "
+                "evaluation 2.2): PASS; world model planning 0 %, block mass R^2 0.09 / 0.20"),
     ),
     Recipe(
         "imagenette-vit-s", "vit-s", "ViT-S/16 on ImageNette (10 classes, 224 px); one GPU",

@@ -30,6 +30,7 @@ class WorldRecipe:
     hidden: tuple[str, ...] = ()  # hidden parameters pinned from one frame and from a history
     probe_episodes: int = 20  # held-out probe episodes (twice as many fit the probes)
     probe_history: int | None = None  # window frames of the history features (None: the predictor's H)
+    probe_steps: int = 60  # steps per probe episode
     surprise_episodes: int = 30
     plan_episodes: int = 20  # 0: no planning (a world without actions)
     goal_offset: int | None = None  # None: the planner's default (world/plan.py GOAL_OFFSET)
@@ -59,7 +60,8 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
     used = open_world_run(run_dir)
     world = used.require_world("reproduce")
     model = used.model
-    probe = probe_world(model, world, episodes=recipe.probe_episodes, seed=seed, history=recipe.probe_history)
+    probe = probe_world(model, world, episodes=recipe.probe_episodes, steps=recipe.probe_steps, seed=seed,
+                        history=recipe.probe_history)
     measured: dict[str, float] = {}
     if recipe.position:
         measured["position_r2"] = min(probe["r2"][name] for name in recipe.position)
