@@ -64,7 +64,7 @@ class Push(World):
         # Agent near the block, not touching it: a random direction at a short clear distance.
         angle = rng.uniform(0, 2 * np.pi, n)
         reach = rng.uniform(h * 1.5 + r + 0.02, START_REACH, n)
-        agent = np.clip(block + reach[:, None] * np.stack([np.cos(angle), np.sin(angle)], 1), r, 1 - r)
+        agent = np.clip(block + reach[:, None] * _direction(angle), r, 1 - r)
         mass = rng.uniform(o["mass_min"], o["mass_max"], n)
         friction = rng.uniform(o["friction_min"], o["friction_max"], n)
         state = np.concatenate([agent, np.zeros((n, 2)), block, np.zeros((n, 2)), mass[:, None], friction[:, None]], axis=1)
@@ -165,11 +165,14 @@ class Push(World):
         moved = np.linalg.norm(block - memory["block"], axis=1)
         memory["block"] = block.copy()
         heading = memory["heading"] + TURN_PER_DISTANCE * np.sqrt(moved) * rng.standard_normal(len(state))
-        d = np.stack([np.cos(heading), np.sin(heading)], 1)
         # Reflect off the start region's edges (the region reset draws the block from).
         low, high = h + START_MARGIN, 1 - h - START_MARGIN
-        outward = lambda d: (((block < low) & (d < 0)) | ((block > high) & (d > 0))).any(1)  # noqa: E731
-        d = np.where(((block < low) & (d < 0)) | ((block > high) & (d > 0)), -d, d)
+
+        def leaving(d: np.ndarray) -> np.ndarray:  # (B, 2): which components of d lead out of the region
+            return ((block < low) & (d < 0)) | ((block > high) & (d > 0))
+
+        d = _direction(heading)
+        d = np.where(leaving(d), -d, d)
         heading = np.arctan2(d[:, 1], d[:, 0])
         # Holding the block: push at most PUSH_CONE off the contact normal, on the cone's edge nearest
         # the wanted direction that does not lead out of the region (else let go and walk round).
@@ -179,11 +182,11 @@ class Push(World):
         off = (heading - normal_angle + np.pi) % (2 * np.pi) - np.pi
         near_edge = normal_angle + np.clip(off, -PUSH_CONE, PUSH_CONE)
         far_edge = normal_angle - np.sign(off) * PUSH_CONE
-        ok_near, ok_far = (~outward(np.stack([np.cos(a), np.sin(a)], 1)) for a in (near_edge, far_edge))
+        ok_near, ok_far = (~leaving(_direction(a)).any(1) for a in (near_edge, far_edge))
         held = np.where(ok_near, near_edge, np.where(ok_far, far_edge, heading))
         heading = np.where(touching, held, heading)
         memory["heading"] = heading
-        d = np.stack([np.cos(heading), np.sin(heading)], 1)
+        d = _direction(heading)
         # No hold: go behind the block (by a point beside it if the agent is on the wrong side).
         clear = h * 1.5 + r
         side_axis = np.stack([-d[:, 1], d[:, 0]], 1)
@@ -193,6 +196,11 @@ class Push(World):
         pushing = touching & (np.sum(d * normal, 1) > 0)
         action = np.where(pushing[:, None], d, _unit(waypoint - agent))
         return np.clip(action + 0.15 * ou_step(memory["ou"], rng), -1.0, 1.0)
+
+
+def _direction(angle: np.ndarray) -> np.ndarray:
+    """(B,) angles -> (B, 2) unit vectors."""
+    return np.stack([np.cos(angle), np.sin(angle)], 1)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
