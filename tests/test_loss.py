@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import socket
+import warnings
 
 import pytest
 import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessExitedException
 from safetensors.torch import load_file, save_file
 
 from lejepa_cli import dist
@@ -337,6 +339,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         # Both ranks past their last collective before either tears gloo down: a rank that
         # destroys the group while its peer still talks to it can abort (SIGABRT seen once in CI).
         torch_dist.barrier()
+        open(f"{out_dir}/done{rank}", "w").close()  # every result written and every collective done
     finally:
         torch_dist.destroy_process_group()
 
@@ -349,7 +352,15 @@ def _free_port() -> int:
 
 @pytest.mark.skipif(not torch_dist.is_available() or not torch_dist.is_gloo_available(), reason="needs gloo")
 def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
-    mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(_rank_main, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    except ProcessExitedException as e:
+        # gloo's teardown can still abort a rank on a loaded machine (seen twice in CI, after the
+        # final barrier). That is not what this test is about: a rank that died before finishing
+        # its work fails it; one that died after is reported and its results are checked.
+        if not all((tmp_path / f"done{r}").exists() for r in range(WORLD)):
+            raise
+        warnings.warn(f"a gloo rank aborted during teardown, after finishing its work: {e}")
     single = _losses(*_global_batch())
 
     def load(name: str) -> list[dict[str, torch.Tensor]]:
