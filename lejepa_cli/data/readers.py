@@ -149,15 +149,16 @@ def _walk(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _stat_digest(root: Path, files: Sequence[Path], digest: Any = None) -> Any:
-    """Hash of relative paths + sizes + mtimes: cheap, and changes when any file does."""
+def _stat_digest(root: Path | None, files: Sequence[Path], digest: Any = None) -> Any:
+    """Hash of paths (relative to `root`; as given without one) + sizes + mtimes: cheap, and changes when any file does."""
     digest = digest or hashlib.sha256()
     for f in files:
+        name = f.relative_to(root).as_posix() if root is not None else str(f)
         try:
             st = f.stat()
-            digest.update(f"{f.relative_to(root).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            digest.update(f"{name}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
-            digest.update(f"{f.relative_to(root).as_posix()}\tmissing\n".encode())
+            digest.update(f"{name}\tmissing\n".encode())
     return digest
 
 
@@ -255,13 +256,7 @@ def _list_source(path: Path) -> Source:
         except ValueError:
             names = sorted(set(raw_labels))
             labels = np.asarray([names.index(v) for v in raw_labels], dtype=np.int64)
-    digest = hashlib.sha256(path.read_bytes())
-    for f in files:
-        try:
-            st = f.stat()
-            digest.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{f}\tmissing\n".encode())
+    digest = _stat_digest(None, files, hashlib.sha256(path.read_bytes()))  # the list's own bytes, then its files
     items = Items(entries, labels, [str(f) for f in files])
     return Source("file-list", str(path), digest.hexdigest(), {"all": items}, names)
 
