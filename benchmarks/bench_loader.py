@@ -45,7 +45,7 @@ from lejepa_cli.config import ViewsConfig, load_config
 from lejepa_cli.data.loader import BatchLoader, StepSampler, pins_memory
 from lejepa_cli.data.prepare import prepare
 from lejepa_cli.data.shards import load_prepared
-from lejepa_cli.views import make_views
+from lejepa_cli.image.views import make_views
 
 # name: (preset whose views are used, source image size (w, h), stored resolution, images, quick images, batch)
 CASES = {

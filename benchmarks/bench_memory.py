@@ -109,7 +109,8 @@ def measure(preset: str, batch: int, grad_checkpointing: bool, threads: int | No
             overrides: tuple[str, ...] = ()) -> dict:
     """One case, in this process: memory of one training step above the built run."""
     from benchmarks.bench_step import build_case
-    from lejepa_cli import image_objective, train as train_mod
+    from lejepa_cli.image import objective as image_objective
+    from lejepa_cli import train as train_mod
     from lejepa_cli.config import load_config
     from lejepa_cli.data.loader import BatchLoader, StepSampler
 

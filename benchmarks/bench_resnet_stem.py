@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.machine import describe
 from lejepa_cli.config import load_config
-from lejepa_cli.lejepa import build_backbone_from_config, build_projector_from_config
+from lejepa_cli.models import build_backbone_from_config, build_projector_from_config
 
 # The recipe as the stored result measured it (its views and head have changed since).
 MEASURED_RECIPE = ("views.global_views=2", "views.local_views=4", "model.head_width=0")

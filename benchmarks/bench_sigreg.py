@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from benchmarks.machine import describe
-from lejepa_cli.loss import random_directions, sigreg, sigreg_reference
+from lejepa_cli.sigreg import random_directions, sigreg, sigreg_reference
 
 SIZES = [(512, 512, 1024, 17), (4096, 512, 1024, 17)]  # (N, K, M, T)
 QUICK_SIZES = [(256, 128, 256, 17), (1024, 128, 256, 17)]

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from benchmarks.machine import default_device, describe, sync
-from lejepa_cli import image_objective, train as train_mod
+from lejepa_cli.image import objective as image_objective
+from lejepa_cli import train as train_mod
 from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import BatchLoader, StepSampler
-from lejepa_cli.loss import lejepa_loss
-from lejepa_cli.views import make_views
+from lejepa_cli.image.objective import lejepa_loss
+from lejepa_cli.image.views import make_views
 
 # name: (preset, image side of the built-in data, CPU batch, quick batch, CUDA batch, timed steps).
 # CPU batches fit a 2-core machine shared with other jobs; CUDA ones are closer to the presets'.
@@ -449,13 +450,13 @@ _PATHS = {  # name: (file under lejepa_cli/, regex that marks it)
     "bf16_autocast_on_cuda": ("optim.py", r'precision == "auto" and device.type == "cuda"'),
     "fused_adamw_on_cuda": ("optim.py", r"fused=device.type == \"cuda\""),
     "scaled_dot_product_attention": ("models/vit.py", r"F\.scaled_dot_product_attention\("),
-    "channels_last_cnn": ("image_objective.py", r'channels_last = cfg.model.arch.startswith\("resnet"\)$'),
-    "channels_last_input": ("lejepa.py", r"memory_format=torch.channels_last"),
-    "torch_compile_option": ("image_objective.py", r"torch\.compile\(encoder\)"),
+    "channels_last_cnn": ("image/objective.py", r'channels_last = cfg.model.arch.startswith\("resnet"\)$'),
+    "channels_last_input": ("image/model.py", r"memory_format=torch.channels_last"),
+    "torch_compile_option": ("image/objective.py", r"torch\.compile\(encoder\)"),
     "values_read_every_log_every": ("train.py", r"done % cfg.log.every == 0"),
     "non_finite_check_without_sync": ("train.py", r"first_bad = torch.where\("),
-    "views_gate_without_sync_on_accelerators": ("views.py", r"avoids the host-device sync"),
-    "constants_copied_once": ("views.py", r"lru_cache"),
+    "views_gate_without_sync_on_accelerators": ("image/views.py", r"avoids the host-device sync"),
+    "constants_copied_once": ("image/views.py", r"lru_cache"),
     "grad_checkpointing_option": ("models/vit.py", r"checkpoint\(blk, x, use_reentrant=False\)"),
     "pinned_non_blocking_h2d": ("data/loader.py", r"x.to\(self.device, non_blocking=True\)"),
     "stop_signal_vote_on_host_gloo": ("dist.py", r"Goes through gloo on host memory"),
@@ -476,7 +477,7 @@ def accelerator_paths() -> dict:
         out[name] = hit
     src, first = inspect.getsourcelines(image_objective.lejepa_step)
     body = [(first + i, s.strip()) for i, s in enumerate(src) if not s.strip().startswith(("#", '"""'))]
-    out["host_sync_calls_in_lejepa_step"] = [f"lejepa_cli/image_objective.py:{i}: {s}" for i, s in body if _SYNC_CALLS.search(s)]
+    out["host_sync_calls_in_lejepa_step"] = [f"lejepa_cli/image/objective.py:{i}: {s}" for i, s in body if _SYNC_CALLS.search(s)]
     out["note"] = ("grep-level facts; the loop's only per-step host read is `not bool(finite)` under "
                    "train.on_nonfinite=skip (default stop reads values every log.every steps)")
     return out

@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.machine import describe
 from lejepa_cli.config import ViewsConfig
-from lejepa_cli.views import make_views
+from lejepa_cli.image.views import make_views
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CASES = {  # name: (image side, global size, local size, batch, quick batch)

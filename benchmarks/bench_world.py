@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.machine import default_device, describe, sync
 from lejepa_cli.config import load_config
-from lejepa_cli.evaluate import eval_transform
+from lejepa_cli.data.loader import eval_transform
 from lejepa_cli.optim import adamw, param_groups
 from lejepa_cli.world.loss import world_loss
 from lejepa_cli.world.objective import build_world_model

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks.machine import describe
 from lejepa_cli.checkpoint import list_checkpoints
-from lejepa_cli.selection import rank_checkpoints, spearman
+from lejepa_cli.image.selection import rank_checkpoints, spearman
 
 
 def run_name(lamb: float, lr: float) -> str:

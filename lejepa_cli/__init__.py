@@ -1,6 +1,8 @@
 """lejepa-cli: pretrain a vision encoder with LeJEPA (SIGReg + view invariance)."""
 
-__version__ = "0.1.0"
+from lejepa_cli._version import __version__
+
+__all__ = ["__version__", "load_encoder", "load_world_model"]
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from lejepa_cli import __version__
+from lejepa_cli._version import __version__
 from lejepa_cli.data import NPZ_KEYS_HELP
 from lejepa_cli.errors import UserError
 from lejepa_cli.terminal import make_console

@@ -52,7 +52,7 @@ class ViewsConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.2
     solarize_threshold: int = 128  # of 255
-    # Sensor corruptions (lejepa_cli/corruptions.py), all off by default: probability, strength range.
+    # Sensor corruptions (lejepa_cli/image/corruptions.py), all off by default: probability, strength range.
     noise_p: float = 0.0  # Gaussian noise
     noise_std: tuple[float, float] = (0.02, 0.2)  # its std, pixels in [0, 1]
     shot_noise_p: float = 0.0  # signal-dependent (Poisson-like) noise

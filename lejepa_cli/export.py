@@ -18,10 +18,10 @@ An export folder holds:
                      lambda, views, data fingerprint, probe metrics when known, package version
   model.onnx         (--format onnx|all, the two are the same) fp32 graph with dynamic batch,
                      height and width axes, checked against PyTorch at three sizes when written
-                     (see lejepa_cli/onnx_export.py)
+                     (see lejepa_cli/models/onnx_export.py)
 
 In timm (ViTs, and ResNet-18/50 with the standard stem and no widening head; the others are
-written under a `lejepa_only_...` architecture name timm rejects, see lejepa_cli/timm_compat.py
+written under a `lejepa_only_...` architecture name timm rejects, see lejepa_cli/models/timm_compat.py
 and docs/export.md):
 
     model = timm.create_model("local-dir:DIR", pretrained=True, num_classes=0)
@@ -58,12 +58,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lejepa_cli import __version__
+from lejepa_cli._version import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from lejepa_cli.checkpoint import check_header, list_checkpoints, load_checkpoint, read_metadata, split_prefix
 from lejepa_cli.errors import UserError
-from lejepa_cli.onnx_export import ONNX_TOLERANCE, export_onnx, onnx_runtime
-from lejepa_cli.timm_compat import timm_compatible, timm_config, timm_incompatibility
+from lejepa_cli.models.onnx_export import ONNX_TOLERANCE, export_onnx, onnx_runtime
+from lejepa_cli.models.timm_compat import timm_compatible, timm_config, timm_incompatibility
 
 EXPORT_FORMAT = "lejepa-export-v1"
 WEIGHTS = "model.safetensors"

@@ -40,12 +40,12 @@ from lejepa_cli import dist
 from lejepa_cli.config import Config
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.lejepa import build_backbone_from_config, build_projector_from_config
+from lejepa_cli.models import build_backbone_from_config, build_projector_from_config
 
 CPU_WARN_HOURS = 12.0  # a run whose steps alone take longer than this on the CPU is GPU-sized
 TOY_EPOCHS = 100  # more passes than this over the built-in shapes is a long run on toy data (demo: 8)
 # SIGReg's ECF kernel works in blocks with ~90 bytes of scratch per element, at most 2**16 elements
-# per block on the CPU and 2**21 on accelerators (lejepa_cli/loss.py).
+# per block on the CPU and 2**21 on accelerators (lejepa_cli/sigreg.py).
 _ECF_SCRATCH = {"cpu": 90 << 16}
 _ECF_SCRATCH_ACCEL = 90 << 21
 # What the first steps cost beyond tensors: allocator arenas, oneDNN's kernels, the loader's

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lejepa_cli import __version__
+from lejepa_cli._version import __version__
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.reproduce import WorldRecipe
 
@@ -236,7 +236,7 @@ def corruption_overrides(preset: str | None) -> list[str]:
     if preset is None:
         return []
     from lejepa_cli.config import load_config
-    from lejepa_cli.corruptions import OPS
+    from lejepa_cli.image.corruptions import OPS
 
     views = load_config(preset).views
     keys = [key for pair in OPS.values() for key in pair] + ["corrupt_views"]
@@ -245,7 +245,7 @@ def corruption_overrides(preset: str | None) -> list[str]:
 
 def _probe_figures(run_dir: Path, source: str, recipe: Recipe, progress: bool) -> tuple[dict[str, float], dict[str, Any]]:
     """An image recipe's figures: linear and kNN top-1, and the shift-table drops it pins."""
-    from lejepa_cli.probe import ProbeOptions, run_probe
+    from lejepa_cli.image.probe import ProbeOptions, run_probe
 
     report = run_probe(run_dir, ProbeOptions(data=source, shift=bool(recipe.shift_drops), conditions=False, progress=progress))
     measured = {"linear_top1": report["linear_top1"], "knn_top1": report["knn_top1"]["20"]}

@@ -7,8 +7,13 @@ so there the console is as wide as the text: tables keep every character and lin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 UNWRAPPED_WIDTH = 10_000  # wider than any table or line the tool prints
 
@@ -33,3 +38,14 @@ def plural(count: int, noun: str, many: str | None = None) -> str:
 def unwrapped(text: str) -> Text:
     """A table title (or cell) kept on one line: a path in it stays whole and copyable."""
     return Text(text, no_wrap=True, overflow="ignore")
+
+
+def progress_bar(enabled: bool) -> "Progress":
+    """A counted progress bar on stderr (description, bar, n/total, elapsed, remaining); `enabled`
+    False gives a silent one, so callers never branch on it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not enabled,
+    )

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lejepa_cli import __version__, dist, threads
+from lejepa_cli import dist, threads
+from lejepa_cli._version import __version__
 from lejepa_cli.checkpoint import (
     checkpoint_name, find_resumable, load_checkpoint, optimizer_from_flat, optimizer_to_flat, prune,
     save_checkpoint, split_prefix,
@@ -105,7 +106,7 @@ def build_run(cfg: Config, device: torch.device, train_data: Any = None) -> Run:
         from lejepa_cli.world.objective import build_world_run
 
         return build_world_run(cfg, device)
-    from lejepa_cli.image_objective import build_image_run
+    from lejepa_cli.image.objective import build_image_run
 
     return build_image_run(cfg, device, train_data)
 
@@ -367,7 +368,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     summary = {"step": last_good_step, "train_s": train_s, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores,
                **_before_training(out / "metrics.jsonl")}
     if "knn_top1" in scores:
-        from lejepa_cli.evaluate import knn_protocol
+        from lejepa_cli.image.evaluate import knn_protocol
 
         summary["knn_protocol"] = knn_protocol(run.modules["backbone"], len(run.train_data))
     if dist.is_main():

@@ -12,15 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY
-from lejepa_cli.adapt import adapted_copy, batchnorm_layers, reestimate_batchnorm
+from lejepa_cli.image.adapt import adapted_copy, batchnorm_layers, reestimate_batchnorm
 from lejepa_cli.cli import main
-from lejepa_cli.conditions import explain
+from lejepa_cli.image.conditions import explain
 from lejepa_cli.config import load_config
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.export import load_encoder
 from lejepa_cli.models import build_backbone
-from lejepa_cli.probe import ProbeOptions, run_probe
-from lejepa_cli.probe_report import report_tables
+from lejepa_cli.image.probe import ProbeOptions, run_probe
+from lejepa_cli.image.report import report_tables
 from lejepa_cli.train import train
 from test_probe import cache_dir, run_dir  # noqa: F401  (fixtures: a private feature cache, the tiny ViT run)
 

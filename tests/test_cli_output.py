@@ -163,7 +163,7 @@ def test_embed_skips_and_lists_undecodable_files_like_prepare(exported, tmp_path
 
 
 def test_embed_out_that_cannot_be_written_fails_before_loading(exported, tmp_path, capsys, monkeypatch):
-    import lejepa_cli.embed as embed_mod
+    import lejepa_cli.image.embed as embed_mod
 
     monkeypatch.setattr(embed_mod, "load_encoder", lambda *a, **k: pytest.fail("loaded before checking --out"))
     (tmp_path / "f").write_text("x")

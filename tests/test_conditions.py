@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from lejepa_cli import conditions
-from lejepa_cli.conditions import critical_value, diagnose, effective_rank, epps_pulley
-from lejepa_cli.loss import random_directions, sigreg, sigreg_reference
+from lejepa_cli.image import conditions
+from lejepa_cli.image.conditions import critical_value, diagnose, effective_rank, epps_pulley
+from lejepa_cli.sigreg import random_directions, sigreg, sigreg_reference
 
 N, D = 1000, 48
 

@@ -78,7 +78,7 @@ def test_every_preset_builds_its_model(name):
     """Forward a tiny batch through each preset's backbone + projector; shapes only (meta) for the big ones."""
     import torch
 
-    from lejepa_cli.lejepa import build_backbone_from_config, build_projector_from_config
+    from lejepa_cli.models import build_backbone_from_config, build_projector_from_config
 
     cfg = load_config(name)
     big = cfg.model.arch in ("vit_base", "vit_large", "vit_huge", "resnet50")

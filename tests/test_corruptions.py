@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 import torch
 
-from lejepa_cli import corruptions
-from lejepa_cli import views as views_mod
+from lejepa_cli.image import corruptions
+from lejepa_cli.image import views as views_mod
 from lejepa_cli.config import ViewsConfig, load_config
 from lejepa_cli.errors import UserError
-from lejepa_cli.views import make_views
+from lejepa_cli.image.views import make_views
 
 RAW = {"mean": (0.0,), "std": (1.0,)}  # views stay in [0, 1]
 

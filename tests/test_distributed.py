@@ -31,12 +31,12 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import lejepa_cli.image_objective as image_mod
+import lejepa_cli.image.objective as image_mod
 from lejepa_cli import dist
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint
 from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import StepSampler
-from lejepa_cli.image_objective import lejepa_step
+from lejepa_cli.image.objective import lejepa_step
 from lejepa_cli.train import build_run, restore_state, run_state, train
 
 from conftest import TINY
@@ -379,7 +379,7 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     script = tmp_path / "fail_on_rank1.py"
     script.write_text(
         "import os, sys\n"
-        "import lejepa_cli.image_objective as t\n"
+        "import lejepa_cli.image.objective as t\n"
         "real = t.lejepa_step\n"
         "def failing(run, micro, labels, step, seeds):\n"
         "    if step == 2 and os.environ['RANK'] == '1':\n"

@@ -19,7 +19,7 @@ from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, split_prefi
 from lejepa_cli.cli import main
 from lejepa_cli.config import load_config
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import eval_transform
+from lejepa_cli.image.evaluate import eval_transform
 from lejepa_cli.export import (
     export_backbone, export_encoder, load_backbone_weights, load_encoder, resample_pos_embed,
 )
@@ -212,7 +212,7 @@ def test_small_stem_resnet_round_trips_and_is_marked_lejepa_only(tmp_path, arch,
 
 def test_resnet_with_a_widening_head_is_lejepa_only():
     from lejepa_cli.export import timm_compatible
-    from lejepa_cli.timm_compat import timm_architecture, timm_incompatibility
+    from lejepa_cli.models.timm_compat import timm_architecture, timm_incompatibility
 
     assert timm_compatible({"arch": "resnet50", "small_stem": False})  # written before head_width existed
     assert timm_compatible({"arch": "resnet50", "small_stem": False, "head_width": 0})
@@ -225,7 +225,7 @@ def test_resnet_with_a_widening_head_is_lejepa_only():
 def test_every_architecture_gets_a_timm_route_or_a_precise_reason(arch, tmp_path):
     """Per architecture: a timm name whose state dict the manifest pins, model_args giving our geometry,
     pretrained_cfg giving our preprocessing; or a lejepa_only_ name and a reason (also in the CLI hint)."""
-    from lejepa_cli.timm_compat import timm_config, timm_hint, timm_incompatibility
+    from lejepa_cli.models.timm_compat import timm_config, timm_hint, timm_incompatibility
 
     kwargs = {"img_size": 32, "patch_size": 8} if arch.startswith("vit") else {"img_size": 32}
     net = build_backbone(arch, in_chans=3, **kwargs)
@@ -248,7 +248,7 @@ def test_every_architecture_gets_a_timm_route_or_a_precise_reason(arch, tmp_path
 def test_the_per_preset_timm_table_in_the_docs_matches_the_exports():
     """docs/export.md's table names, for every preset, the architecture an export writes and whether timm loads it."""
     from lejepa_cli.config import list_presets
-    from lejepa_cli.timm_compat import timm_architecture, timm_incompatibility
+    from lejepa_cli.models.timm_compat import timm_architecture, timm_incompatibility
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
     rows = {m[0]: (m[1], m[2]) for m in re.findall(r"^\| `([\w-]+)` \| [^|]+ \| `(\w+)` \| (\w+)", doc, re.M)}
@@ -365,7 +365,7 @@ def _npz(path: Path) -> Path:
 
 def test_embed_prepared_split_equals_raw_source(exported, tmp_path):
     from lejepa_cli.data.prepare import prepare
-    from lejepa_cli.embed import embed
+    from lejepa_cli.image.embed import embed
 
     npz = _npz(tmp_path / "d.npz")
     prepare(npz, tmp_path / "prep", workers=0, progress=False)
@@ -383,7 +383,7 @@ def test_embed_parquet(exported, tmp_path):
     pa = pytest.importorskip("pyarrow", reason="pyarrow (the parquet extra) is not installed")
     import pyarrow.parquet as pq
 
-    from lejepa_cli.embed import embed
+    from lejepa_cli.image.embed import embed
 
     npz = _npz(tmp_path / "d.npz")
     embed(exported, npz, tmp_path / "e.parquet", split="train", progress=False)
@@ -400,7 +400,7 @@ def test_embed_parquet(exported, tmp_path):
 
 
 def test_init_from_export_starts_a_new_run_from_its_weights(exported, tmp_path, monkeypatch):
-    import lejepa_cli.image_objective as image_mod
+    import lejepa_cli.image.objective as image_mod
 
     seen: dict[str, torch.Tensor] = {}
     original = image_mod.lejepa_step

@@ -14,8 +14,9 @@ from torch.multiprocessing.spawn import ProcessExitedException
 from safetensors.torch import load_file, save_file
 
 from lejepa_cli import dist
-from lejepa_cli import loss as loss_mod
-from lejepa_cli.loss import lejepa_loss, random_directions, sigreg, sigreg_reference
+from lejepa_cli import sigreg as loss_mod
+from lejepa_cli.image.objective import lejepa_loss
+from lejepa_cli.sigreg import random_directions, sigreg, sigreg_reference
 
 K, M = 128, 1024  # docs/method.md section 4.3's oracle setting
 

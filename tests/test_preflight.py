@@ -26,7 +26,8 @@ _CHILD = """
 import gc, json, sys
 import torch
 from benchmarks.bench_memory import _peak_rss_mib, _reset_peak, _rss_mib
-from lejepa_cli import image_objective, train as T
+from lejepa_cli.image import objective as image_objective
+from lejepa_cli import train as T
 from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import BatchLoader, StepSampler
 from lejepa_cli.data.sources import load_dataset

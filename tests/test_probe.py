@@ -14,15 +14,15 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import TINY
-from lejepa_cli import features as features_mod
-from lejepa_cli import probe as probe_mod
+from lejepa_cli.image import features as features_mod
+from lejepa_cli.image import probe as probe_mod
 from lejepa_cli.cli import app
 from lejepa_cli.config import load_config
 from lejepa_cli.export import load_encoder
-from lejepa_cli.probe import ProbeOptions, encoder_digest, run_probe
-from lejepa_cli.probe_classifiers import LinearHead, fewshot_accuracy, head_accuracy, split_train_val, train_linear_grid
-from lejepa_cli.selection import rank_checkpoints, spearman
-from lejepa_cli.shift import CORRUPTIONS, SEVERITIES, make_corruption
+from lejepa_cli.image.probe import ProbeOptions, encoder_digest, run_probe
+from lejepa_cli.image.classifiers import LinearHead, fewshot_accuracy, head_accuracy, split_train_val, train_linear_grid
+from lejepa_cli.image.selection import rank_checkpoints, spearman
+from lejepa_cli.image.corruptions import CORRUPTIONS, SEVERITIES, make_corruption
 from lejepa_cli.train import train
 
 STABLE_KEYS = ("linear_top1", "linear_top5", "knn_top1", "fewshot", "shift", "conditions")
@@ -136,7 +136,7 @@ def test_label_free_ranking_over_run(run_dir):
 
 def test_label_free_score_normalises_with_batch_statistics(run_dir, monkeypatch):
     """BatchNorm's running averages do not enter the score: training never normalised with them."""
-    from lejepa_cli import probe as probe_mod
+    from lejepa_cli.image import probe as probe_mod
 
     before = rank_checkpoints(run_dir, num_images=16, num_slices=64, device="cpu", with_labels=False)
     load = probe_mod.load_projector
@@ -344,8 +344,8 @@ def test_unavailable_device_is_blamed_on_the_option_given(run_dir):
 
 def test_viz_image_count_is_bounded(run_dir, tmp_path):
     from lejepa_cli.errors import UserError
-    from lejepa_cli.limits import MAX_PCA_IMAGES
-    from lejepa_cli.plots import write_viz
+    from lejepa_cli.image.limits import MAX_PCA_IMAGES
+    from lejepa_cli.image.viz import write_viz
 
     for n in (0, -3, MAX_PCA_IMAGES + 1):
         result = CliRunner().invoke(app, ["viz", str(run_dir), "--num-images", str(n), "--out", str(tmp_path / "v")])

@@ -33,7 +33,7 @@ import torch
 from conftest import TINY
 
 import lejepa_cli.checkpoint as checkpoint_mod
-import lejepa_cli.image_objective as image_mod
+import lejepa_cli.image.objective as image_mod
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint
 from lejepa_cli.cli import main
 from lejepa_cli.config import load_config

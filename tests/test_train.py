@@ -128,7 +128,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_overrides):
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_overrides, monkeypatch):
-    import lejepa_cli.image_objective as image_mod
+    import lejepa_cli.image.objective as image_mod
 
     real = image_mod.lejepa_loss
 
@@ -149,7 +149,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_over
 
 
 def test_skip_mode_survives_a_nonfinite_step(tmp_path, tiny_overrides, monkeypatch):
-    import lejepa_cli.image_objective as image_mod
+    import lejepa_cli.image.objective as image_mod
 
     real = image_mod.lejepa_loss
 

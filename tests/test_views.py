@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lejepa_cli import views as views_mod
+from lejepa_cli.image import views as views_mod
 from lejepa_cli.config import ViewsConfig
-from lejepa_cli.views import make_views
+from lejepa_cli.image.views import make_views
 
 RAW = {"mean": (0.0,), "std": (1.0,)}  # outputs stay in [0, 1]
 PIXELS = {"mean": (0.0,), "std": (1 / 255,)}  # outputs in input pixel units

@@ -17,8 +17,9 @@ from lejepa_cli.data.prepare import prepare
 from lejepa_cli.data.shards import ShardedImages
 from lejepa_cli.data.sources import load_dataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.world.build import simulate_dataset
-from lejepa_cli.world.sim import make_world, simulate
+from lejepa_cli.world.prepare import prepare_trajectory_file, simulate_dataset
+from lejepa_cli.world.catalog import make_world
+from lejepa_cli.world.sim import simulate
 from lejepa_cli.world.trajectories import TrajectoryDataset, is_trajectory_source, load_trajectories, require_windows
 
 
@@ -179,15 +180,15 @@ def write_npz(path: Path, lengths=(10, 7, 9, 8), A=3, size=(12, 10), with_state=
 
 
 def test_npz_prepare_round_trip(tmp_path, monkeypatch):
-    import lejepa_cli.world.build as build
-    import lejepa_cli.world.store as store
+    import lejepa_cli.world.prepare as build
+    import lejepa_cli.world.shards as store
 
     monkeypatch.setattr(build, "FILE_CHUNK_BYTES", 8 * 8 * 3 * 12)  # read a few episodes at a time...
     monkeypatch.setattr(store, "SHARD_BYTES", 8 * 8 * 3 * 5)  # ...into several frame shards
     src = tmp_path / "traj.npz"
     arrays = write_npz(src, size=(8, 8))
     assert is_trajectory_source(src)
-    s = prepare(src, tmp_path / "p", val_fraction=0.25, seed=1, progress=False)
+    s = prepare_trajectory_file(src, tmp_path / "p", val_fraction=0.25, seed=1, progress=False)
     assert len(json.loads((tmp_path / "p" / "index.json").read_text())["splits"]["train"]["shards"]) > 3
     assert s["kind"] == "trajectories" and s["splits"]["val"] == {"episodes": 1, "steps": s["splits"]["val"]["steps"]}
     train, val = load_trajectories(tmp_path / "p", "train"), load_trajectories(tmp_path / "p", "val")
@@ -211,7 +212,7 @@ def test_npz_prepare_round_trip(tmp_path, monkeypatch):
     write_npz(src2, size=(12, 10))
     with pytest.raises(UserError, match="12x10 frames; square frames are needed"):
         load_trajectories(src2, "train")
-    prepare(src2, tmp_path / "r", resolution=8, progress=False)
+    prepare_trajectory_file(src2, tmp_path / "r", resolution=8, progress=False)
     assert load_trajectories(tmp_path / "r", "train").frames.shape == (34, 8, 8, 3)
     with pytest.raises(UserError, match="has one split, 'train'"):
         load_trajectories(src, "val")
@@ -297,7 +298,7 @@ def test_passive_video_npz(tmp_path):
     write_npz(src, size=(8, 8), A=0, with_state=False)
     ds = load_trajectories(src, "train")
     assert ds.action_dim == 0 and ds.action_mean.shape == (0,)
-    prepare(src, tmp_path / "p", progress=False)
+    prepare_trajectory_file(src, tmp_path / "p", progress=False)
     assert load_trajectories(tmp_path / "p", "train").actions.shape == (34, 0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lejepa_cli.loss import sigreg
+from lejepa_cli.sigreg import sigreg
 from lejepa_cli.models import build_backbone
 from lejepa_cli.world.loss import rollout_errors, world_loss
 from lejepa_cli.world.model import ConditionedBlock, WorldModel

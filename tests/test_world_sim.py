@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from lejepa_cli.errors import UserError
-from lejepa_cli.world.sim import make_world, simulate, world_names
+from lejepa_cli.world.catalog import make_world, world_names
+from lejepa_cli.world.sim import simulate
 
 SMALL = 16
 

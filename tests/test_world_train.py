@@ -24,7 +24,7 @@ from lejepa_cli.config import load_config
 from lejepa_cli.data.loader import StepSampler
 from lejepa_cli.errors import UserError
 from lejepa_cli.train import build_run, train
-from lejepa_cli.world.build import simulate_dataset
+from lejepa_cli.world.prepare import simulate_dataset
 
 # A world model small enough that a step takes milliseconds: 16 px frames, 2 predictor blocks.
 TINY_WORLD = [

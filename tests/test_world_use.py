@@ -18,7 +18,7 @@ from lejepa_cli.errors import UserError
 from lejepa_cli.train import train
 from lejepa_cli.world.plan import CEMConfig, cem, draw_problems, run_episodes, MIN_GOAL_DISTANCE
 from lejepa_cli.world.probe import r2_score, ridge_probe
-from lejepa_cli.world.sim import make_world
+from lejepa_cli.world.catalog import make_world
 from lejepa_cli.world.surprise import auroc, replay
 from test_world_train import simulate, world_config
 
@@ -132,7 +132,7 @@ def test_offset_goals_on_two_room_the_true_dynamics_planner_reaches_them_and_ran
 def test_the_plan_command_defaults_are_the_library_defaults():
     import inspect
 
-    from lejepa_cli.commands.world_use import plan_cmd
+    from lejepa_cli.commands.world import plan_cmd
     from lejepa_cli.world.plan import GOAL_OFFSET
 
     params = inspect.signature(plan_cmd).parameters
@@ -374,7 +374,7 @@ def test_numeric_options_of_the_use_commands_run_or_refuse_in_one_line(world_run
 
 
 def test_the_world_comes_from_the_training_data_and_set_overrides_it(world_run):
-    from lejepa_cli.world.use import open_world_run
+    from lejepa_cli.world.runs import open_world_run
 
     used = open_world_run(world_run)
     assert used.world.name == "two-room" and used.world.size == 16 and "training data's options" in used.note

@@ -1,4 +1,4 @@
-"""`lejepa adapt`: a thin command over lejepa_cli.adapt."""
+"""`lejepa adapt`: a thin command over lejepa_cli.image.adapt."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lejepa_cli.limits import MAX_ADAPT_STEPS
+from lejepa_cli.image.limits import MAX_ADAPT_STEPS
 from rich.console import Console
 
 err_console = Console(stderr=True)
@@ -27,7 +27,7 @@ def adapt(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is in --out.")] = False,
 ) -> None:
     """Adapt an encoder to new images without labels (BatchNorm statistics, optional LeJEPA fine-tuning); write an export."""
-    from lejepa_cli.adapt import AdaptOptions, adapt_encoder
+    from lejepa_cli.image.adapt import AdaptOptions, adapt_encoder
 
     opts = AdaptOptions(data=data, split=split, steps=steps, lr=lr, batch_size=batch_size, max_images=max_images,
                         device=device, seed=seed, overwrite=overwrite)

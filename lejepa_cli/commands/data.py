@@ -41,9 +41,17 @@ def prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
 ) -> None:
     """Decode SOURCE into memory-mappable uint8 shards; re-running after an interruption resumes."""
-    from lejepa_cli.data.prepare import prepare as run_prepare
+    from lejepa_cli.data.prepare import prepare as prepare_images
+    from lejepa_cli.data.formats import is_trajectory_file
 
-    s = run_prepare(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed, workers=workers, overwrite=overwrite)
+    if source != "builtin" and is_trajectory_file(Path(source).expanduser()):  # frames + actions: a world's data
+        from lejepa_cli.world.prepare import prepare_trajectory_file
+
+        s = prepare_trajectory_file(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed,
+                                    overwrite=overwrite)
+    else:
+        s = prepare_images(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed, workers=workers,
+                           overwrite=overwrite)
     if s.get("kind") == "trajectories":
         counts = ", ".join(f"{split} {e['episodes']} episodes ({e['steps']} steps)" for split, e in s["splits"].items())
         state = "already up to date" if s["up_to_date"] else "done"
@@ -66,7 +74,7 @@ def info(
     """Show what a prepared folder holds, and whether its source changed since."""
     from lejepa_cli.data.prepare import info as read_info
     from lejepa_cli.data.shards import verify as verify_folder
-    from lejepa_cli.world.store import is_trajectory_folder
+    from lejepa_cli.world.shards import is_trajectory_folder
 
     if is_trajectory_folder(path):
         return _trajectory_info(path, verify)
@@ -102,7 +110,7 @@ def _report_problems(problems: list[str]) -> None:
 
 
 def _trajectory_info(path: Path, verify: bool) -> None:
-    from lejepa_cli.world.store import read_index, verify as verify_folder
+    from lejepa_cli.world.shards import read_index, verify as verify_folder
 
     index = read_index(path)
     names = index.get("state_names") or []

@@ -1,4 +1,4 @@
-"""`lejepa export` and `lejepa embed`: thin commands over lejepa_cli.export and lejepa_cli.embed."""
+"""`lejepa export` and `lejepa embed`: thin commands over lejepa_cli.export and lejepa_cli.image.embed."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def export(
     """Export the encoder alone (no projector, optimizer or probe) for downstream use."""
     from lejepa_cli.export import export_encoder
     from lejepa_cli.world.export import export_world, is_world_checkpoint
-    from lejepa_cli.timm_compat import timm_hint
+    from lejepa_cli.models.timm_compat import timm_hint
 
     if is_world_checkpoint(source):  # encoder + projector, action encoder and predictor
         if fmt != Format.safetensors or dtype != Dtype.fp32:
@@ -73,7 +73,7 @@ def embed(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
     """Write the embedding of every image of DATA, one row per image, with ids and labels."""
-    from lejepa_cli.embed import embed as run_embed
+    from lejepa_cli.image.embed import embed as run_embed
 
     s = run_embed(encoder, data, out, split=split, features=features.value, batch_size=batch_size, device=device,
                   overwrite=overwrite, progress=not no_progress)

@@ -1,4 +1,4 @@
-"""`lejepa probe` and `lejepa viz`: thin commands over lejepa_cli.probe, .selection and .plots."""
+"""`lejepa probe` and `lejepa viz`: thin commands over lejepa_cli.image.probe, .selection and .plots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from lejepa_cli.errors import UserError
-from lejepa_cli.limits import MAX_EPOCHS, MAX_PCA_IMAGES, MIN_TRAIN
+from lejepa_cli.image.limits import MAX_EPOCHS, MAX_PCA_IMAGES, MIN_TRAIN
 from lejepa_cli.terminal import make_console
 
 console = make_console()
@@ -41,13 +41,13 @@ def probe(
 ) -> None:
     """Evaluate a frozen encoder: linear probe, kNN, few-shot, robustness under shift, isotropy check."""
     from lejepa_cli.outputs import check_output_file
-    from lejepa_cli.probe import ProbeOptions, run_probe
-    from lejepa_cli.probe_report import report_tables, write_json
+    from lejepa_cli.image.probe import ProbeOptions, run_probe
+    from lejepa_cli.image.report import report_tables, write_json
 
     if json_file is not None:
         check_output_file(json_file, "--json")  # before the work, not after it
     if label_free is not None:
-        from lejepa_cli.selection import rank_checkpoints, ranking_table
+        from lejepa_cli.image.selection import rank_checkpoints, ranking_table
 
         result = rank_checkpoints(label_free, device=device, data=data, progress=not no_progress)
         console.print(ranking_table(result))
@@ -78,7 +78,7 @@ def viz(
     device: Device = "auto",
 ) -> None:
     """Plot training curves (from metrics.jsonl) and PCA maps of patch features."""
-    from lejepa_cli.plots import write_viz
+    from lejepa_cli.image.viz import write_viz
 
     for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device):
         err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)

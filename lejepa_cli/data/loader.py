@@ -1,4 +1,5 @@
-"""Batches for training: a sampler that is a pure function of the step, and a prefetching loader.
+"""Batches for training: a sampler that is a pure function of the step, and a prefetching loader;
+the deterministic evaluation transform (uint8 batch -> resized, normalised float) beside them.
 
 The order of images depends only on (seed, step): epoch e is a permutation drawn from
 seed + e, and optimizer step s takes the s-th `batch_size` slice of it (the last partial
@@ -17,9 +18,11 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
@@ -122,3 +125,13 @@ class BatchLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def eval_transform(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, C, H, W) uint8 -> (B, C, size, size) float32, normalised."""
+    x = images.float().div_(255.0)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s

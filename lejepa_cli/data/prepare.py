@@ -30,8 +30,10 @@ from PIL import Image, ImageFile
 from lejepa_cli.data.dataset import channel_stats
 from lejepa_cli.data import shards
 from lejepa_cli.data.decode import _can_spawn, _decode_chunk, _set_limits, _worker_init, decide_geometry
+from lejepa_cli.data.formats import is_trajectory_file
 from lejepa_cli.data.readers import KINDS, Items, Source, detect_source, open_source, source_fingerprint
 from lejepa_cli.errors import UserError
+from lejepa_cli.terminal import progress_bar
 
 SHARD_BYTES = 256 << 20  # shards of at most 4096 images and ~256 MiB
 PARTIAL = ".partial"
@@ -254,17 +256,12 @@ def prepare(
 
     `fmt` forces a source kind (one of KINDS) instead of detecting it.
     `shard_size` (images per shard) defaults to 4096, fewer for large images (~256 MiB a shard).
-    A trajectory file (.npz with frames + actions, or .h5/.hdf5) becomes a trajectory folder
-    instead (world/build.py); its summary has kind "trajectories".
+    A trajectory file (.npz with frames + actions, or .h5/.hdf5) is not an image source: the CLI
+    hands it to `lejepa_cli.world.prepare.prepare_trajectory_file`; here it is refused.
     """
-    if fmt == "auto" and str(source) != "builtin":
-        from lejepa_cli.world.files import is_trajectory_file
-
-        if is_trajectory_file(Path(source).expanduser()):
-            from lejepa_cli.world.build import prepare_trajectory_file
-
-            return prepare_trajectory_file(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed,
-                                           overwrite=overwrite, progress=progress)
+    if fmt == "auto" and str(source) != "builtin" and is_trajectory_file(Path(source).expanduser()):
+        raise UserError(f"{source} is a trajectory file (frames + actions), not images: prepare it with "
+                        f"`lejepa data prepare {source} --out DIR` (or lejepa_cli.world.prepare.prepare_trajectory_file)")
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
     if resolution is not None and not 8 <= resolution <= 4096:
@@ -308,7 +305,7 @@ def prepare(
         needs_decode = any(not items.decoded or (len(items) and items.payloads[0].shape != (R, R, C)) for items in split_items.values())
         total = sum(len(items) for items in split_items.values())
         records = {}
-        with _progress(progress) as bar, _decode_pool(workers if needs_decode else 0, pixel_limit) as pool:
+        with progress_bar(progress) as bar, _decode_pool(workers if needs_decode else 0, pixel_limit) as pool:
             task = bar.add_task(f"prepare {Path(src.path).name}", total=total)
             for split, items in split_items.items():
                 records[split] = _write_split(out, split, items, geometry, size, pool, lambda n: bar.advance(task, n))
@@ -341,15 +338,6 @@ def _console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=_console(), disable=not enabled,
-    )
 
 
 def _summary(out: Path, index: dict, *, resumed: bool, up_to_date: bool, seconds: float, decoded: int) -> dict:

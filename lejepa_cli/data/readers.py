@@ -445,4 +445,3 @@ def source_fingerprint(kind: str, path: Path) -> str:
     if kind in ("npz", "npy") or (kind == "parquet" and path.is_file()):
         return _content_digest([path])
     return open_source(kind, path).fingerprint
-

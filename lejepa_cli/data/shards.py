@@ -336,3 +336,14 @@ def verify(path: str | Path) -> list[str]:
             except (OSError, ValueError) as e:
                 problems.append(f"{split}/{entry['ids']}: unreadable ({e})")
     return problems
+
+
+def is_trajectory_folder(path: str | Path) -> bool:
+    """True when `path` holds a trajectory index.json (complete or not: it is written last)."""
+    index_file = Path(path) / INDEX
+    if not index_file.is_file():
+        return False
+    try:
+        return json.loads(index_file.read_text(encoding="utf-8")).get("format") == TRAJECTORY_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False

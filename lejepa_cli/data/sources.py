@@ -227,7 +227,7 @@ def _load_source(cfg: DataConfig, split: str) -> ImageDataset:
     path = Path(source).expanduser()
     if not path.exists():
         raise UserError(f"data source '{source}' does not exist (give 'builtin', an IDX folder, an .npz or a prepared folder)")
-    from lejepa_cli.world.trajectories import is_trajectory_source
+    from lejepa_cli.data.formats import is_trajectory_source
 
     if is_trajectory_source(path):
         raise UserError(f"{source} is a trajectory dataset (episodes with actions): use a world preset (e.g. --preset world-tworoom), not an image preset")

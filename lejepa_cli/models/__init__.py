@@ -15,11 +15,18 @@ equal timm's, so exporting to timm needs no key renaming.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
+
+from lejepa_cli.errors import UserError
 
 from lejepa_cli.models.projector import Projector
 from lejepa_cli.models.resnet import BasicBlock, Bottleneck, ResNet
 from lejepa_cli.models.vit import VIT_SIZES, VisionTransformer
+
+if TYPE_CHECKING:  # config imports ARCHS from here: a type-only import keeps the graph acyclic
+    from lejepa_cli.config import Config
 
 # name -> (blocks per stage, block, first stage's width)
 _RESNETS: dict[str, tuple[tuple[int, int, int, int], type, int]] = {
@@ -30,7 +37,8 @@ _RESNETS: dict[str, tuple[tuple[int, int, int, int], type, int]] = {
 
 ARCHS: tuple[str, ...] = tuple(VIT_SIZES) + tuple(_RESNETS)
 
-__all__ = ["ARCHS", "Projector", "ResNet", "VisionTransformer", "build_backbone", "build_projector"]
+__all__ = ["ARCHS", "Projector", "ResNet", "VisionTransformer", "build_backbone", "build_backbone_from_config", "build_projector",
+           "build_projector_from_config"]
 
 
 def build_backbone(
@@ -75,3 +83,24 @@ def build_backbone(
 def build_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> Projector:
     """The LeJEPA projector h -> z: Linear-BN-ReLU-Linear-BN-ReLU-Linear."""
     return Projector(in_dim, hidden_dim, out_dim)
+
+
+def build_backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
+    """The backbone a run's config describes (`model.*`, sized by `views.global_size`)."""
+    m, views = cfg.model, cfg.views
+    if m.arch.startswith("vit"):
+        for key, size in (("views.global_size", views.global_size), ("views.local_size", views.local_size)):
+            if size % m.patch_size and (key == "views.global_size" or views.local_views > 0):
+                raise UserError(f"config key '{key}' = {size} must be a multiple of model.patch_size = {m.patch_size}")
+    backbone = build_backbone(
+        m.arch, img_size=views.global_size, patch_size=m.patch_size, in_chans=in_chans,
+        drop_path=m.drop_path, small_stem=m.small_stem, stem_stride=m.stem_stride, head_width=m.head_width,
+    )
+    if m.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def build_projector_from_config(cfg: Config, embed_dim: int) -> nn.Module:
+    """The projector a run's config describes (`model.proj_hidden`, `model.proj_dim`)."""
+    return build_projector(embed_dim, cfg.model.proj_hidden, cfg.model.proj_dim)

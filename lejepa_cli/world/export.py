@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, split_prefix
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import eval_transform
+from lejepa_cli.data.loader import eval_transform
 
 WORLD_WEIGHTS = "world.safetensors"
 _PARTS = ("projector", "action_encoder", "predictor")

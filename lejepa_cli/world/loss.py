@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lejepa_cli.loss import sigreg
+from lejepa_cli.sigreg import sigreg
 
 
 def world_loss(z: Tensor, p: Tensor, *, num_preds: int, lamb: float, step: int, num_slices: int = 1024,

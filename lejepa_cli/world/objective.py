@@ -25,9 +25,9 @@ from torch import nn
 from lejepa_cli import dist
 from lejepa_cli.config import Config
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import eval_transform
-from lejepa_cli.lejepa import build_backbone_from_config
-from lejepa_cli.loss import sigreg
+from lejepa_cli.data.loader import eval_transform
+from lejepa_cli.models import build_backbone_from_config
+from lejepa_cli.sigreg import sigreg
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
 from lejepa_cli.world.loss import rollout_errors, world_loss
 from lejepa_cli.world.model import WorldModel

@@ -22,7 +22,7 @@ import torch
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, simulate
-from lejepa_cli.world.use import encode_episodes, window_frames
+from lejepa_cli.world.runs import encode_episodes, window_frames
 
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalties tried (times N, on standardised features)
 RECOVERABLE = 0.5  # R^2 from which a hidden parameter counts as readable

@@ -42,7 +42,7 @@ class WorldRecipe:
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
     """The recipe's trajectory folder in `work`/data (simulated once; a finished folder is reused)."""
-    from lejepa_cli.world.build import simulate_dataset
+    from lejepa_cli.world.prepare import simulate_dataset
 
     out = work / "data"
     simulate_dataset(recipe.world, out, episodes=recipe.episodes, val_episodes=recipe.val_episodes,
@@ -55,7 +55,7 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
     from lejepa_cli.world.plan import GOAL_OFFSET, CEMConfig, plan
     from lejepa_cli.world.probe import probe_world
     from lejepa_cli.world.surprise import surprise
-    from lejepa_cli.world.use import open_world_run
+    from lejepa_cli.world.runs import open_world_run
 
     used = open_world_run(run_dir)
     world = used.require_world("reproduce")

@@ -23,7 +23,7 @@ import numpy as np
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, observe, simulate
-from lejepa_cli.world.use import blocks, encode_episodes, one_step_surprise, window_frames
+from lejepa_cli.world.runs import blocks, encode_episodes, one_step_surprise, window_frames
 
 EVENT_STREAM = 103  # seed stream of the held-out episodes (apart from the dataset's 0 and 1)
 MIN_JUMP = 0.3  # a teleport moves the object at least this far (arena side = 1)

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from lejepa_cli.data.dataset import ImageArray, channel_stats
+from lejepa_cli.data.formats import is_trajectory_source  # noqa: F401  (re-exported: where world code looks for it)
 from lejepa_cli.errors import UserError
 
 
@@ -108,20 +109,11 @@ def require_windows(ds: TrajectoryDataset, num_frames: int, frameskip: int) -> n
     return starts
 
 
-def is_trajectory_source(source: str | Path) -> bool:
-    """A prepared trajectory folder, a trajectory .npz (frames + actions) or an .h5/.hdf5 file."""
-    from lejepa_cli.world.files import is_trajectory_file
-    from lejepa_cli.world.store import is_trajectory_folder
-
-    path = Path(source).expanduser()
-    return is_trajectory_folder(path) if path.is_dir() else is_trajectory_file(path)
-
-
 def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
     """One split of a prepared trajectory folder (memory-mapped), a trajectory .npz or an HDF5 file
     in LeWM's layout (a raw file is one split, 'train'; prepare it for a validation split)."""
-    from lejepa_cli.world.files import H5_SUFFIXES, is_trajectory_file
-    from lejepa_cli.world.store import is_trajectory_folder
+    from lejepa_cli.data.formats import H5_SUFFIXES, is_trajectory_file
+    from lejepa_cli.data.shards import is_trajectory_folder
 
     path = Path(source).expanduser()
     if not path.exists():
@@ -135,7 +127,7 @@ def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
             raise UserError(f"{path} is an image dataset: use an image preset (e.g. --preset demo), not a world preset")
         raise UserError(f"{path} is not a trajectory dataset; make one with `lejepa world simulate NAME --out DIR` or `lejepa data prepare FILE --out DIR`")
     if path.suffix.lower() == ".npz" and not is_trajectory_file(path):
-        from lejepa_cli.world.files import read_trajectory_file
+        from lejepa_cli.world.readers import read_trajectory_file
 
         read_trajectory_file(path)  # names what is missing: the frames
     if path.suffix.lower() not in (".npz", *H5_SUFFIXES):
@@ -145,7 +137,7 @@ def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
 
 def _load_folder(path: Path, split: str) -> TrajectoryDataset:
     from lejepa_cli.data.shards import ShardedImages
-    from lejepa_cli.world.store import read_index
+    from lejepa_cli.world.shards import read_index
 
     index = read_index(path)
     if split not in index["splits"]:
@@ -188,7 +180,7 @@ def _load_folder(path: Path, split: str) -> TrajectoryDataset:
 
 
 def _load_file(path: Path, split: str) -> TrajectoryDataset:
-    from lejepa_cli.world.files import read_trajectory_file
+    from lejepa_cli.world.readers import read_trajectory_file
 
     if split != "train":
         raise UserError(f"{path.name} has one split, 'train'; for a '{split}' split run "

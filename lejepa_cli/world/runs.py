@@ -21,7 +21,8 @@ import torch
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
-from lejepa_cli.world.sim import World, make_world, parse_sets, world_class
+from lejepa_cli.world.catalog import make_world, parse_sets, world_class
+from lejepa_cli.world.sim import World
 
 
 @dataclass

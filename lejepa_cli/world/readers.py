@@ -20,10 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from lejepa_cli.data.formats import FRAME_KEYS, H5_SUFFIXES, is_trajectory_file  # noqa: F401  (detection lives with the data layer)
 from lejepa_cli.errors import UserError
 
-H5_SUFFIXES = (".h5", ".hdf5")
-FRAME_KEYS = ("frames", "pixels")
 ACTION_KEYS = ("actions", "action")
 STATE_KEYS = ("state", "proprio")
 
@@ -94,23 +93,6 @@ class RawTrajectories:
     state: np.ndarray | None  # (T, S) float32
     state_names: list[str] | None
     kind: str  # "npz" or "hdf5"
-
-
-def is_trajectory_file(path: Path) -> bool:
-    """An .h5/.hdf5 file, or an .npz with a frames/pixels array (image .npz files use other keys;
-    one without actions is still a trajectory file, so the user hears what is missing)."""
-    if not path.is_file():
-        return False
-    if path.suffix.lower() in H5_SUFFIXES:
-        return True
-    if path.suffix.lower() != ".npz":
-        return False
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-    except (OSError, ValueError):
-        return False
-    return bool(keys & set(FRAME_KEYS))
 
 
 def read_trajectory_file(path: Path) -> RawTrajectories:

@@ -3,7 +3,7 @@
     lejepa viz runs/demo --out plots/                # curves + PCA feature maps of a few images
     lejepa probe CKPT --plots plots/                 # also the spectrum and the shift plot
 
-    from lejepa_cli.plots import plot_training_curves
+    from lejepa_cli.image.plots import plot_training_curves
     plot_training_curves(Path("runs/demo/metrics.jsonl"), Path("curves.png"))
 
 Drawn with matplotlib's object API (no pyplot, no global backend switch), so importing this
@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import eval_transform
-from lejepa_cli.limits import MAX_PCA_IMAGES
+from lejepa_cli.data.loader import eval_transform
+from lejepa_cli.image.limits import MAX_PCA_IMAGES
 from lejepa_cli.terminal import plural
 
 if TYPE_CHECKING:
     from lejepa_cli.data.dataset import ImageDataset
-    from lejepa_cli.features import FeatureSource
+    from lejepa_cli.image.features import FeatureSource
 
 
 PCA_COLUMNS = 8  # image / map pairs per row
@@ -174,7 +174,7 @@ def pca_feature_maps(encoder: nn.Module, images: np.ndarray, *, device: torch.de
     info = encoder.lejepa_info
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(device)  # (B, C, H, W) uint8
     if x.shape[1] != int(info["channels"]):
-        from lejepa_cli.features import match_channels
+        from lejepa_cli.image.features import match_channels
 
         x = match_channels(x, int(info["channels"]))
     x = eval_transform(x, int(info["image_size"]), info["mean"], info["std"])
@@ -274,33 +274,4 @@ def write_probe_plots(folder: Path, report: dict[str, Any], src: "FeatureSource"
     images = sample_images(evaluation, num_images)
     maps = pca_feature_maps(src.encoder, images, device=src.device)
     written.append(plot_pca_maps(images, maps, folder / "pca_maps.png"))
-    return written
-
-
-def write_viz(source: str | Path, out: Path, *, images: Sequence[Path] = (), num_images: int = 6,
-              data: str | None = None, split: str = "val", device: str = "auto") -> list[Path]:
-    """`lejepa viz`: training curves (when the run's metrics.jsonl is found) and PCA feature maps
-    of `images` (files) or of `num_images` images of the encoder's data."""
-    from lejepa_cli.data.sources import load_dataset
-    from lejepa_cli.probe import load_probe_encoder, probe_data_config, select_device
-
-    from lejepa_cli.outputs import check_output_folder
-
-    if images:
-        check_image_count(len(images), "--image (the number of files)")
-    else:
-        check_image_count(num_images, "--num-images")
-    check_output_folder(out, "--out")  # before the work, not after it
-    dev = select_device(device)
-    encoder = load_probe_encoder(source, device=dev)
-    written = []
-    metrics = find_metrics(source)
-    if metrics is not None:
-        written.append(plot_training_curves(metrics, out / "training_curves.png"))
-    if images:
-        pixels = load_image_files(images, int(encoder.lejepa_info["channels"]))
-    else:
-        pixels = sample_images(load_dataset(probe_data_config(encoder.lejepa_info, data), split), num_images)
-    maps = pca_feature_maps(encoder, pixels, device=dev)
-    written.append(plot_pca_maps(pixels, maps, out / "pca_maps.png"))
     return written

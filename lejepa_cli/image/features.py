@@ -22,10 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lejepa_cli import __version__
+from lejepa_cli._version import __version__
 from lejepa_cli.data.dataset import ImageDataset
-from lejepa_cli.evaluate import extract_features
-from lejepa_cli.shift import describe, make_corruption
+from lejepa_cli.image.evaluate import extract_features
+from lejepa_cli.image.corruptions import describe, make_corruption
 
 
 def cache_root() -> Path:

@@ -4,7 +4,7 @@
     lejepa probe exports/demo --data /usr/share/datasets/fashion-mnist --plots plots/
     lejepa probe --random-init --preset fmnist --data DIR      # the untrained baseline, before any run
 
-    from lejepa_cli.probe import ProbeOptions, run_probe
+    from lejepa_cli.image.probe import ProbeOptions, run_probe
     report = run_probe("runs/demo", ProbeOptions(shift=False))
     report["linear_top1"], report["knn_top1"][20], report["conditions"]["verdict"]
 
@@ -44,16 +44,16 @@ import torch
 from torch import nn
 
 from lejepa_cli.checkpoint import tensor_digest
-from lejepa_cli.conditions import diagnose, explain
+from lejepa_cli.image.conditions import diagnose, explain
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.features import FeatureSource, cache_root, match_channels, usable_cache_dir
-from lejepa_cli.lejepa import load_projector
-from lejepa_cli.limits import MAX_EPOCHS, MIN_TRAIN
-from lejepa_cli.probe_classifiers import (
+from lejepa_cli.image.features import FeatureSource, cache_root, match_channels, usable_cache_dir
+from lejepa_cli.image.model import load_projector
+from lejepa_cli.image.limits import MAX_EPOCHS, MIN_TRAIN
+from lejepa_cli.image.classifiers import (
     LRS, SHOTS, LinearHead, fewshot_accuracy, fit_linear_probe, head_accuracy, knn_top1,
 )
-from lejepa_cli.shift import CORRUPTIONS, SEVERITIES, make_corruption
+from lejepa_cli.image.corruptions import CORRUPTIONS, SEVERITIES, make_corruption
 
 if TYPE_CHECKING:
     from lejepa_cli.config import DataConfig
@@ -160,7 +160,7 @@ def preset_encoder(preset: str, data: str | None, *, device: torch.device, seed:
     random-init baseline before any training."""
     from lejepa_cli.config import load_config
     from lejepa_cli.data.sources import load_dataset
-    from lejepa_cli.lejepa import build_backbone_from_config
+    from lejepa_cli.models import build_backbone_from_config
 
     cfg = load_config(preset, [f"data.source={data}"] if data is not None else [])
     train = load_dataset(cfg.data, cfg.data.train_split)  # its channels and mean/std, as training uses them
@@ -252,7 +252,7 @@ def _shift_scores(src: FeatureSource, evaluation: ImageDataset, corruption: tupl
 
 def adapted_shift_report(src: FeatureSource, train: ImageDataset, evaluation: ImageDataset, shift: dict[str, Any],
                          num_classes: int, opts: ProbeOptions) -> dict[str, Any]:
-    """The shift table after label-free adaptation (`lejepa_cli.adapt`), AdaBN's protocol.
+    """The shift table after label-free adaptation (`lejepa_cli.image.adapt`), AdaBN's protocol.
 
     Source: the encoder's BatchNorm statistics re-estimated on the clean train split under the
     evaluation transform (the running statistics of training describe augmented views of moving
@@ -261,7 +261,7 @@ def adapted_shift_report(src: FeatureSource, train: ImageDataset, evaluation: Im
     without labels (the same images, with the same noise, that are then scored); the labels only
     score it. Drops are from the table's clean accuracy (the unadapted encoder's).
     """
-    from lejepa_cli.adapt import adapted_copy
+    from lejepa_cli.image.adapt import adapted_copy
 
     n, knn_k, channels = shift["images"], shift["knn_k"], int(src.info["channels"])
 
@@ -395,7 +395,7 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
     report["timing"] = {"extract_s": t_extract - t0, "total_s": time.perf_counter() - t0,
                         "extractions": src.extractions}
     if opts.plots is not None:
-        from lejepa_cli.plots import write_probe_plots
+        from lejepa_cli.image.plots import write_probe_plots
 
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
@@ -404,7 +404,7 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
 
 def _check_adapt(encoder: nn.Module, source: str | Path, opts: ProbeOptions) -> None:
     """--adapt needs the shift table and an encoder with BatchNorm statistics to re-estimate."""
-    from lejepa_cli.adapt import batchnorm_layers
+    from lejepa_cli.image.adapt import batchnorm_layers
 
     if not opts.shift:
         raise UserError("--adapt reports the shift table after adaptation: drop --no-shift")

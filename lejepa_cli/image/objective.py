@@ -15,21 +15,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from lejepa_cli import dist
 from lejepa_cli.config import Config
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.data.sources import held_out_note, load_dataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import TRAIN_KNN_K, TRAIN_KNN_MAX_IMAGES, extract_features, knn_classify
-from lejepa_cli.lejepa import (
-    OnlineProbe, ViewEncoder, ViewProjector, build_backbone_from_config, build_projector_from_config,
-)
+from lejepa_cli.image.evaluate import TRAIN_KNN_K, TRAIN_KNN_MAX_IMAGES, extract_features, knn_classify
+from lejepa_cli.image.model import OnlineProbe, ViewEncoder, ViewProjector
+from lejepa_cli.image.views import make_views
 from lejepa_cli.logs import console
-from lejepa_cli.loss import lejepa_loss
+from lejepa_cli.models import build_backbone_from_config, build_projector_from_config
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
-from lejepa_cli.views import make_views
+from lejepa_cli.sigreg import sigreg
 
 
 @dataclass
@@ -206,3 +205,36 @@ def evaluate(run: ImageRun, max_train: int = TRAIN_KNN_MAX_IMAGES) -> dict[str, 
         probe.train()
         out["online_probe_top1"] = float((logits.argmax(1).cpu() == val_y).float().mean())
     return out
+
+
+def lejepa_loss(
+    z: Tensor,
+    *,
+    num_global: int,
+    lamb: float,
+    step: int,
+    num_slices: int = 1024,
+    t_max: float = 3.0,
+    num_knots: int = 17,
+    directions: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """LeJEPA objective for projector outputs z (V, N, K) whose first `num_global` views are global.
+
+    pred: every view regresses to its sample's centre, the mean of the global views (gradient
+    flows through the centre), as a mean over views, samples and dimensions.
+    sigreg: `sigreg` averaged over views. loss = (1 - lamb) * pred + lamb * sigreg.
+    loss_scaled = loss / lamb**0.4, the paper's label-free model-selection statistic (detached).
+    """
+    if z.dim() != 3:
+        raise ValueError(f"lejepa_loss expects z of shape (V, N, K), got {tuple(z.shape)}")
+    if not 1 <= num_global <= z.shape[0]:
+        raise ValueError(f"num_global must be in [1, {z.shape[0]}], got {num_global}")
+    zf = z.float() if z.dtype != torch.float64 else z  # the loss is float32 under autocast too
+    mu = zf[:num_global].mean(dim=0)  # (N, K)
+    pred = (mu - zf).square().mean()
+    sig = sigreg(
+        z, step=step, num_slices=num_slices, t_max=t_max, num_knots=num_knots, directions=directions
+    )
+    loss = (1 - lamb) * pred + lamb * sig
+    scaled = loss.detach() / lamb**0.4 if lamb > 0 else loss.detach()
+    return {"loss": loss, "pred": pred, "sigreg": sig, "loss_scaled": scaled}

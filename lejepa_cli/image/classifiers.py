@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lejepa_cli.evaluate import knn_classify
+from lejepa_cli.image.evaluate import knn_classify
 
 LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # AdamW grid on LayerNorm'd features
 SHOTS: tuple[int, ...] = (1, 5, 10)

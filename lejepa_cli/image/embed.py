@@ -29,7 +29,7 @@ import numpy as np
 
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
-from lejepa_cli.evaluate import extract_features
+from lejepa_cli.image.evaluate import extract_features
 from lejepa_cli.export import load_encoder
 
 FEATURES = ("embedding", "probe")
@@ -114,7 +114,7 @@ def embed(
     check_output_file(out, "--out")  # before the work: a read-only disk fails now, not after it
     if out.suffix == ".parquet":
         _require_pyarrow()
-    from lejepa_cli.probe import select_device  # errors name --device, the option the user gave
+    from lejepa_cli.image.probe import select_device  # errors name --device, the option the user gave
 
     dev = select_device(device)
     model = load_encoder(encoder, dev)

@@ -3,7 +3,7 @@
     lejepa adapt runs/fmnist --data camera.npz --out exports/fmnist-camera              # statistics only
     lejepa adapt exports/demo --data camera.npz --out exports/demo-camera --steps 100   # + LeJEPA fine-tuning
 
-    from lejepa_cli.adapt import AdaptOptions, adapt_encoder
+    from lejepa_cli.image.adapt import AdaptOptions, adapt_encoder
     result = adapt_encoder("runs/fmnist", "exports/fmnist-camera", AdaptOptions(data="camera.npz"))
 
 Two levers, neither needs a label:
@@ -37,12 +37,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from lejepa_cli.config import Config, DataConfig, config_from_dict
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import RunFailed, UserError
-from lejepa_cli.evaluate import extract_features
+from lejepa_cli.image.evaluate import extract_features
 from lejepa_cli.export import Exported, export_backbone, load_encoder
-from lejepa_cli.lejepa import ViewEncoder, ViewProjector, build_projector_from_config, load_projector
-from lejepa_cli.limits import MAX_ADAPT_STEPS
-from lejepa_cli.loss import lejepa_loss
-from lejepa_cli.views import make_views
+from lejepa_cli.image.model import ViewEncoder, ViewProjector, load_projector
+from lejepa_cli.models import build_projector_from_config
+from lejepa_cli.image.limits import MAX_ADAPT_STEPS
+from lejepa_cli.image.objective import lejepa_loss
+from lejepa_cli.image.views import make_views
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lejepa_cli.loss import random_directions, sigreg
+from lejepa_cli.sigreg import random_directions, sigreg
 
 # Thresholds of the verdict. Ratios compare with an N(0, I) sample of the same N and D.
 COLLAPSE_RANK_RATIO = 0.05  # effective rank below 5% of an isotropic sample's: dimensional collapse

@@ -1,7 +1,7 @@
 """Frozen-encoder evaluation shared by training (end-of-run / periodic kNN) and `lejepa probe`.
 
-The evaluation transform is deterministic: resize the whole image to the global view size and
-normalise with the dataset's mean/std.
+The evaluation transform (`data.loader.eval_transform`) is deterministic: resize the whole image
+to the global view size and normalise with the dataset's mean/std.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lejepa_cli.data.dataset import ImageDataset
+from lejepa_cli.data.loader import eval_transform
 
 # Training's kNN (end of run, eval_every) uses at most this many train images, evenly spaced: a
 # quick monitor. `lejepa probe` uses every train image and the probe features, so for a ViT its
@@ -28,16 +29,6 @@ def knn_protocol(backbone: torch.nn.Module, train_images: int) -> str:
     features = "embedding h (= the probe's features)" if same else "embedding h (the probe reads the last two blocks' CLS)"
     return (f"k={TRAIN_KNN_K} on the {features}, {used} of {train_images} train images; "
             f"lejepa probe: k=10/20/200 on probe features, every train image")
-
-
-def eval_transform(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(B, C, H, W) uint8 -> (B, C, size, size) float32, normalised."""
-    x = images.float().div_(255.0)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 @torch.no_grad()

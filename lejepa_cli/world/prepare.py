@@ -1,5 +1,5 @@
 """Writing prepared trajectory folders: from a built-in world (`lejepa world simulate`) and from
-a user's trajectory file (`lejepa data prepare FILE.npz|FILE.h5`). Format: store.py.
+a user's trajectory file (`lejepa data prepare FILE.npz|FILE.h5`). Format: shards.py.
 
 Both are deterministic (seeded simulation, seeded split by episode) and refuse to replace a
 folder holding something else unless told to; re-running with the same arguments on a
@@ -10,21 +10,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from lejepa_cli.errors import UserError
-from lejepa_cli.world.store import TrajectoryWriter, prepare_out
+from lejepa_cli.terminal import progress_bar
+from lejepa_cli.world.shards import TrajectoryWriter, prepare_out
 
 MAX_EPISODES = 1_000_000
 FILE_CHUNK_BYTES = 64 << 20  # frames read from a source file at a time
-
-
-def _progress(enabled: bool) -> Any:
-    from lejepa_cli.data.prepare import _progress as bar
-
-    return bar(enabled)
 
 
 def simulate_dataset(
@@ -32,7 +26,8 @@ def simulate_dataset(
     sets: list[str] | None = None, overwrite: bool = False, progress: bool = True,
 ) -> dict:
     """Simulate a built-in world into a trajectory folder; returns a summary dict."""
-    from lejepa_cli.world.sim import make_world, simulate
+    from lejepa_cli.world.catalog import make_world
+    from lejepa_cli.world.sim import simulate
 
     t0 = time.perf_counter()
     if not 1 <= episodes <= MAX_EPISODES or not 0 <= val_episodes <= MAX_EPISODES:
@@ -48,7 +43,7 @@ def simulate_dataset(
     if prepare_out(out, plan, overwrite):
         return _summary(out, time.perf_counter() - t0, up_to_date=True)
     writer = TrajectoryWriter(out, world.size, 3, world.action_dim, world.state_names)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         for split, n, stream in (("train", episodes, 0), ("val", val_episodes, 1)):
             if n == 0:
                 continue
@@ -82,7 +77,7 @@ def prepare_trajectory_file(
     `resolution`, default: the frames' shorter side); returns a summary dict."""
     from lejepa_cli.data.decode import decode
     from lejepa_cli.data.shards import sha256_file
-    from lejepa_cli.world.files import read_trajectory_file
+    from lejepa_cli.world.readers import read_trajectory_file
 
     t0 = time.perf_counter()
     path = Path(source).expanduser().resolve()
@@ -100,7 +95,7 @@ def prepare_trajectory_file(
     splits = split_episodes(len(raw.episode_starts) - 1, val_fraction, seed)
     writer = TrajectoryWriter(out, R, C, raw.actions.shape[1], raw.state_names)
     starts = raw.episode_starts
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"prepare {path.name}", total=T)
         for split, episodes in splits.items():
             writer.begin(split)
@@ -128,7 +123,7 @@ def prepare_trajectory_file(
 
 
 def _summary(out: Path, seconds: float, *, up_to_date: bool) -> dict:
-    from lejepa_cli.world.store import read_index
+    from lejepa_cli.world.shards import read_index
 
     index = read_index(out)
     return {

@@ -1,7 +1,7 @@
 """Label-free model selection: rank the checkpoints of a run without labels.
 
     lejepa probe --label-free runs/demo            # table of checkpoints, best first
-    from lejepa_cli.selection import rank_checkpoints
+    from lejepa_cli.image.selection import rank_checkpoints
     result = rank_checkpoints(Path("runs/demo"))   # result["checkpoints"][0] is the best
 
 Every checkpoint is scored on the same fixed, unlabelled batch: the same images, the same
@@ -33,9 +33,10 @@ from torch import nn
 from lejepa_cli.checkpoint import list_checkpoints, read_metadata
 from lejepa_cli.config import Config, config_from_dict
 from lejepa_cli.errors import UserError
-from lejepa_cli.lejepa import ViewEncoder, ViewProjector
-from lejepa_cli.loss import lejepa_loss, random_directions
-from lejepa_cli.views import make_views
+from lejepa_cli.image.model import ViewEncoder, ViewProjector
+from lejepa_cli.image.objective import lejepa_loss
+from lejepa_cli.sigreg import random_directions
+from lejepa_cli.image.views import make_views
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -75,7 +76,7 @@ def rank_checkpoints(
     `chunk`: images per backbone pass (default: train.batch_size / train.grad_accum of the run).
     """
     from lejepa_cli.data.sources import load_dataset
-    from lejepa_cli.probe import probe_data_config, select_device
+    from lejepa_cli.image.probe import probe_data_config, select_device
 
     ckpts = run_checkpoints(run_dir)
     meta = read_metadata(ckpts[-1])
@@ -114,7 +115,7 @@ def rank_checkpoints(
 def _score(path: Path, views: tuple[torch.Tensor, torch.Tensor | None], directions: torch.Tensor, cfg: Config,
            dev: torch.device, seed: int, num_slices: int, chunk: int) -> dict[str, Any]:
     """The LeJEPA loss parts of one checkpoint on the fixed views, BatchNorm on batch statistics."""
-    from lejepa_cli.probe import load_probe_encoder, load_projector
+    from lejepa_cli.image.probe import load_probe_encoder, load_projector
 
     backbone = load_probe_encoder(path, device=dev)
     projector = load_projector(path, dev)
@@ -139,8 +140,8 @@ def _score(path: Path, views: tuple[torch.Tensor, torch.Tensor | None], directio
 def _linear_accuracies(rows: list[dict[str, Any]], data: str | None, device: torch.device, epochs: int,
                        max_train: int | None, seed: int, progress: bool) -> float | None:
     """Add linear_top1 to every row (a quick linear probe on cached features); Spearman(-score, top-1)."""
-    from lejepa_cli.probe import FeatureSource, ProbeOptions, cache_root, encoder_digest, load_probe_encoder, probe_datasets
-    from lejepa_cli.probe_classifiers import fit_linear_probe, head_accuracy
+    from lejepa_cli.image.probe import FeatureSource, ProbeOptions, cache_root, encoder_digest, load_probe_encoder, probe_datasets
+    from lejepa_cli.image.classifiers import fit_linear_probe, head_accuracy
 
     train = evaluation = None
     for r in rows:

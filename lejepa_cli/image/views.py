@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lejepa_cli import corruptions
+from lejepa_cli.image import corruptions
 from lejepa_cli.config import ViewsConfig
 
 _TRIALS = 10  # torchvision's random-resized-crop attempts before the centre-crop fallback

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from lejepa_cli.data import shards
+from lejepa_cli.data.shards import is_trajectory_folder  # noqa: F401  (detection lives with the data layer)
 from lejepa_cli.data.dataset import channel_stats
 from lejepa_cli.errors import UserError
 
@@ -145,17 +146,6 @@ def read_index(path: Path) -> dict:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{index_file} is garbled (missing or bad field {e}); re-create the dataset with --overwrite") from None
     return index
-
-
-def is_trajectory_folder(path: str | Path) -> bool:
-    """True when `path` holds a trajectory index.json (complete or not: it is written last)."""
-    index_file = Path(path) / shards.INDEX
-    if not index_file.is_file():
-        return False
-    try:
-        return json.loads(index_file.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
 
 
 def prepare_out(out: Path, plan: dict, overwrite: bool) -> bool:

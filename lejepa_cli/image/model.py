@@ -14,9 +14,8 @@ from torch import nn
 
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from lejepa_cli.checkpoint import list_checkpoints, read_metadata
-from lejepa_cli.config import Config
 from lejepa_cli.errors import UserError
-from lejepa_cli.models import build_backbone, build_projector
+from lejepa_cli.models import build_projector
 
 
 class ViewEncoder(nn.Module):
@@ -51,25 +50,6 @@ class ViewProjector(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         v, n = h.shape[:2]
         return self.projector(h.flatten(0, 1)).view(v, n, -1)
-
-
-def build_backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
-    m, views = cfg.model, cfg.views
-    if m.arch.startswith("vit"):
-        for key, size in (("views.global_size", views.global_size), ("views.local_size", views.local_size)):
-            if size % m.patch_size and (key == "views.global_size" or views.local_views > 0):
-                raise UserError(f"config key '{key}' = {size} must be a multiple of model.patch_size = {m.patch_size}")
-    backbone = build_backbone(
-        m.arch, img_size=views.global_size, patch_size=m.patch_size, in_chans=in_chans,
-        drop_path=m.drop_path, small_stem=m.small_stem, stem_stride=m.stem_stride, head_width=m.head_width,
-    )
-    if m.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
-    return backbone
-
-
-def build_projector_from_config(cfg: Config, embed_dim: int) -> nn.Module:
-    return build_projector(embed_dim, cfg.model.proj_hidden, cfg.model.proj_dim)
 
 
 def load_projector(source: str | Path, device: torch.device) -> nn.Module | None:

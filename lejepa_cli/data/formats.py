@@ -1,0 +1,42 @@
+"""Which capability a source on disk belongs to: trajectory files and folders (world models) are
+told apart from image sources here, in the data layer, so image code can refuse them with a clear
+message and the CLI can hand them to lejepa_cli.world without the data layer importing it.
+
+    is_trajectory_source("runs/two-room-data")   # a folder from `lejepa world simulate`: True
+    is_trajectory_file(Path("episodes.h5"))        # LeWM / stable-worldmodel HDF5: True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lejepa_cli.data.shards import is_trajectory_folder
+
+H5_SUFFIXES = (".h5", ".hdf5")
+FRAME_KEYS = ("frames", "pixels")
+
+
+def is_trajectory_file(path: Path) -> bool:
+    """An .h5/.hdf5 file, or an .npz with a frames/pixels array (image .npz files use other keys;
+    one without actions is still a trajectory file, so the user hears what is missing)."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() in H5_SUFFIXES:
+        return True
+    if path.suffix.lower() != ".npz":
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+    except (OSError, ValueError):
+        return False
+    return bool(keys & set(FRAME_KEYS))
+
+
+def is_trajectory_source(source: str | Path) -> bool:
+    """A prepared trajectory folder, a trajectory .npz (frames + actions) or an .h5/.hdf5 file:
+    data for a world preset (lejepa_cli.world reads it), not for an image preset."""
+    path = Path(source).expanduser()
+    return is_trajectory_folder(path) if path.is_dir() else is_trajectory_file(path)
