@@ -20,8 +20,10 @@ SOURCE_HELP = (
     "Image folder (class sub-folders or flat), .txt/.csv file list, IDX or CIFAR folder (binary or python), "
     ".npz/.npy, .parquet, or 'builtin'. Trajectories for world models: an .npz with frames (or pixels) "
     "(T, H, W[, C]) uint8, actions (T, A) (shape (T, 0) for a passive video), episode_starts (E or E+1 offsets) "
-    "or episode_idx (T,), optional state (T, S) and state_names (S,); or an .h5/.hdf5 file in LeWM's layout "
-    "(pixels, action, episode_idx, step_idx or ep_offset/ep_len, state/proprio; needs h5py). "
+    "(or ep_offset/ep_len, or ep_idx (T,)), optional state (T, S) and state_names (S,); an .h5/.hdf5 file as "
+    "stable-worldmodel writes it (pixels, action, ep_offset/ep_len or ep_idx, step_idx, state/proprio; needs h5py, "
+    "and hdf5plugin for compressed pixels); or a .lance dataset as stable-worldmodel writes it (episode_idx, step_idx, "
+    "JPEG pixels, action, state/proprio; needs pylance). "
     + NPZ_KEYS_HELP.replace("data.val_fraction", "--val-fraction") + "."
 )
 RESOLUTION_HELP = (
@@ -57,6 +59,10 @@ def prepare(
         state = "already up to date" if s["up_to_date"] else "done"
         err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px x {s['channels']} ch, "
                           f"{s['action_dim']}-D actions, {s['state_dim']}-D state -> {s['out']}", highlight=False)
+        if s.get("zeroed_action_rows"):
+            from lejepa_cli.world.columns import zeroed_note
+
+            err_console.print(f"[yellow]{zeroed_note(s['zeroed_action_rows'])}[/]", highlight=False)
         return
     counts = ", ".join(f"{split} {plural(n, 'image')}" for split, n in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else ("resumed and finished" if s["resumed"] else "done")
@@ -68,16 +74,21 @@ def prepare(
 
 @app.command()
 def info(
-    path: Annotated[Path, typer.Argument(help="A folder written by `lejepa data prepare` or `lejepa world simulate`.")],
-    verify: Annotated[bool, typer.Option("--verify", help="Re-read every shard and check its checksum.")] = False,
+    path: Annotated[Path, typer.Argument(help="A folder written by `lejepa data prepare` or `lejepa world simulate`, "
+                                                  "or a raw trajectory file (.npz, .h5/.hdf5, .lance).")],
+    verify: Annotated[bool, typer.Option("--verify", help="Re-read every shard and check its checksum (a raw "
+                                                          "trajectory file: decode every frame).")] = False,
 ) -> None:
-    """Show what a prepared folder holds, and whether its source changed since."""
+    """Show what a prepared folder (or a raw trajectory file) holds, and whether its source changed since."""
+    from lejepa_cli.data.formats import is_trajectory_file
     from lejepa_cli.data.prepare import info as read_info
     from lejepa_cli.data.shards import verify as verify_folder
     from lejepa_cli.world.shards import is_trajectory_folder
 
     if is_trajectory_folder(path):
         return _trajectory_info(path, verify)
+    if is_trajectory_file(path):
+        return _trajectory_file_info(path, verify)
     d = read_info(path)
     names = d["class_names"] or []
     classes = f"{d['num_classes']}" + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "")
@@ -134,6 +145,26 @@ def _trajectory_info(path: Path, verify: bool) -> None:
     console.print(table)
     if verify:
         _report_problems(verify_folder(path))
+
+
+def _trajectory_file_info(path: Path, verify: bool) -> None:
+    """A raw trajectory file, described without preparing it; --verify decodes every frame."""
+    from lejepa_cli.world.file_info import describe_trajectory_file, verify_trajectory_file
+
+    table = Table(title=unwrapped(str(path)), show_header=False)
+    for key, value in describe_trajectory_file(path):
+        table.add_row(key, value)
+    console.print(table)
+    if verify:
+        problems = verify_trajectory_file(path)
+        for p in problems:
+            err_console.print(f"[red]{p}[/]", highlight=False)
+        if problems:
+            raise typer.Exit(1)
+        err_console.print("[green]verified: every frame decodes[/]")
+    err_console.print(f"train on it directly (`lejepa train --preset lewm --data {path} --set data.val_fraction=0.1`) "
+                      f"or prepare it first (`lejepa data prepare {path} --out DIR --val-fraction 0.1`)",
+                      highlight=False, markup=False)
 
 
 @app.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from lejepa_cli import dist
 from lejepa_cli.config import Config
 from lejepa_cli.errors import UserError
 from lejepa_cli.data.loader import eval_transform
+from lejepa_cli.logs import console
 from lejepa_cli.models import build_backbone_from_config
 from lejepa_cli.sigreg import sigreg
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
@@ -136,19 +138,41 @@ def build_world_run(cfg: Config, device: torch.device) -> WorldRun:
         raise UserError("a world preset trains on trajectories: give --data (a folder from `lejepa world simulate` "
                         "or `lejepa data prepare`), not the built-in image set")
     w = cfg.world
-    train = load_trajectories(cfg.data.source, cfg.data.train_split)
+    train = load_trajectories(cfg.data.source, cfg.data.train_split, val_fraction=cfg.data.val_fraction)
     num_frames = w.history + w.num_preds
     require_windows(train, num_frames, w.frameskip)
     try:
-        val = load_trajectories(cfg.data.source, cfg.data.eval_split)
+        val = load_trajectories(cfg.data.source, cfg.data.eval_split, val_fraction=cfg.data.val_fraction)
     except UserError:
         val = None  # no held-out episodes: no rollout evaluation
+    if dist.is_main():
+        for note in data_notes(cfg, train, val):
+            console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_world_model(cfg, train.channels, train.action_dim).to(device)
     model = dist.global_batchnorm(model, device)  # BatchNorm over the global batch in a process group
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay), cfg, device)
     return WorldRun(cfg, device, autocast_dtype(cfg, device), Windows(train, num_frames, w.frameskip), val, model,
                     dist.ddp(model, device), optimizer)
+
+
+def data_notes(cfg: Config, train: TrajectoryDataset, val: TrajectoryDataset | None) -> list[str]:
+    """One line each, for the start of training: zeroed NaN action rows of a raw file, and a raw
+    file (or a folder) trained without held-out episodes."""
+    from lejepa_cli.data.formats import is_trajectory_file
+    from lejepa_cli.world.columns import zeroed_note
+
+    notes = [f"{cfg.data.source}: {zeroed_note(train.zeroed_rows)}"] if train.zeroed_rows else []
+    if val is not None:
+        return notes
+    if is_trajectory_file(Path(cfg.data.source).expanduser()):
+        notes.append(f"{cfg.data.source} is one split: this run logs no held-out rollout errors; add --set "
+                     f"data.val_fraction=0.1 to hold out 10 % of its episodes (the ones `lejepa data prepare "
+                     f"--val-fraction 0.1` holds out)")
+    elif cfg.data.val_fraction > 0:
+        notes.append(f"data.val_fraction splits raw trajectory files; {cfg.data.source} has no '{cfg.data.eval_split}' "
+                     f"split, so this run logs no held-out rollout errors")
+    return notes
 
 
 def evaluate_rollouts(run: WorldRun) -> dict[str, float]:

@@ -16,6 +16,7 @@ import numpy as np
 from lejepa_cli.errors import UserError
 from lejepa_cli.terminal import progress_bar
 from lejepa_cli.world.shards import TrajectoryWriter, prepare_out
+from lejepa_cli.world.trajectories import split_episodes  # noqa: F401  (here since the first release; used below)
 
 MAX_EPISODES = 1_000_000
 FILE_CHUNK_BYTES = 64 << 20  # frames read from a source file at a time
@@ -57,27 +58,14 @@ def simulate_dataset(
     return _summary(out, time.perf_counter() - t0, up_to_date=False)
 
 
-def split_episodes(num_episodes: int, val_fraction: float, seed: int) -> dict[str, np.ndarray]:
-    """Episode ids per split: a seeded random `val_fraction` of the episodes (at least one) as 'val'."""
-    ids = np.arange(num_episodes)
-    if val_fraction <= 0:
-        return {"train": ids}
-    n_val = max(1, int(round(num_episodes * val_fraction)))
-    if n_val >= num_episodes:
-        raise UserError(f"--val-fraction {val_fraction} of {num_episodes} episodes leaves none to train on; lower it or give more episodes")
-    val = np.sort(np.random.default_rng(seed).permutation(num_episodes)[:n_val])
-    return {"train": np.setdiff1d(ids, val), "val": val}
-
-
 def prepare_trajectory_file(
     source: str | Path, out: Path, *, resolution: int | None = None, val_fraction: float = 0.0, seed: int = 0,
     overwrite: bool = False, progress: bool = True,
 ) -> dict:
-    """A trajectory .npz or LeWM HDF5 file -> a trajectory folder (frames squared and resized to
+    """A trajectory .npz, HDF5 file or .lance dataset -> a trajectory folder (frames squared and resized to
     `resolution`, default: the frames' shorter side); returns a summary dict."""
     from lejepa_cli.data.decode import decode
-    from lejepa_cli.data.shards import sha256_file
-    from lejepa_cli.world.readers import read_trajectory_file
+    from lejepa_cli.world.readers import read_trajectory_file, source_fingerprint
 
     t0 = time.perf_counter()
     path = Path(source).expanduser().resolve()
@@ -89,7 +77,7 @@ def prepare_trajectory_file(
     T, H, W, C = raw.frames.shape
     R = resolution or min(H, W)
     out = Path(out).expanduser().resolve()
-    plan = {"source": str(path), "fingerprint": sha256_file(path)[:16], "resolution": R, "val_fraction": val_fraction, "seed": seed}
+    plan = {"source": str(path), "fingerprint": source_fingerprint(path)[:16], "resolution": R, "val_fraction": val_fraction, "seed": seed}
     if prepare_out(out, plan, overwrite):
         return _summary(out, time.perf_counter() - t0, up_to_date=True)
     splits = split_episodes(len(raw.episode_starts) - 1, val_fraction, seed)
@@ -118,6 +106,8 @@ def prepare_trajectory_file(
                 bar.advance(task, len(rows))
                 group, group_rows = [], 0
     src = {"path": str(path), "kind": raw.kind, "fingerprint": plan["fingerprint"], "plan": plan}
+    if raw.zeroed_rows:
+        src["zeroed_action_rows"] = raw.zeroed_rows
     writer.finish(src)
     return _summary(out, time.perf_counter() - t0, up_to_date=False)
 
@@ -131,4 +121,5 @@ def _summary(out: Path, seconds: float, *, up_to_date: bool) -> dict:
         "world": index.get("world"), "resolution": index["resolution"], "channels": index["channels"],
         "action_dim": index["action_dim"], "state_dim": index["state_dim"],
         "splits": {s: {"episodes": e["episodes"], "steps": e["steps"]} for s, e in index["splits"].items()},
+        "zeroed_action_rows": int((index.get("source") or {}).get("zeroed_action_rows", 0)),
     }

@@ -1,30 +1,45 @@
-"""Reading users' trajectory files: `.npz` arrays and HDF5 files in LeWM's published layout.
+"""Reading users' trajectory files: `.npz` arrays, HDF5 files as stable-worldmodel writes them
+(the files LeWM's reference code trains on) and, through lance_reader.py, its Lance datasets.
+
+    raw = read_trajectory_file(Path("tworoom.h5"))   # RawTrajectories (columns.py); frames stay lazy
 
 .npz keys (one row per time step, episodes one after another):
     frames or pixels   (T, H, W), (T, H, W, C) or (T, C, H, W) uint8, C in {1, 3}
     actions or action  (T, A) float; a_t acts between frame t and t + 1; (T, 0) for a passive video
     episode_starts     (E,) or (E + 1,) row offsets of the episodes (first 0; optional last T), or
-    episode_idx        (T,) episode id of every row (each episode's rows together, in step order);
-                       neither: the whole file is one episode
+                       stable-worldmodel's names: ep_offset and/or ep_len, or one id per row in
+                       ep_idx or episode_idx (each episode's rows together, in step order);
+                       none of them: the whole file is one episode
     state              (T, S) float, optional true state; state_names (S,) strings, optional
-HDF5 (LeWM / stable-worldmodel layout): datasets `pixels`, `action`, and `ep_offset` + `ep_len`
-or `episode_idx` (with `step_idx` checked for order); state from `state` and/or `proprio`.
-Reading HDF5 needs h5py (`pip install 'lejepa-cli[hdf5]'`).
+HDF5, as stable-worldmodel writes it (`World.collect(..., format="hdf5")` through HDF5Writer in
+stable_worldmodel/data/formats/hdf5.py; in early 2026 `World.record_dataset`): datasets `pixels`
+(T, H, W, C), `action` (T, A), `ep_offset` + `ep_len` (early 2026: also `ep_idx`, one id per row),
+`step_idx`, state from `state` and/or `proprio`; other columns (reward, goal, ...) are not read.
+A dataset compressed with a plugin filter (early 2026: Blosc-LZ4 pixels) needs `hdf5plugin`,
+imported only when a file asks for it. Needs h5py (`pip install 'lejepa-cli[hdf5]'` brings both).
+Episode boundaries, step_idx and NaN action rows: columns.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lejepa_cli.data.formats import FRAME_KEYS, H5_SUFFIXES, is_trajectory_file  # noqa: F401  (detection lives with the data layer)
+from lejepa_cli.data.formats import FRAME_KEYS, H5_SUFFIXES, LANCE_SUFFIX, is_trajectory_file  # noqa: F401  (detection lives with the data layer)
 from lejepa_cli.errors import UserError
+from lejepa_cli.world.columns import (  # noqa: F401  (RawTrajectories, ACTION_KEYS, STATE_KEYS: re-exported)
+    ACTION_KEYS, EPISODE_COLUMNS, STATE_KEYS, RawTrajectories, clean_actions, episode_starts, parse_actions, parse_state,
+    state_columns,
+)
 
-ACTION_KEYS = ("actions", "action")
-STATE_KEYS = ("state", "proprio")
+CHUNK_CACHE_BYTES = 64 << 20  # per HDF5 dataset: a compressed chunk of 100 frames is decoded once, not per frame
+FILTER_NAMES = {1: "gzip", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6: "scaleoffset", 307: "BZip2",
+                32000: "LZF", 32001: "Blosc", 32004: "LZ4", 32008: "Bitshuffle", 32013: "ZFP", 32015: "Zstandard",
+                32026: "Blosc2"}
+BLOSC_CODECS = ("BloscLZ", "LZ4", "LZ4HC", "Snappy", "Zlib", "Zstd")  # Blosc's cd_values[6]
 
 
 class FrameArray:
@@ -58,7 +73,9 @@ class FrameArray:
 
     def _array(self) -> Any:
         if self._base is None:
-            self._base = _open_h5(self._path)[self._key]
+            base = _open_h5(self._path)[self._key]
+            _require_filters(base, self._path, self._key)  # a fresh process registers hdf5plugin's filters again
+            self._base = base
         return self._base
 
     def _fix(self, block: np.ndarray) -> np.ndarray:
@@ -68,11 +85,17 @@ class FrameArray:
             block = np.moveaxis(block, 1, -1)
         return np.ascontiguousarray(block, dtype=np.uint8)
 
+    def _read(self, index: Any) -> np.ndarray:
+        try:
+            return self._fix(np.asarray(self._array()[index]))
+        except OSError as e:  # a damaged chunk, a filter that fails: one line, not a traceback
+            raise UserError(f"{self._path}: cannot read '{self._key}' ({str(e).splitlines()[0]})") from None
+
     def __getitem__(self, index: Any) -> np.ndarray:
         if isinstance(index, slice):
-            return self._fix(np.asarray(self._array()[index]))
+            return self._read(index)
         if isinstance(index, (int, np.integer)):
-            return self._fix(np.asarray(self._array()[int(index) : int(index) + 1]))[0]
+            return self._read(slice(int(index), int(index) + 1))[0]
         idx = np.asarray(index, dtype=np.int64).ravel()
         idx = np.where(idx < 0, idx + len(self), idx)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
@@ -80,28 +103,36 @@ class FrameArray:
         unique, inverse = np.unique(idx, return_inverse=True)
         if unique.size == 0:
             return np.empty((0, *self.shape[1:]), dtype=np.uint8)
-        return self._fix(np.asarray(self._array()[unique]))[inverse]
+        return self._read(unique)[inverse]
 
 
-@dataclass
-class RawTrajectories:
-    """What a trajectory file holds, validated; frames stay lazy for HDF5."""
-
-    frames: FrameArray  # (T, H, W, C) uint8
-    actions: np.ndarray  # (T, A) float32
-    episode_starts: np.ndarray  # (E + 1,) int64
-    state: np.ndarray | None  # (T, S) float32
-    state_names: list[str] | None
-    kind: str  # "npz" or "hdf5"
-
-
-def read_trajectory_file(path: Path) -> RawTrajectories:
+def read_trajectory_file(path: Path, *, check_frames: bool = True) -> RawTrajectories:
+    """The validated columns of an .npz, .h5/.hdf5 file or .lance dataset; check_frames=False
+    describes an HDF5 file whose frames this process cannot decode instead of refusing it."""
     path = Path(path)
-    if path.suffix.lower() in H5_SUFFIXES:
-        return _read_h5(path)
-    if path.suffix.lower() == ".npz":
+    suffix = path.suffix.lower()
+    if suffix in H5_SUFFIXES:
+        return _read_h5(path, check_frames)
+    if suffix == ".npz":
         return _read_npz(path)
-    raise UserError(f"{path.name} is not a trajectory file: give an .npz or an .h5/.hdf5 file")
+    if suffix == LANCE_SUFFIX:
+        from lejepa_cli.world.lance_reader import read_lance
+
+        return read_lance(path)
+    raise UserError(f"{path.name} is not a trajectory file: give an .npz, an .h5/.hdf5 file or a .lance dataset")
+
+
+def source_fingerprint(path: Path) -> str:
+    """sha256 of a trajectory file's bytes; of a .lance folder, of its files' names and bytes."""
+    from lejepa_cli.data.shards import sha256_file
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}:{sha256_file(f)};".encode())
+    return digest.hexdigest()
 
 
 def _first(keys: Any, names: tuple[str, ...]) -> str | None:
@@ -121,10 +152,12 @@ def _read_npz(path: Path) -> RawTrajectories:
     if frame_key is None:
         raise UserError(f"{path} has no 'frames' (or 'pixels') array (found: {', '.join(arrays) or 'nothing'})")
     frames = _frames(arrays[frame_key], path)
+    T = len(frames)
     action_key = _first(arrays, ACTION_KEYS)
-    actions = _actions(arrays[action_key] if action_key else None, len(frames), path)
-    starts = _starts(arrays.get("episode_starts"), arrays.get("episode_idx"), arrays.get("step_idx"), len(frames), path)
-    state = _state(arrays.get("state"), len(frames), path, "state")
+    actions = parse_actions(arrays[action_key] if action_key else None, T, path)
+    starts, how, first = episode_starts(arrays.get, T, path)
+    actions, zeroed = clean_actions(actions, starts, path)
+    state = parse_state(arrays.get("state"), T, path, "state")
     names = None
     if "state_names" in arrays:
         names = [str(n) for n in np.asarray(arrays["state_names"]).ravel()]
@@ -132,7 +165,8 @@ def _read_npz(path: Path) -> RawTrajectories:
             raise UserError(f"{path}: state_names has {len(names)} names for {0 if state is None else state.shape[1]} state columns")
     elif state is not None:
         names = [f"state_{i}" for i in range(state.shape[1])]
-    return RawTrajectories(frames, actions, starts, state, names, "npz")
+    others = sorted(set(arrays) - {frame_key, action_key, "state", "state_names", *EPISODE_COLUMNS})
+    return RawTrajectories(frames, actions, starts, state, names, "npz", zeroed, how, first, "as an .npz array", others)
 
 
 def _open_h5(path: Path) -> Any:
@@ -141,37 +175,82 @@ def _open_h5(path: Path) -> Any:
     except ImportError:
         raise UserError("reading HDF5 files needs h5py: pip install h5py (or pip install 'lejepa-cli[hdf5]')") from None
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
     except OSError as e:
         raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
 
 
-def _read_h5(path: Path) -> RawTrajectories:
+def _filters(dataset: Any) -> list[tuple[int, str]]:
+    """(code, name) of every filter in an HDF5 dataset's pipeline, e.g. (32001, "Blosc-LZ4")."""
+    plist = dataset.id.get_create_plist()
+    found = []
+    for i in range(plist.get_nfilters()):
+        code, _, values, name = plist.get_filter(i)
+        label = FILTER_NAMES.get(code) or name.decode(errors="replace") or f"filter {code}"
+        if code == 32001 and len(values) > 6 and 0 <= values[6] < len(BLOSC_CODECS):
+            label = f"Blosc-{BLOSC_CODECS[values[6]]}"
+        found.append((code, label))
+    return found
+
+
+def _hdf5plugin() -> bool:
+    """Import hdf5plugin (it registers its filters with HDF5); False when it is not installed."""
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _missing_filters(dataset: Any) -> list[tuple[int, str]]:
+    from h5py import h5z
+
+    missing = [(c, name) for c, name in _filters(dataset) if not h5z.filter_avail(c)]
+    if missing and _hdf5plugin():
+        missing = [(c, name) for c, name in missing if not h5z.filter_avail(c)]
+    return missing
+
+
+def _require_filters(dataset: Any, path: Path, key: str) -> None:
+    """A one-line UserError naming the filter and the package when `dataset` cannot be decoded here."""
+    missing = _missing_filters(dataset)
+    if missing:
+        code, name = missing[0]
+        fix = ("the installed hdf5plugin does not provide it" if _hdf5plugin()
+               else "pip install hdf5plugin (or pip install 'lejepa-cli[hdf5]')")
+        raise UserError(f"{path}: '{key}' is compressed with {name} (HDF5 filter {code}), which h5py decodes only "
+                        f"with its plugin: {fix}")
+
+
+def _read_h5(path: Path, check_frames: bool = True) -> RawTrajectories:
     f = _open_h5(path)
     keys = set(f.keys())
     if "pixels" not in keys:
-        raise UserError(f"{path} has no 'pixels' dataset (found: {', '.join(sorted(keys)) or 'nothing'}); LeWM's layout has pixels, action, episode_idx, step_idx")
+        raise UserError(f"{path} has no 'pixels' dataset (found: {', '.join(sorted(keys)) or 'nothing'}); "
+                        f"stable-worldmodel's HDF5 layout has pixels, action, ep_offset, ep_len, step_idx")
     pixels = f["pixels"]
+    filters = [name for _, name in _filters(pixels)]
+    storage = f"compressed with {' + '.join(filters)}" if filters else "uncompressed"
+    if check_frames:
+        _require_filters(pixels, path, "pixels")
+    elif _missing_filters(pixels):
+        storage += " (not decodable here: pip install hdf5plugin)"
     frames = _frames(pixels, path, h5=(path, "pixels"))
     T = len(frames)
+
+    def get(key: str) -> np.ndarray | None:
+        if key not in keys or not hasattr(f[key], "dtype"):  # absent, or a group
+            return None
+        _require_filters(f[key], path, key)
+        return f[key][()]
+
     action_key = _first(keys, ACTION_KEYS)
-    actions = _actions(f[action_key][()] if action_key else None, T, path)
-
-    def small(key: str) -> np.ndarray | None:
-        return f[key][()] if key in keys else None
-
-    starts_given = None
-    if "ep_offset" in keys:
-        starts_given = np.asarray(small("ep_offset"), dtype=np.int64).ravel()
-        if "ep_len" in keys:
-            lengths = np.asarray(small("ep_len"), dtype=np.int64).ravel()
-            if lengths.shape != starts_given.shape or np.any(starts_given + lengths != np.append(starts_given[1:], T)):
-                raise UserError(f"{path}: ep_offset and ep_len do not tile the {T} rows (episodes must be stored one after another)")
-    starts = _starts(starts_given, small("episode_idx"), small("step_idx"), T, path)
-    columns = [(k, _state(small(k), T, path, k)) for k in STATE_KEYS if k in keys]
-    state = np.concatenate([c for _, c in columns], axis=1) if columns else None
-    names = [f"{k}_{i}" for k, c in columns for i in range(c.shape[1])] if columns else None
-    return RawTrajectories(frames, actions, starts, state, names, "hdf5")
+    actions = parse_actions(get(action_key) if action_key else None, T, path)
+    starts, how, first = episode_starts(get, T, path)
+    actions, zeroed = clean_actions(actions, starts, path)
+    state, names = state_columns(get, T, path)
+    others = sorted(keys - {"pixels", action_key, *STATE_KEYS, *EPISODE_COLUMNS})
+    return RawTrajectories(frames, actions, starts, state, names, "hdf5", zeroed, how, first, storage, others)
 
 
 def _frames(array: Any, path: Path, h5: tuple[Path, str] | None = None) -> FrameArray:
@@ -188,66 +267,3 @@ def _frames(array: Any, path: Path, h5: tuple[Path, str] | None = None) -> Frame
         raise UserError(f"{path} holds no frames")
     base = array if h5 is not None else np.asarray(array)
     return FrameArray(base, channels_first, grey, *(h5 or (None, None)))
-
-
-def _actions(actions: np.ndarray | None, T: int, path: Path) -> np.ndarray:
-    if actions is None:
-        raise UserError(f"{path} has no 'actions' (or 'action') array; for a passive video give actions of shape (T, 0)")
-    actions = np.asarray(actions)
-    if actions.ndim == 1:
-        actions = actions[:, None]
-    if actions.ndim != 2 or not np.issubdtype(actions.dtype, np.number):
-        raise UserError(f"{path}: actions must be a (T, A) number array, got {actions.dtype} {actions.shape}")
-    if len(actions) != T:
-        raise UserError(f"{path}: {T} frames but {len(actions)} actions; give one action per frame (a_t acts between frame t and t + 1)")
-    actions = actions.astype(np.float32)
-    bad = ~np.isfinite(actions).all(axis=1)
-    if bad.any():
-        raise UserError(f"{path}: actions hold NaN or inf (first at row {int(np.flatnonzero(bad)[0])}); fix or drop those steps")
-    return actions
-
-
-def _state(state: np.ndarray | None, T: int, path: Path, key: str) -> np.ndarray | None:
-    if state is None:
-        return None
-    state = np.asarray(state)
-    if state.ndim == 1:
-        state = state[:, None]
-    if state.ndim != 2 or len(state) != T or not np.issubdtype(state.dtype, np.number):
-        raise UserError(f"{path}: '{key}' must be a (T, S) number array with T = {T} rows, got {state.dtype} {state.shape}")
-    state = state.astype(np.float32)
-    if not np.isfinite(state).all():
-        raise UserError(f"{path}: '{key}' holds NaN or inf")
-    return state
-
-
-def _starts(starts: Any, episode_idx: Any, step_idx: Any, T: int, path: Path) -> np.ndarray:
-    """(E + 1,) episode offsets from explicit starts, a per-row episode id, or one episode."""
-    if starts is not None:
-        starts = np.asarray(starts).ravel()
-        if not np.issubdtype(starts.dtype, np.integer):
-            raise UserError(f"{path}: episode_starts must be integers, got {starts.dtype}")
-        starts = starts.astype(np.int64)
-        if starts.size == 0 or starts[-1] != T:
-            starts = np.append(starts, T)
-        if starts[0] != 0 or np.any(np.diff(starts) <= 0):
-            raise UserError(f"{path}: episode_starts must start at 0 and increase strictly up to the {T} rows, got {starts[:8].tolist()}...")
-    elif episode_idx is not None:
-        ep = np.asarray(episode_idx).ravel()
-        if len(ep) != T:
-            raise UserError(f"{path}: episode_idx has {len(ep)} rows for {T} frames")
-        change = np.flatnonzero(ep[1:] != ep[:-1]) + 1
-        starts = np.concatenate([[0], change, [T]]).astype(np.int64)
-        if len(np.unique(ep)) != len(starts) - 1:
-            raise UserError(f"{path}: the rows of an episode are not together; sort the rows by episode_idx, then step_idx")
-    else:
-        starts = np.array([0, T], dtype=np.int64)
-    if step_idx is not None:
-        step = np.asarray(step_idx).ravel()
-        if len(step) != T:
-            raise UserError(f"{path}: step_idx has {len(step)} rows for {T} frames")
-        inside = np.ones(T, dtype=bool)
-        inside[starts[:-1]] = False  # the first row of each episode may restart the count
-        if np.any((np.diff(step, prepend=step[0]) <= 0) & inside):
-            raise UserError(f"{path}: step_idx is not increasing within an episode; sort the rows by episode_idx, then step_idx")
-    return starts

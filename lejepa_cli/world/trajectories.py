@@ -1,6 +1,7 @@
 """TrajectoryDataset: episodes of frames, actions and (optionally) true state, and their windows.
 
-    ds = load_trajectories("worlds/two-room", "train")  # prepared folder, .npz or LeWM .h5
+    ds = load_trajectories("worlds/two-room", "train")  # prepared folder, .npz, .h5 or .lance
+    val = load_trajectories("tworoom.h5", "val", val_fraction=0.1)   # a raw file's held-out episodes
     starts = require_windows(ds, num_frames=4, frameskip=5)   # (W,) valid window starts
     frames, actions, state = ds.windows(starts[:32], 4, 5)
     # frames (32, 4, R, R, C) uint8; actions (32, 4, 5 * A) raw; state (32, 4, S) or None
@@ -13,6 +14,7 @@ t's episode, so windows never cross an episode end. Action block k concatenates 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -39,6 +41,7 @@ class TrajectoryDataset:
     fingerprint: str = ""
     world: str | None = None
     world_options: dict | None = None
+    zeroed_rows: int = 0  # raw files: end-of-episode action rows read as NaN / inf and set to 0
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
@@ -109,16 +112,30 @@ def require_windows(ds: TrajectoryDataset, num_frames: int, frameskip: int) -> n
     return starts
 
 
-def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
-    """One split of a prepared trajectory folder (memory-mapped), a trajectory .npz or an HDF5 file
-    in LeWM's layout (a raw file is one split, 'train'; prepare it for a validation split)."""
-    from lejepa_cli.data.formats import H5_SUFFIXES, is_trajectory_file
+def split_episodes(num_episodes: int, val_fraction: float, seed: int, flag: str = "--val-fraction") -> dict[str, np.ndarray]:
+    """Episode ids per split: a seeded random `val_fraction` of the episodes (at least one) as 'val'."""
+    ids = np.arange(num_episodes)
+    if val_fraction <= 0:
+        return {"train": ids}
+    n_val = max(1, int(round(num_episodes * val_fraction)))
+    if n_val >= num_episodes:
+        raise UserError(f"{flag} {val_fraction} of {num_episodes} episodes leaves none to train on; lower it or give more episodes")
+    val = np.sort(np.random.default_rng(seed).permutation(num_episodes)[:n_val])
+    return {"train": np.setdiff1d(ids, val), "val": val}
+
+
+def load_trajectories(source: str | Path, split: str, val_fraction: float = 0.0) -> TrajectoryDataset:
+    """One split of a prepared trajectory folder (memory-mapped), a trajectory .npz, an HDF5 file or
+    a Lance dataset as stable-worldmodel writes them. A raw file is one split, 'train', unless
+    `val_fraction` > 0 holds out that fraction of its episodes as 'val' (the episodes `lejepa data
+    prepare FILE --val-fraction F` holds out, statistics from the rest); folders ignore it."""
+    from lejepa_cli.data.formats import H5_SUFFIXES, LANCE_SUFFIX, is_trajectory_file
     from lejepa_cli.data.shards import is_trajectory_folder
 
     path = Path(source).expanduser()
     if not path.exists():
-        raise UserError(f"trajectory source {source} does not exist (give a folder from `lejepa world simulate`, a trajectory .npz or an .h5 file)")
-    if path.is_dir():
+        raise UserError(f"trajectory source {source} does not exist (give a folder from `lejepa world simulate`, a trajectory .npz, an .h5 file or a .lance dataset)")
+    if path.is_dir() and path.suffix.lower() != LANCE_SUFFIX:
         if is_trajectory_folder(path):
             return _load_folder(path, split)
         from lejepa_cli.data.shards import is_prepared
@@ -130,9 +147,9 @@ def load_trajectories(source: str | Path, split: str) -> TrajectoryDataset:
         from lejepa_cli.world.readers import read_trajectory_file
 
         read_trajectory_file(path)  # names what is missing: the frames
-    if path.suffix.lower() not in (".npz", *H5_SUFFIXES):
-        raise UserError(f"{path.name} is not a trajectory source: give a prepared trajectory folder, an .npz or an .h5/.hdf5 file")
-    return _load_file(path, split)
+    if path.suffix.lower() not in (".npz", LANCE_SUFFIX, *H5_SUFFIXES):
+        raise UserError(f"{path.name} is not a trajectory source: give a prepared trajectory folder, an .npz, an .h5/.hdf5 file or a .lance dataset")
+    return _load_file(path, split, val_fraction)
 
 
 def _load_folder(path: Path, split: str) -> TrajectoryDataset:
@@ -179,23 +196,51 @@ def _load_folder(path: Path, split: str) -> TrajectoryDataset:
     )
 
 
-def _load_file(path: Path, split: str) -> TrajectoryDataset:
-    from lejepa_cli.world.readers import read_trajectory_file
+def _load_file(path: Path, split: str, val_fraction: float = 0.0) -> TrajectoryDataset:
+    from lejepa_cli.world.readers import read_trajectory_file, source_fingerprint
 
-    if split != "train":
-        raise UserError(f"{path.name} has one split, 'train'; for a '{split}' split run "
+    if val_fraction <= 0 and split != "train":
+        raise UserError(f"{path.name} has one split, 'train'; for a '{split}' split add --set data.val_fraction=0.1, or run "
                         f"`lejepa data prepare {path} --out DIR --val-fraction 0.1` and use DIR")
+    if val_fraction > 0 and split not in ("train", "val"):
+        raise UserError(f"{path.name} split by data.val_fraction has the splits 'train' and 'val', not '{split}'")
     raw = read_trajectory_file(path)
     _, H, W, _ = raw.frames.shape
     if H != W:
         raise UserError(f"{path.name} has {H}x{W} frames; square frames are needed: run `lejepa data prepare {path} --out DIR --resolution {min(H, W)}`")
+    if val_fraction > 0:
+        return _carve_split(raw, path, split, val_fraction, source_fingerprint(path)[:16])
     mean, std = channel_stats(raw.frames)
-    from lejepa_cli.data.shards import sha256_file
-
     return TrajectoryDataset(
         frames=raw.frames, actions=raw.actions, episode_starts=raw.episode_starts, state=raw.state,
         state_names=raw.state_names, mean=tuple(mean), std=tuple(std),
         action_mean=raw.actions.mean(0) if len(raw.actions) else np.zeros(raw.actions.shape[1], np.float32),
         action_std=np.maximum(raw.actions.std(0), 1e-6).astype(np.float32),
-        name=path.stem, fingerprint=sha256_file(path)[:16],
+        name=path.stem, fingerprint=source_fingerprint(path)[:16], zeroed_rows=raw.zeroed_rows,
+    )
+
+
+def _carve_split(raw, path: Path, split: str, val_fraction: float, fingerprint: str) -> TrajectoryDataset:
+    """The 'train' or 'val' episodes of a raw file; pixel and action statistics from 'train' only,
+    as a folder prepared with --val-fraction (seed 0) stores them."""
+    from lejepa_cli.data.sources import IndexedImages
+
+    starts = raw.episode_starts
+    episodes = split_episodes(len(starts) - 1, val_fraction, 0, flag="data.val_fraction")
+
+    def rows(ids: np.ndarray) -> np.ndarray:
+        return np.concatenate([np.arange(starts[e], starts[e + 1]) for e in ids]).astype(np.int64)
+
+    train_rows, part = rows(episodes["train"]), rows(episodes[split])
+    mean, std = channel_stats(IndexedImages(raw.frames, train_rows))
+    train_actions = raw.actions[train_rows]
+    lengths = np.diff(starts)[episodes[split]]
+    return TrajectoryDataset(
+        frames=IndexedImages(raw.frames, part), actions=raw.actions[part],
+        episode_starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        state=None if raw.state is None else raw.state[part], state_names=raw.state_names, mean=tuple(mean), std=tuple(std),
+        action_mean=train_actions.mean(0), action_std=np.maximum(train_actions.std(0), 1e-6).astype(np.float32),
+        name=f"{path.stem}[{split} {val_fraction:g}]",
+        fingerprint=hashlib.sha256(f"{fingerprint}:{split}:{val_fraction}".encode()).hexdigest()[:16],
+        zeroed_rows=raw.zeroed_rows,
     )
