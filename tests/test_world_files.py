@@ -421,6 +421,15 @@ def test_data_info_describes_a_raw_file(layout, tmp_path, capsys):
     assert "not a prepared dataset" not in err
 
 
+def test_data_info_and_prepare_of_a_missing_trajectory_file_say_so(tmp_path, capsys):
+    for name in ("gone.h5", "gone.lance", "gone.npz"):
+        code, _, err = cli(["data", "info", tmp_path / name], capsys)
+        assert code == 2 and f"{tmp_path / name} does not exist" in " ".join(err.split()) and "--out" not in err
+    for name in ("gone.h5", "gone.lance"):
+        code, _, err = cli(["data", "prepare", tmp_path / name, "--out", tmp_path / "p"], capsys)
+        assert code == 2 and f"trajectory file {tmp_path / name} does not exist" in " ".join(err.split())
+
+
 # ------------------------------------------------------------------------------------------------
 # stable-worldmodel's own writers, where it is installed
 

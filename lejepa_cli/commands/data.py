@@ -44,9 +44,10 @@ def prepare(
 ) -> None:
     """Decode SOURCE into memory-mappable uint8 shards; re-running after an interruption resumes."""
     from lejepa_cli.data.prepare import prepare as prepare_images
-    from lejepa_cli.data.formats import is_trajectory_file
+    from lejepa_cli.data.formats import H5_SUFFIXES, LANCE_SUFFIX, is_trajectory_file
 
-    if source != "builtin" and is_trajectory_file(Path(source).expanduser()):  # frames + actions: a world's data
+    path = Path(source).expanduser()
+    if source != "builtin" and (is_trajectory_file(path) or path.suffix.lower() in (LANCE_SUFFIX, *H5_SUFFIXES)):  # a world's data
         from lejepa_cli.world.prepare import prepare_trajectory_file
 
         s = prepare_trajectory_file(source, out, resolution=resolution, val_fraction=val_fraction, seed=seed,
@@ -80,8 +81,9 @@ def info(
                                                           "trajectory file: decode every frame).")] = False,
 ) -> None:
     """Show what a prepared folder (or a raw trajectory file) holds, and whether its source changed since."""
-    from lejepa_cli.data.formats import is_trajectory_file
+    from lejepa_cli.data.formats import H5_SUFFIXES, is_trajectory_file
     from lejepa_cli.data.prepare import info as read_info
+    from lejepa_cli.errors import UserError
     from lejepa_cli.data.shards import verify as verify_folder
     from lejepa_cli.world.shards import is_trajectory_folder
 
@@ -89,6 +91,8 @@ def info(
         return _trajectory_info(path, verify)
     if is_trajectory_file(path):
         return _trajectory_file_info(path, verify)
+    if not path.exists() and path.suffix.lower() in (".npz", ".lance", *H5_SUFFIXES):
+        raise UserError(f"{path} does not exist (give a prepared folder or a trajectory file: .npz, .h5/.hdf5, .lance)")
     d = read_info(path)
     names = d["class_names"] or []
     classes = f"{d['num_classes']}" + (f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else "")

@@ -69,6 +69,8 @@ def prepare_trajectory_file(
 
     t0 = time.perf_counter()
     path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise UserError(f"trajectory file {source} does not exist")
     if resolution is not None and not 8 <= resolution <= 4096:
         raise UserError(f"--resolution must be between 8 and 4096, got {resolution}")
     if not 0.0 <= val_fraction < 1.0:
