@@ -334,6 +334,17 @@ def test_nan_actions_away_from_an_episode_end_are_one_line_errors(tmp_path, caps
         load_trajectories(src, "train")
 
 
+def test_an_npz_with_nan_end_of_episode_actions_reads_them_as_zero(tmp_path):
+    episodes = collect()
+    src = tmp_path / "mine.npz"
+    np.savez(src, frames=np.concatenate([ep["pixels"] for ep in episodes]),
+             actions=np.concatenate([ep["action"] for ep in episodes]),
+             ep_len=np.array([len(ep["action"]) for ep in episodes]))
+    ds = load_trajectories(src, "train")
+    assert ds.zeroed_rows == len(STEPS) and np.isfinite(ds.actions).all()
+    np.testing.assert_array_equal(ds.actions, expected(episodes, lance=False)["actions"])
+
+
 def test_episode_columns_that_disagree_are_one_line_errors(tmp_path):
     pytest.importorskip("hdf5plugin", reason="hdf5plugin is not installed (pip install 'lejepa-cli[hdf5]')")
     src = write_record_dataset(tmp_path / "early.h5", collect())

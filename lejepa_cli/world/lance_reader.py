@@ -26,6 +26,7 @@ from lejepa_cli.world.columns import (
 )
 
 READ_COLUMNS = (*ACTION_KEYS, *STATE_KEYS, *EPISODE_COLUMNS)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what a stored frame may be; never EPS (Pillow would run Ghostscript)
 
 
 def _open(path: Path) -> Any:
@@ -44,7 +45,7 @@ def _decode(blob: bytes | None, path: Path, row: int, shape: tuple[int, ...] | N
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(blob)) as img:
+        with Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS) as img:
             grey = img.mode in ("L", "1") if shape is None else shape[-1] == 1
             array = np.asarray(img.convert("L" if grey else "RGB"))
     except (UnidentifiedImageError, OSError, TypeError, ValueError) as e:
