@@ -329,10 +329,7 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
         check_output_folder(opts.plots, "--plots")  # before the work, not after it
     t0 = time.perf_counter()
     device = select_device(opts.device)
-    if source is None:
-        encoder = preset_encoder(opts.preset, opts.data, device=device, seed=opts.seed)
-    else:
-        encoder = load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
+    encoder = _encoder_to_probe(source, opts, device)
     info = encoder.lejepa_info
     if opts.adapt:
         _check_adapt(encoder, source, opts)
@@ -380,17 +377,8 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
         if opts.adapt:
             report["shift"]["adapted"] = adapted_shift_report(src, train, evaluation, report["shift"], num_classes, opts)
     if opts.conditions:
-        n = min(opts.conditions_samples, len(evaluation))
-        embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
         calib = cache / "calibration" if cache and src.cache_dir is not None else None
-        report["conditions"] = diagnose(embeddings, seed=opts.seed, cache_dir=calib)
-        report["conditions"]["space"] = "embedding h (backbone output)"
-        projector = None if opts.random_init else load_projector(source, device)
-        if projector is not None:
-            with torch.no_grad():
-                z = projector(embeddings.to(device)).float().cpu()
-            report["conditions"]["projector"] = {**diagnose(z, seed=opts.seed, cache_dir=calib),
-                                                 "space": "projector output z (what SIGReg regularises)"}
+        report["conditions"] = conditions_report(src, evaluation, source, opts, calib)
         report["conditions"]["reading"] = explain(report["conditions"], linear_top1=top1, num_classes=num_classes)
     report["timing"] = {"extract_s": t_extract - t0, "total_s": time.perf_counter() - t0,
                         "extractions": src.extractions}
@@ -399,6 +387,31 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
 
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
+    return report
+
+
+def _encoder_to_probe(source: str | Path | None, opts: ProbeOptions, device: torch.device) -> nn.Module:
+    """The encoder at `source`, or with `source` None a random-init one of `opts.preset`."""
+    if source is None:
+        return preset_encoder(opts.preset, opts.data, device=device, seed=opts.seed)
+    return load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
+
+
+def conditions_report(src: FeatureSource, evaluation: ImageDataset, source: str | Path | None, opts: ProbeOptions,
+                      calib: Path | None) -> dict[str, Any]:
+    """Is the embedding h of up to `opts.conditions_samples` evaluation images a near isotropic
+    Gaussian (`conditions.diagnose`), and for a training checkpoint also the projector output z;
+    `calib`: where null-distribution calibrations are cached (None: not cached)."""
+    n = min(opts.conditions_samples, len(evaluation))
+    embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
+    report = diagnose(embeddings, seed=opts.seed, cache_dir=calib)
+    report["space"] = "embedding h (backbone output)"
+    projector = None if opts.random_init else load_projector(source, src.device)
+    if projector is not None:
+        with torch.no_grad():
+            z = projector(embeddings.to(src.device)).float().cpu()
+        report["projector"] = {**diagnose(z, seed=opts.seed, cache_dir=calib),
+                               "space": "projector output z (what SIGReg regularises)"}
     return report
 
 
