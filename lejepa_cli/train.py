@@ -10,7 +10,7 @@ resumed from a checkpoint continues bit for bit.
 The step order is fixed: lr from step -> the objective's step (image: views -> encoder forward ->
 projector + loss parts -> backward; world: encode frames -> predict -> loss parts -> backward) ->
 optimizer step -> log -> (evaluate) -> (save). Both objectives run this one loop; what differs
-lives in image_objective.py and world/objective.py.
+lives in image/objective.py and world/objective.py.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 class Run(Protocol):
-    """What the loop needs of an objective's run (image_objective.ImageRun, world.objective.WorldRun)."""
+    """What the loop needs of an objective's run (image.objective.ImageRun, world.objective.WorldRun)."""
 
     kind: str
     cfg: Config

@@ -17,7 +17,7 @@ was trained on: its train split and its held-out "val" split):
 - kNN: cosine similarity, temperature 0.07, k in {10, 20, 200} (`evaluate.knn_classify`);
 - few-shot: 1 / 5 / 10 labelled images per class, nearest class centroid on centred, unit-norm
   features (SimpleShot), mean and std over draws;
-- robustness under shift (`shift.py`): the same linear head and kNN on corrupted evaluation
+- robustness under shift (`corruptions.py`, its shift-table half): the same linear head and kNN on corrupted evaluation
   images, accuracy and its drop per corruption and severity; with `adapt`, also after label-free
   adaptation (`adapt.py`: BatchNorm statistics re-estimated on each row's corrupted images);
 - conditions (`conditions.py`): is the embedding h a near isotropic Gaussian, or which of
@@ -25,7 +25,7 @@ was trained on: its train split and its held-out "val" split):
   output z, the space SIGReg acts on; a reading of both verdicts next to the linear probe.
 
 Features come from `features.FeatureSource` (cached on disk); the linear, kNN and few-shot
-classifiers are in `probe_classifiers`; the tables and the JSON file are written by `probe_report`.
+classifiers are in `classifiers.py`; the tables and the JSON file are written by `report.py`.
 """
 
 from __future__ import annotations
