@@ -1,6 +1,7 @@
 """The action-conditioned world model (LeWM's architecture): encoder, action encoder, predictor.
 
     model = WorldModel(backbone, latent_dim=192, action_dim=fs * A, history=3, ...)
+    model = WorldModel.from_spec(spec, backbone)   # spec: an export's "world" section (export.world_spec)
     z = model.encode(frames)                   # (B, T, C, H, W) float -> (B, T, D) latents
     p = model.predict(z[:, :3], actions[:, :3])  # (B, 3, D): position t predicts z_{t+1}
     future = model.rollout(z[:, :3], actions[:, :3], future_actions)   # (B, K, D)
@@ -19,6 +20,9 @@ Only torch is needed, so an exported model loads without the training code's dep
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +132,14 @@ class WorldModel(nn.Module):
         self.action_encoder = ActionEncoder(action_dim, latent_dim)
         self.predictor = Predictor(latent_dim, history=history, depth=depth, heads=heads, head_dim=head_dim,
                                    mlp_dim=mlp_dim, dropout=dropout, proj_hidden=proj_hidden)
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], backbone: nn.Module) -> WorldModel:
+        """The world model a spec describes (export.world_spec / model_spec: latent_dim, proj_hidden,
+        history, frameskip, action_dim per step, depth, heads, head_dim, mlp_dim, dropout), on `backbone`."""
+        return cls(backbone, latent_dim=spec["latent_dim"], action_dim=spec["frameskip"] * spec["action_dim"],
+                   history=spec["history"], proj_hidden=spec["proj_hidden"], depth=spec["depth"], heads=spec["heads"],
+                   head_dim=spec["head_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"])
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Normalised frames (B, T, C, H, W) -> latents z (B, T, D)."""

@@ -114,10 +114,7 @@ def random_init_like(model: WorldModelExport, seed: int = 0) -> WorldModelExport
     torch.manual_seed(seed)
     backbone = build_backbone(**info["arch_config"])
     backbone.lejepa_info = info
-    fresh = WorldModel(backbone, latent_dim=spec["latent_dim"], action_dim=spec["frameskip"] * spec["action_dim"],
-                       history=spec["history"], proj_hidden=spec["proj_hidden"], depth=spec["depth"], heads=spec["heads"],
-                       head_dim=spec["head_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"])
-    return WorldModelExport(fresh, spec, model.mean, model.std)
+    return WorldModelExport(WorldModel.from_spec(spec, backbone), spec, model.mean, model.std)
 
 
 def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
