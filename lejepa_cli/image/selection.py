@@ -30,6 +30,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from lejepa_cli import dist
 from lejepa_cli.checkpoint import list_checkpoints, read_metadata
 from lejepa_cli.config import Config, config_from_dict
 from lejepa_cli.errors import UserError
@@ -76,14 +77,14 @@ def rank_checkpoints(
     `chunk`: images per backbone pass (default: train.batch_size / train.grad_accum of the run).
     """
     from lejepa_cli.data.sources import load_dataset
-    from lejepa_cli.image.probe import probe_data_config, select_device
+    from lejepa_cli.image.probe import probe_data_config
 
     ckpts = run_checkpoints(run_dir)
     meta = read_metadata(ckpts[-1])
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"{ckpts[-1]} carries no training config; label-free ranking needs training checkpoints")
     cfg = config_from_dict(meta["config"])
-    dev = select_device(device)
+    dev = dist.select_device(device)
     data_cfg = probe_data_config({"config": meta["config"]}, data)
     split = data_cfg.eval_split
     try:
