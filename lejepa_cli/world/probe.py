@@ -22,7 +22,7 @@ import torch
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, simulate
-from lejepa_cli.world.runs import encode_episodes, window_frames
+from lejepa_cli.world.runs import encode_episodes, require_window_frames, window_frames
 
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalties tried (times N, on standardised features)
 RECOVERABLE = 0.5  # R^2 from which a hidden parameter counts as readable
@@ -126,11 +126,10 @@ def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: 
     return np.concatenate(frames), np.concatenate(states).astype(np.float64)
 
 
-def check_steps(model: WorldModelExport, steps: int, history: int | None = None) -> None:
-    """Episodes of `steps` steps must hold at least one full history of window frames."""
-    length, h = -(-steps // model.frameskip), history or model.history
-    if length < h:
-        raise UserError(f"episodes of {steps} steps give {length} window frames, fewer than the history {h}")
+def require_full_history(model: WorldModelExport, steps: int, history: int | None = None) -> None:
+    """Episodes of `steps` steps must hold at least one full history (the model's, or `history`) of window frames."""
+    h = history or model.history
+    require_window_frames(model, steps, h, f"fewer than the history {h}")
 
 
 def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
@@ -139,7 +138,7 @@ def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, hi
     z = encode_episodes(model, window_frames(frames, fs)).numpy()  # (N, L, D)
     s = window_frames(states, fs)  # (N, L, S)
     n, length, d = z.shape
-    check_steps(model, frames.shape[1], h)
+    require_full_history(model, frames.shape[1], h)
     hist = np.concatenate([z[:, k : length - h + 1 + k] for k in range(h)], axis=-1)  # (N, L-H+1, H*D)
     episode = np.repeat(np.arange(n), length - h + 1)  # (M,) which episode each row comes from
     return {"frame": z[:, h - 1 :].reshape(-1, d), "history": hist.reshape(-1, h * d),

@@ -87,6 +87,18 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, dev
     return LoadedWorld(model, world, note, path)
 
 
+def window_count(steps: int, frameskip: int) -> int:
+    """Window frames of an episode of `steps` steps: every frameskip-th frame, the first included."""
+    return -(-steps // frameskip)
+
+
+def require_window_frames(model: WorldModelExport, steps: int, needed: int, shortfall: str) -> None:
+    """A UserError unless episodes of `steps` steps give `needed` window frames; `shortfall` says who needs them."""
+    length = window_count(steps, model.frameskip)
+    if length < needed:
+        raise UserError(f"episodes of {steps} steps give {length} window frames; {shortfall}")
+
+
 def blocks(actions: np.ndarray, frameskip: int) -> np.ndarray:
     """Per-step actions (N, T, A) -> action blocks (N, T // fs, fs * A): block k leads window frame k to k + 1."""
     n, t, a = actions.shape
