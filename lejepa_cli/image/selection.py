@@ -34,26 +34,16 @@ from lejepa_cli import dist
 from lejepa_cli.checkpoint import list_checkpoints, read_metadata
 from lejepa_cli.config import Config, config_from_dict
 from lejepa_cli.errors import UserError
+from lejepa_cli.probes import average_ranks
 from lejepa_cli.image.model import ViewEncoder, ViewProjector
 from lejepa_cli.image.objective import lejepa_loss
 from lejepa_cli.sigreg import random_directions
 from lejepa_cli.image.views import make_views
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 with ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for value in np.unique(x):
-        tie = x == value
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman rank correlation; None when it is undefined (fewer than 2 points or a constant side)."""
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    ra, rb = average_ranks(np.asarray(a, np.float64)), average_ranks(np.asarray(b, np.float64))
     if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.probes import average_ranks
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, observe, simulate
 from lejepa_cli.world.runs import blocks, encode_episodes, one_step_surprise, require_window_frames, window_count, window_frames
@@ -35,15 +36,7 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     pos, neg = np.asarray(positive, np.float64).ravel(), np.asarray(negative, np.float64).ravel()
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("AUROC needs at least one positive and one negative score")
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # Average rank (1-based) over each run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
+    ranks = average_ranks(np.concatenate([pos, neg])) + 1.0  # 1-based, ties averaged
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
