@@ -49,25 +49,6 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0])
 
 
-def select_device(name: str) -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"train.device = {name} but CUDA is not available here; use train.device=cpu or auto")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise UserError("train.device = mps but MPS is not available here; use train.device=cpu or auto")
-        if name == "cuda":
-            return torch.device("cuda", dist.local_rank())  # one GPU per torchrun process
-        try:
-            return torch.device(name)
-        except RuntimeError:  # --device of probe / embed / viz is free text
-            raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config | None:
     """The config stored in a run's newest good checkpoint, with `overrides` on top; None if no checkpoint."""
     point = resume_point(run_dir)
@@ -379,7 +360,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     """
     if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
         return done  # nothing left to train: the run's files stay as they are
-    device = select_device(cfg.train.device)
+    device = dist.select_device(cfg.train.device, "train.device")
     owns_group = dist.setup(device)  # torchrun: join the process group (and leave it at the end)
     world, rank = dist.world_size(), dist.rank()
     per_rank = _per_rank_batch(cfg, world)

@@ -17,7 +17,7 @@ from lejepa_cli.config import load_config
 from lejepa_cli.errors import UserError
 from lejepa_cli.train import train
 from lejepa_cli.world.plan import CEMConfig, cem, draw_problems, run_episodes, MIN_GOAL_DISTANCE
-from lejepa_cli.world.probe import r2_score, ridge_probe
+from lejepa_cli.probes import r2_score, ridge_probe
 from lejepa_cli.world.catalog import make_world
 from lejepa_cli.world.surprise import auroc, replay
 from test_world_train import simulate, world_config

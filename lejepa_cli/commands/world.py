@@ -204,11 +204,11 @@ def probe_cmd(
     json_file: JsonFile = None,
 ) -> None:
     """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder."""
-    from lejepa_cli.world.probe import check_steps, probe_world
+    from lejepa_cli.world.probe import probe_world, require_full_history
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "probe")
-    check_steps(used.model, steps, history)
+    require_full_history(used.model, steps, history)
     _describe(used)
     report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed, history=history)
     hist = f"history of {report['history']}"
@@ -235,12 +235,12 @@ def surprise_cmd(
     json_file: JsonFile = None,
 ) -> None:
     """Inject impossible events (teleport, colour change, pass through a wall) and report surprise AUROC per kind."""
-    from lejepa_cli.world.surprise import check_steps, surprise
+    from lejepa_cli.world.surprise import require_event_frames, surprise
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "surprise")
     _check_output(plot, "--plot")
-    check_steps(used.model, steps)
+    require_event_frames(used.model, steps)
     _describe(used)
     report = surprise(used.model, world, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
     table = Table("event", "AUROC", "mean surprise at the event", "mean surprise, normal frames",
@@ -279,8 +279,8 @@ def stress_cmd(
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
     _check_output(plot, "--plot")
     check_conditions(condition)
-    probe.check_steps(used.model, steps)
-    surprise.check_steps(used.model, steps)
+    probe.require_full_history(used.model, steps)
+    surprise.require_event_frames(used.model, steps)
     _describe(used)
     report = stress(used.model, world, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
                     conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False))

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lejepa_cli import dist
 from lejepa_cli.checkpoint import tensor_digest
 from lejepa_cli.image.conditions import diagnose, explain
 from lejepa_cli.data.dataset import ImageDataset
@@ -123,18 +124,6 @@ class ProbeOptions:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-
-
-def select_device(name: str, option: str = "--device") -> torch.device:
-    """The device `name` asks for; an unavailable one is a UserError naming `option`, the way
-    the user asked for it."""
-    from lejepa_cli.train import select_device as pick
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{option} {name}: CUDA is not available here; use {option} cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{option} mps: MPS is not available here; use {option} cpu or auto")
-    return pick(name)
 
 
 def load_probe_encoder(source: str | Path, *, device: torch.device, random_init: bool = False, seed: int = 0) -> nn.Module:
@@ -328,7 +317,7 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
 
         check_output_folder(opts.plots, "--plots")  # before the work, not after it
     t0 = time.perf_counter()
-    device = select_device(opts.device)
+    device = dist.select_device(opts.device)
     encoder = _encoder_to_probe(source, opts, device)
     info = encoder.lejepa_info
     if opts.adapt:

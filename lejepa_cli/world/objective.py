@@ -29,6 +29,7 @@ from lejepa_cli.data.loader import eval_transform
 from lejepa_cli.models import build_backbone_from_config
 from lejepa_cli.sigreg import sigreg
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
+from lejepa_cli.world.export import model_spec
 from lejepa_cli.world.loss import rollout_errors, world_loss
 from lejepa_cli.world.model import WorldModel
 from lejepa_cli.world.trajectories import TrajectoryDataset, load_trajectories, require_windows
@@ -125,10 +126,7 @@ class WorldRun:
 
 def build_world_model(cfg: Config, channels: int, action_dim: int) -> WorldModel:
     """The world model a config describes, for frames of `channels` and actions of `action_dim` per step."""
-    w = cfg.world
-    return WorldModel(build_backbone_from_config(cfg, channels), latent_dim=cfg.model.proj_dim,
-                      action_dim=w.frameskip * action_dim, history=w.history, proj_hidden=cfg.model.proj_hidden,
-                      depth=w.depth, heads=w.heads, head_dim=w.head_dim, mlp_dim=w.mlp_dim, dropout=w.dropout)
+    return WorldModel.from_spec(model_spec(cfg.to_dict(), action_dim), build_backbone_from_config(cfg, channels))
 
 
 def build_world_run(cfg: Config, device: torch.device) -> WorldRun:
