@@ -83,13 +83,13 @@ class Run(Protocol):
     kind: str
     cfg: Config
     device: torch.device
-    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, extra) arrays
+    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, targets) arrays
     modules: dict[str, nn.Module]  # unwrapped, saved in checkpoints as model.<name>.*
     optimizer: torch.optim.Optimizer  # updates `optimized`
     optimized: dict[str, nn.Module]
     side_optimizers: dict[str, torch.optim.Optimizer]  # e.g. the online probe's, by checkpoint prefix
 
-    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+    def step(self, micro_inputs: list[torch.Tensor], micro_targets: list[torch.Tensor | None], step: int,
              seeds: list[int]) -> dict[str, torch.Tensor]: ...
 
     def evaluate(self) -> dict[str, float]: ...
@@ -280,8 +280,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, found without a sync
     last_saved = start if found is not None else -1
     last_good_step = start
-    micro_x: list[torch.Tensor] = []
-    micro_y: list[torch.Tensor | None] = []
+    micro_inputs: list[torch.Tensor] = []
+    micro_targets: list[torch.Tensor | None] = []
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -301,9 +301,9 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     try:
         with _StopSignal() as stop:
             for step, micro, batch in loader.iterate(start, cfg.train.steps):
-                micro_x.append(batch.images)
-                micro_y.append(batch.labels)
-                meter.add(batch.images.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
+                micro_inputs.append(batch.inputs)
+                micro_targets.append(batch.targets)
+                meter.add(batch.inputs.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
                 if micro < cfg.train.grad_accum - 1:
                     continue
                 lr = lr_at(step, cfg)
@@ -313,8 +313,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                 # skip mode: a skipped step must not leave its NaNs in BatchNorm statistics either
                 buffers = [b for m in run.modules.values() for b in m.buffers()] if cfg.train.on_nonfinite == "skip" else []
                 saved = [b.clone() for b in buffers]
-                parts = run.step(micro_x, micro_y, step, seeds)
-                micro_x, micro_y = [], []
+                parts = run.step(micro_inputs, micro_targets, step, seeds)
+                micro_inputs, micro_targets = [], []
                 # The mean over ranks, so every rank takes the same stop/skip decision.
                 finite = torch.isfinite(dist.all_reduce_mean(parts["loss"]))
                 if cfg.train.on_nonfinite == "skip" and not bool(finite):
