@@ -275,7 +275,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     if cfg.train.eval_every and start == 0:  # where the curve starts: the encoder before any update
         logger.log({"step": 0, "train_s": 0.0, **run.evaluate()})
     loader = BatchLoader(run.train_data, sampler, device, rank=rank, world=world, num_micro=cfg.train.grad_accum)
-    meter = Throughput()
+    meter = Throughput("frames" if run.kind == "world" else "images")
     started = time.perf_counter()  # evaluations carry the training seconds so far (this process)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, found without a sync
     last_saved = start if found is not None else -1
@@ -339,13 +339,13 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                 is_last = done == cfg.train.steps
                 if done % cfg.log.every == 0 or is_last:
                     check_finite(step)  # values are read from the device only here
-                    img_s, wait = meter.read()
+                    rate, wait = meter.read()
                     meter.reset()
                     record = {"step": done, **{k: float(dist.all_reduce_mean(v.float())) for k, v in parts.items()},
-                              "lr": lr, "images_per_s": img_s, "data_wait": wait}
+                              "lr": lr, meter.key: rate, "data_wait": wait}
                     logger.log(record)
                     logger.advance(done, f"loss {record['loss']:.4f} pred {record['pred']:.4f} "
-                                         f"sigreg {record['sigreg']:.3f} lr {lr:.2e} {img_s:.0f} img/s")
+                                         f"sigreg {record['sigreg']:.3f} lr {lr:.2e} {rate:.0f} {meter.short}")
                 else:
                     logger.advance(done)
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:

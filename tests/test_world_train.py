@@ -58,7 +58,7 @@ def test_world_run_logs_loss_parts_and_rollout_errors_beside_the_copy_guess(two_
     summary = train(world_config(two_room), tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
-    assert {"pred", "sigreg", "loss", "images_per_s"} <= steps[-1].keys()
+    assert {"pred", "sigreg", "loss", "frames_per_s"} <= steps[-1].keys()
     assert all(np.isfinite(x["loss"]) for x in steps)
     evals = [x for x in lines if "one_step_err" in x]
     assert [x["step"] for x in evals] == [0, 3, 6]  # before training, periodic, final
