@@ -90,7 +90,7 @@ class WorldRun:
         """uint8 windows (B, T, C, R, R) -> normalised float frames at the encoder's size."""
         b, t = frames.shape[:2]
         data = self.train_data.data
-        x = eval_transform(frames.flatten(0, 1), self.cfg.views.global_size, data.mean, data.std)
+        x = eval_transform(frames.flatten(0, 1), self.cfg.world.frame_size, data.mean, data.std)
         return x.view(b, t, *x.shape[1:])
 
     def step(self, micro_inputs: list[torch.Tensor], micro_targets: list[torch.Tensor | None], step: int,
@@ -127,7 +127,7 @@ class WorldRun:
 def build_world_model(cfg: Config, channels: int, action_dim: int) -> WorldModel:
     """The world model a config describes, for frames of `channels` and actions of `action_dim` per step."""
     w = cfg.world
-    return WorldModel(build_backbone_from_config(cfg, channels), latent_dim=cfg.model.proj_dim,
+    return WorldModel(build_backbone_from_config(cfg, channels), latent_dim=w.latent_dim,
                       action_dim=w.frameskip * action_dim, history=w.history, proj_hidden=cfg.model.proj_hidden,
                       depth=w.depth, heads=w.heads, head_dim=w.head_dim, mlp_dim=w.mlp_dim, dropout=w.dropout)
 
