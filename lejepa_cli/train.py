@@ -64,13 +64,13 @@ class Run(Protocol):
     kind: str
     cfg: Config
     device: torch.device
-    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, extra) arrays
+    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, targets) arrays
     modules: dict[str, nn.Module]  # unwrapped, saved in checkpoints as model.<name>.*
     optimizer: torch.optim.Optimizer  # updates `optimized`
     optimized: dict[str, nn.Module]
     side_optimizers: dict[str, torch.optim.Optimizer]  # e.g. the online probe's, by checkpoint prefix
 
-    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+    def step(self, micro_inputs: list[torch.Tensor], micro_targets: list[torch.Tensor | None], step: int,
              seeds: list[int]) -> dict[str, torch.Tensor]: ...
 
     def evaluate(self) -> dict[str, float]: ...
@@ -264,7 +264,7 @@ class _Loop:
     def __init__(self, run: Run, sampler: StepSampler, logger: RunLogger, ckpt_dir: Path, start: int,
                  resumed: bool):
         self.run, self.cfg, self.sampler, self.logger, self.ckpt_dir = run, run.cfg, sampler, logger, ckpt_dir
-        self.meter = Throughput()
+        self.meter = Throughput("frames" if run.kind == "world" else "images")
         self.started = time.perf_counter()  # evaluations carry the training seconds so far (this process)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step, found without a sync
         self.last_saved = start if resumed else -1
@@ -311,13 +311,13 @@ class _Loop:
         cfg, done = self.cfg, step + 1
         if done % cfg.log.every == 0 or done == cfg.train.steps:
             self.check_finite(step)  # values are read from the device only here
-            img_s, wait = self.meter.read()
+            rate, wait = self.meter.read()
             self.meter.reset()
             record = {"step": done, **{k: float(dist.all_reduce_mean(v.float())) for k, v in parts.items()},
-                      "lr": lr, "images_per_s": img_s, "data_wait": wait}
+                      "lr": lr, self.meter.key: rate, "data_wait": wait}
             self.logger.log(record)
             self.logger.advance(done, f"loss {record['loss']:.4f} pred {record['pred']:.4f} "
-                                      f"sigreg {record['sigreg']:.3f} lr {lr:.2e} {img_s:.0f} img/s")
+                                      f"sigreg {record['sigreg']:.3f} lr {lr:.2e} {rate:.0f} {self.meter.short}")
         else:
             self.logger.advance(done)
 
@@ -380,14 +380,14 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
         logger.log({"step": 0, "train_s": 0.0, **run.evaluate()})
     loader = BatchLoader(run.train_data, sampler, device, rank=rank, world=world, num_micro=cfg.train.grad_accum)
     loop = _Loop(run, sampler, logger, ckpt_dir, start, resumed=resumed_at is not None)
-    micro_x: list[torch.Tensor] = []
-    micro_y: list[torch.Tensor | None] = []
+    micro_inputs: list[torch.Tensor] = []
+    micro_targets: list[torch.Tensor | None] = []
     try:
         with _StopSignal() as stop:
             for step, micro, batch in loader.iterate(start, cfg.train.steps):
-                micro_x.append(batch.images)
-                micro_y.append(batch.labels)
-                loop.meter.add(batch.images.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
+                micro_inputs.append(batch.inputs)
+                micro_targets.append(batch.targets)
+                loop.meter.add(batch.inputs.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
                 if micro < cfg.train.grad_accum - 1:
                     continue
                 lr = lr_at(step, cfg)
@@ -395,8 +395,8 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
                     group["lr"] = lr
                 seeds = [step_seed(cfg.train.seed, step, rank, m) for m in range(cfg.train.grad_accum)]
                 snapshot = loop.snapshot_buffers()
-                parts = run.step(micro_x, micro_y, step, seeds)  # forward -> loss parts -> backward
-                micro_x, micro_y = [], []
+                parts = run.step(micro_inputs, micro_targets, step, seeds)  # forward -> loss parts -> backward
+                micro_inputs, micro_targets = [], []
                 loop.update(step, parts["loss"], snapshot)  # optimizer step (or skip a non-finite one)
                 done = step + 1
                 loop.log(step, parts, lr)

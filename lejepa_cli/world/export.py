@@ -37,12 +37,15 @@ _PARTS = ("projector", "action_encoder", "predictor")
 def model_spec(config: dict[str, Any], action_dim: int) -> dict[str, Any]:
     """The sizes `WorldModel.from_spec` reads, and the frame size, from a config dict (Config.to_dict())
     and the number of action dimensions per step."""
-    w, m = config["world"], config["model"]
+    from lejepa_cli.config import config_from_dict  # here: an export folder loads without the config stack
+
+    cfg = config_from_dict(config)  # a checkpoint from before world.frame_size / latent_dim names them the old way
+    w = cfg.world
     return {
-        "latent_dim": m["proj_dim"], "proj_hidden": m["proj_hidden"], "history": w["history"],
-        "num_preds": w["num_preds"], "frameskip": w["frameskip"], "depth": w["depth"], "heads": w["heads"],
-        "head_dim": w["head_dim"], "mlp_dim": w["mlp_dim"], "dropout": w["dropout"],
-        "image_size": config["views"]["global_size"], "action_dim": int(action_dim),
+        "latent_dim": w.latent_dim, "proj_hidden": cfg.model.proj_hidden, "history": w.history,
+        "num_preds": w.num_preds, "frameskip": w.frameskip, "depth": w.depth, "heads": w.heads,
+        "head_dim": w.head_dim, "mlp_dim": w.mlp_dim, "dropout": w.dropout,
+        "image_size": w.frame_size, "action_dim": int(action_dim),
     }
 
 
