@@ -192,11 +192,11 @@ def ours_images_per_s(
     it = loader.iterate(0, batches + 1)
     try:
         _, _, b = next(it)
-        make_views(b.images, cfg, mean=data.mean, std=data.std, generator=g)  # warm-up
+        make_views(b.inputs, cfg, mean=data.mean, std=data.std, generator=g)  # warm-up
         sync(device)
         t0 = time.perf_counter()
         for _, _, b in it:
-            make_views(b.images, cfg, mean=data.mean, std=data.std, generator=g)
+            make_views(b.inputs, cfg, mean=data.mean, std=data.std, generator=g)
         sync(device)
         seconds = time.perf_counter() - t0
     finally:

@@ -140,7 +140,7 @@ def measure(preset: str, batch: int, grad_checkpointing: bool, threads: int | No
     t0 = time.perf_counter()
     seed = train_mod.step_seed(cfg.train.seed, 0, 0, 0)
     with _SavedTensors(run.modules.values()) as saved:
-        image_objective.lejepa_step(run, [b.images], [b.labels], 0, [seed])
+        image_objective.lejepa_step(run, [b.inputs], [b.targets], 0, [seed])
     run.optimizer.step()
     if run.probe_optimizer is not None:
         run.probe_optimizer.step()

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from benchmarks.machine import describe
+from benchmarks.machine import default_device, describe
 from lejepa_cli.sigreg import random_directions, sigreg, sigreg_reference
 
 SIZES = [(512, 512, 1024, 17), (4096, 512, 1024, 17)]  # (N, K, M, T)
@@ -172,7 +172,7 @@ def run(quick: bool, threads: int | None = None) -> dict:
     """Benchmark every size on the GPU when there is one, else the CPU; returns the JSON-able result."""
     if threads:
         torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     return {
         "machine": {
             **describe(device),

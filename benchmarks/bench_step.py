@@ -110,7 +110,7 @@ def _split_step(run, batch, step: int, clock: _Clock) -> None:
     seed = train_mod.step_seed(cfg.train.seed, step, 0, 0)
     gen = torch.Generator(run.device).manual_seed(seed)
     torch.manual_seed(seed)
-    g, loc = make_views(batch.images, cfg.views, mean=run.train_data.mean, std=run.train_data.std, generator=gen)
+    g, loc = make_views(batch.inputs, cfg.views, mean=run.train_data.mean, std=run.train_data.std, generator=gen)
     clock.mark("views")
     with _autocast(run):
         h = run.encoder(g, loc)  # (V, N, D)
@@ -124,10 +124,10 @@ def _split_step(run, batch, step: int, clock: _Clock) -> None:
     clock.mark("projector_loss")
     h.backward(h_in.grad)
     clock.mark("encoder_backward")
-    if run.probe is not None and batch.labels is not None:
+    if run.probe is not None and batch.targets is not None:
         vg = cfg.views.global_views
         logits = run.probe(h[:vg].detach().float().flatten(0, 1))
-        F.cross_entropy(logits, batch.labels.repeat(vg)).backward()
+        F.cross_entropy(logits, batch.targets.repeat(vg)).backward()
         run.probe_optimizer.step()
         run.probe_optimizer.zero_grad(set_to_none=True)
     clock.mark("online_probe")
@@ -145,7 +145,7 @@ def _optimizer_step(run, step: int) -> None:
 def _whole_step(run, batch, step: int) -> None:
     """The trainer's own `lejepa_step` plus the optimizer steps, as the loop runs them."""
     seed = train_mod.step_seed(run.cfg.train.seed, step, 0, 0)
-    image_objective.lejepa_step(run, [batch.images], [batch.labels], step, [seed])
+    image_objective.lejepa_step(run, [batch.inputs], [batch.targets], step, [seed])
     _optimizer_step(run, step)
     if run.probe_optimizer is not None:
         run.probe_optimizer.step()
@@ -216,7 +216,7 @@ def optimizer_variants(run, rounds: int = 3) -> dict:
 
 def _views(run, batch):
     gen = torch.Generator(run.device).manual_seed(0)
-    return make_views(batch.images, run.cfg.views, mean=run.train_data.mean, std=run.train_data.std, generator=gen)
+    return make_views(batch.inputs, run.cfg.views, mean=run.train_data.mean, std=run.train_data.std, generator=gen)
 
 
 def encoder_flops(run, batch) -> tuple[int, dict[str, int]]:

@@ -57,7 +57,7 @@ def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 6
     actions = torch.randn(b, t, w.frameskip * action_dim, device=device)
 
     def train_step() -> None:
-        x = eval_transform(frames.flatten(0, 1), cfg.views.global_size, (0.5,) * 3, (0.25,) * 3).view(b, t, 3, *(cfg.views.global_size,) * 2)
+        x = eval_transform(frames.flatten(0, 1), w.frame_size, (0.5,) * 3, (0.25,) * 3).view(b, t, 3, *(w.frame_size,) * 2)
         z, p = model(x, actions, w.history)
         world_loss(z, p, num_preds=w.num_preds, lamb=cfg.loss.lamb, step=0, num_slices=cfg.loss.num_slices)["loss"].backward()
         optimizer.step()
@@ -65,12 +65,12 @@ def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 6
 
     step_s = _median_seconds(train_step, repeats, device)
     model.eval()
-    context = torch.randn(CANDIDATES, w.history, cfg.model.proj_dim, device=device)
+    context = torch.randn(CANDIDATES, w.history, w.latent_dim, device=device)
     ctx_actions = torch.randn(CANDIDATES, w.history, w.frameskip * action_dim, device=device)
     future = torch.randn(CANDIDATES, HORIZON - 1, w.frameskip * action_dim, device=device)
     rollout_s = _median_seconds(lambda: model.rollout(context, ctx_actions, future), repeats, device)
     return {
-        "preset": preset, "encoder": f"{cfg.model.arch}/{cfg.model.patch_size} at {cfg.views.global_size} px",
+        "preset": preset, "encoder": f"{cfg.model.arch}/{cfg.model.patch_size} at {w.frame_size} px",
         "batch_windows": b, "frames_per_window": t,
         "train_step_ms": round(1e3 * step_s, 1), "train_frames_per_s": round(b * t / step_s, 1),
         "rollout_candidates": CANDIDATES, "rollout_horizon": HORIZON,

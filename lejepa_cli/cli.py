@@ -1,6 +1,8 @@
 """The `lejepa` command: a thin Typer layer over the library.
 
-Each command parses options and calls one plain Python function. A `UserError` anywhere becomes
+This module holds the app, `lejepa train` and the error handling; every other command lives in
+lejepa_cli/commands/ in a module named after it. Each command parses options and calls one
+plain Python function. A `UserError` anywhere becomes
 one red line on stderr and its exit code (2 for bad input, 1 for a run that failed or was
 stopped); so do usage errors (2) and I/O errors such as a full disk (1). `--debug` (or
 LEJEPA_DEBUG=1) shows the traceback instead.
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -67,8 +68,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-presets_app = typer.Typer(help="List and show the shipped presets.", no_args_is_help=True)
-app.add_typer(presets_app, name="presets")
 
 
 def _version(value: bool) -> None:
@@ -85,51 +84,6 @@ def _root(
 ) -> None:
     if debug:
         os.environ["LEJEPA_DEBUG"] = "1"
-
-
-# ---- presets -------------------------------------------------------------------------------------
-
-
-def preset_description(text: str, name: str) -> str:
-    """The first sentence of a preset file's opening comment paragraph, without the "NAME: " prefix.
-
-    A sentence may run over several comment lines (a line that ends mid-sentence continues on a
-    line starting in lower case); it ends at ". " or where a line is followed by one starting
-    with a capital (a new sentence such as "Source: ...") or by the end of the paragraph.
-    """
-    lines: list[str] = []
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line.startswith("#") or not line.lstrip("#").strip():
-            break  # the paragraph ends at the first blank comment or YAML line
-        line = line.lstrip("#").strip()
-        if lines and line[0].isupper():
-            break
-        lines.append(line)
-    joined = " ".join(lines)
-    end = re.search(r"\.(\s|$)", joined)
-    sentence = joined[: end.start() + 1] if end else joined
-    return sentence.removeprefix(f"{name}:").strip()
-
-
-@presets_app.command("list")
-def presets_list() -> None:
-    """List the presets that ship with the package."""
-    from lejepa_cli.config import list_presets, preset_path
-
-    table = Table("preset", "description")
-    for name in list_presets():
-        table.add_row(name, preset_description(preset_path(name).read_text(), name))
-    console.print(table)
-
-
-@presets_app.command("show")
-def presets_show(name: Annotated[str, typer.Argument(help="Preset name, e.g. vit-s.")]) -> None:
-    """Print a preset's YAML, comments included (verbatim: `lejepa presets show NAME > my.yaml` is a valid config)."""
-    from lejepa_cli.config import preset_path
-
-    sys.stdout.write(preset_path(name).read_text())  # never through rich: it would wrap long lines
-    sys.stdout.flush()
 
 
 # ---- train ---------------------------------------------------------------------------------------
@@ -203,14 +157,16 @@ def print_result(summary: dict, title: str) -> None:
 # ---- entry point ---------------------------------------------------------------------------------
 
 
-# Topic modules: `data` and `world` are sub-apps (lejepa data prepare|info|fetch, lejepa world
-# list|simulate); the others add top-level commands.
-from lejepa_cli.commands import adapt, bench, data, export, probe, reproduce, world  # noqa: E402
+# One module per command, named after it: `presets`, `data` and `world` are sub-apps (lejepa presets
+# list|show, lejepa data prepare|info|fetch, lejepa world list|simulate|...); the others add one
+# top-level command each, in the order `lejepa --help` lists them.
+from lejepa_cli.commands import adapt, bench, data, embed, export, presets, probe, reproduce, viz, world  # noqa: E402
 
+for _module in (probe, viz, export, embed, adapt, reproduce, bench):
+    _module.register(app)
+app.add_typer(presets.app, name="presets")
 app.add_typer(data.app, name="data")
 app.add_typer(world.app, name="world")
-for _module in (probe, export, adapt, reproduce, bench):
-    _module.register(app)
 
 
 def _fail(message: str, code: int, error: BaseException) -> None:

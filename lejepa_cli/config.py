@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -130,8 +132,10 @@ class LogConfig:
 
 @dataclass
 class WorldConfig:
-    """The world-model objective (objective: world): windows, predictor and evaluation."""
+    """The world-model objective (objective: world): frames, latents, windows, predictor and evaluation."""
 
+    frame_size: int = 224  # side in pixels frames are resized to before the encoder (LeWM: 224)
+    latent_dim: int = 128  # latent width D: SIGReg's dimension and the predictor's token width (LeWM: 192)
     history: int = 3  # H: latents the predictor sees (its context; LeWM: 3)
     num_preds: int = 1  # each history position predicts the latent this many window frames ahead
     frameskip: int = 5  # simulator steps between window frames; the actions in one skip are concatenated
@@ -232,6 +236,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "train.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
     "log.every": (lambda v: v >= 1, "an integer >= 1"),
     "objective": (lambda v: v in ("image", "world"), "image or world"),
+    "world.frame_size": (lambda v: v >= 8, "an integer >= 8"),
+    "world.latent_dim": (lambda v: v >= 1, "an integer >= 1"),
     "world.history": (lambda v: v >= 1, "an integer >= 1"),
     "world.num_preds": (lambda v: v >= 1, "an integer >= 1"),
     "world.frameskip": (lambda v: v >= 1, "an integer >= 1"),
@@ -250,6 +256,9 @@ _RULES: dict[str, tuple[Any, str]] = {
 
 
 def validate(cfg: Config) -> Config:
+    """Check every key (UserError naming the first bad one); a world config's old key names are
+    read first (see `read_world_renames`)."""
+    read_world_renames(cfg)
     for key, (ok, allowed) in _RULES.items():
         if not ok(get_key(cfg, key)):
             raise UserError(f"config key '{key}' = {get_key(cfg, key)!r} is not allowed: expected {allowed}")
@@ -270,6 +279,56 @@ def validate(cfg: Config) -> Config:
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")
     return cfg
+
+
+# ---- a world's keys under their old names ----------------------------------------------------------
+
+# Before world.frame_size and world.latent_dim existed, a world config gave its frame size and
+# latent width with image pretraining's keys. Old presets, user YAML, --set and the configs saved in
+# checkpoints still do; `read_world_renames` reads them. New key -> its old name.
+WORLD_RENAMES = {"world.frame_size": "views.global_size", "world.latent_dim": "model.proj_dim"}
+_noted: set[str] = set()  # old names already reported by this process
+
+
+def _sources(cfg: Config) -> dict[str, int]:
+    """Dotted key -> number of the source (preset, saved config, --set list) that last set it."""
+    return cfg.__dict__.setdefault("_key_sources", {})
+
+
+def _begin_source(cfg: Config) -> None:
+    """Keys set from now on come from a later source than those set so far."""
+    cfg.__dict__["_source"] = cfg.__dict__.get("_source", 0) + 1
+
+
+def _put(cfg: Config, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    node: Any = cfg
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, last, value)
+
+
+def read_world_renames(cfg: Config) -> None:
+    """objective world: each WORLD_RENAMES key takes its old name's value where a later source than
+    its own (or only the old name) set it, with a note once per process; one source that sets both
+    to different values is a UserError. The old names then mirror the new keys, so a saved config
+    agrees with itself and with older readers. Image configs are left as they are."""
+    if cfg.objective != "world":
+        return
+    sources, read = _sources(cfg), []
+    for new, old in WORLD_RENAMES.items():
+        if old in sources and sources[old] == sources.get(new):
+            if get_key(cfg, old) != get_key(cfg, new):
+                raise UserError(f"config keys '{old}' = {get_key(cfg, old)!r} and '{new}' = {get_key(cfg, new)!r} "
+                                f"disagree: '{old}' is the old name of '{new}' for objective world; set only '{new}'")
+        elif old in sources and sources[old] > sources.get(new, -1):
+            _put(cfg, new, get_key(cfg, old))
+            read.append((old, new))
+        _put(cfg, old, get_key(cfg, new))
+    fresh = [f"{old} = {get_key(cfg, new)} as {new}" for old, new in read if old not in _noted]
+    _noted.update(old for old, _ in read)
+    if fresh and os.environ.get("RANK", "0") == "0":  # one line per job, not one per torchrun process
+        print(f"note: objective world reads {' and '.join(fresh)} (the keys' old names)", file=sys.stderr)
 
 
 # ---- building a config -------------------------------------------------------------------------
@@ -308,6 +367,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
             raise UserError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
             raise UserError(f"preset {path} must be a mapping of sections")
+        _begin_source(cfg)
         merge_tree(cfg, tree)
         cfg.preset = tree.get("preset", path.stem) if isinstance(tree.get("preset"), str) else path.stem
     return apply_overrides(cfg, overrides)
@@ -315,6 +375,7 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
     """`key.sub=value` items (values read as YAML scalars) set on `cfg`, then validated."""
+    _begin_source(cfg)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -326,6 +387,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a config saved in a checkpoint or run folder."""
     cfg = Config()
+    _begin_source(cfg)
     merge_tree(cfg, tree)
     return validate(cfg)
 
@@ -372,6 +434,7 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
             if dataclasses.is_dataclass(hint):
                 raise UserError(f"config key '{key}' is a section: set one of its keys, e.g. {key}.<name>=...")
             setattr(node, part, _coerce(key, value, hint))
+            _sources(cfg)[key] = cfg.__dict__.get("_source", 0)
         else:
             node = getattr(node, part)
 

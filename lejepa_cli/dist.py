@@ -68,6 +68,33 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def select_device(name: str, option: str = "--device") -> torch.device:
+    """The device `name` asks for: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
+
+    A bare cuda (and auto on a CUDA machine) is this process's GPU, cuda:LOCAL_RANK, so each
+    torchrun process gets its own. An unavailable or unknown device is a UserError naming
+    `option`, the setting the user gave it by: a command option (--device) or a config key
+    (train.device).
+    """
+    def asked(value: str) -> str:  # how the user writes it: "--device cpu" or "train.device=cpu"
+        return f"{option} {value}" if option.startswith("-") else f"{option}={value}"
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank())
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"{asked(name)}: CUDA is not available here; use {asked('cpu')} or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{asked('mps')}: MPS is not available here; use {asked('cpu')} or auto")
+    if name == "cuda":
+        return torch.device("cuda", local_rank())
+    try:
+        return torch.device(name)
+    except RuntimeError:  # a command's --device is free text
+        raise UserError(f"unknown device '{name}' ({option}): use auto, cpu, cuda, cuda:N or mps") from None
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of `t` across ranks, differentiable; returns the reduced tensor (identity on one rank).
 

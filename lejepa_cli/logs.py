@@ -100,20 +100,35 @@ class RunLogger:
 
 
 class Throughput:
-    """Images per second and data-wait fraction over the last logging window."""
+    """Samples per second and data-wait fraction over the last logging window.
 
-    def __init__(self):
+    `unit` names what is counted: "images" (image pretraining) or "frames" (a world model's
+    windows, every frame encoded); it names the logged key, images_per_s or frames_per_s.
+    """
+
+    def __init__(self, unit: str = "images"):
+        self.unit = unit
         self.reset()
+
+    @property
+    def key(self) -> str:
+        """The metrics.jsonl key of the rate: images_per_s or frames_per_s."""
+        return f"{self.unit}_per_s"
+
+    @property
+    def short(self) -> str:
+        """The rate's unit on the progress line: img/s or frames/s."""
+        return "img/s" if self.unit == "images" else f"{self.unit}/s"
 
     def reset(self) -> None:
         self.t0 = time.perf_counter()
-        self.images = 0
+        self.samples = 0
         self.wait = 0.0
 
-    def add(self, images: int, wait_s: float) -> None:
-        self.images += images
+    def add(self, samples: int, wait_s: float) -> None:
+        self.samples += samples
         self.wait += wait_s
 
     def read(self) -> tuple[float, float]:
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return self.images / elapsed, self.wait / elapsed
+        return self.samples / elapsed, self.wait / elapsed

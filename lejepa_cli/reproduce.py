@@ -21,6 +21,7 @@ from typing import Any
 
 from lejepa_cli._version import __version__
 from lejepa_cli.errors import UserError
+from lejepa_cli.world.plan_settings import CEMConfig
 from lejepa_cli.world.reproduce import WorldRecipe
 
 
@@ -95,8 +96,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(
         "world-tworoom", "world-tworoom",
         "a LeWM world model of the built-in two-room world: simulate, train, probe, detect teleports, plan",
-        world=WorldRecipe("two-room", position=("agent_x", "agent_y"), cem=(100, 10, 10), horizon=20, cost="min",
-                          noise_beta=2.0),
+        world=WorldRecipe("two-room", position=("agent_x", "agent_y"),
+                          cem=CEMConfig(candidates=100, iterations=10, elites=10, horizon=20, cost="min", noise_beta=2.0)),
         # Floors under what was measured (planning 18 / 20 and 19 / 20 on two seeds' problems).
         expected={"position_r2": (0.90, 1.0), "teleport_auroc": (0.95, 1.0), "success_rate": (0.75, 1.0),
                   "random_success_rate": (0.0, 0.10), "oracle_success_rate": (0.80, 1.0)},
@@ -111,7 +112,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "world-push", "world-push",
         "a LeWM world model of the built-in push world (hidden block mass and friction): probe, detect, plan",
         world=WorldRecipe("push", position=("agent_x", "agent_y", "block_x", "block_y"), hidden=("block_mass",),
-                          probe_episodes=400, probe_steps=100, cem=(300, 10, 30), horizon=5, cost="min"),
+                          probe_episodes=400, probe_steps=100,
+                          cem=CEMConfig(candidates=300, iterations=10, elites=30, horizon=5, cost="min")),
         # A mass is one number per episode: its probes need many episodes (history R^2 0.06 / 0.20 / 0.41 / 0.53
         # fitted on 100 / 200 / 400 / 800). The world model's own planning success (0 %) is reported, not pinned.
         expected={"position_r2": (0.80, 1.0), "block_mass_r2_frame": (-1.0, 0.2), "block_mass_r2_history": (0.45, 1.0),

@@ -73,9 +73,11 @@ def finished_summary(out: Path, cfg: Config, resume: str) -> dict[str, Any] | No
     # path reports them (and retrains from the newest good checkpoint).
     try:
         stored = load_checkpoint(path)[1]["config"]
+        # read as a config, so that keys added (or renamed) since the checkpoint was written compare equal
+        stored = config_from_dict(stored).to_dict() if isinstance(stored, dict) else None
     except UserError:
         return None
-    if not isinstance(stored, dict) or [k for k in diff_keys(stored, cfg.to_dict()) if k != "train.steps"]:
+    if stored is None or [k for k in diff_keys(stored, cfg.to_dict()) if k != "train.steps"]:
         return None
     if dist.is_main():
         console.print(f"already finished at step {step} (summary in {out / 'summary.json'})", highlight=False)

@@ -3,6 +3,7 @@
 Pure tensors in, a scalar out (see docs/method.md sections 3-4):
 
     s = sigreg(z, step=step)   # z: (..., N, K) projector outputs; the mean statistic over directions
+    ep = epps_pulley(z @ a)    # (N, M) samples -> (M,): the statistic of each direction, one process
 
 SIGReg is computed in float32 even under autocast and costs O(N K M + N M T) time; beside
 the (N, M) projections it holds only a bounded scratch block (the plain formula holds
@@ -152,6 +153,40 @@ class _ECF(torch.autograd.Function):
         return dp, None, None, None, None
 
 
+def _ecf(p: Tensor, t_max: float, num_knots: int) -> Tensor:
+    """Rows p (R, N) of 1-D samples -> their ECF at knots t_1..t_{T-1} of [0, t_max], (R, T - 1, 2)."""
+    rows = max(1, _BLOCK_ELEMS.get(p.device.type, _BLOCK_ELEMS_DEFAULT) // p.shape[-1])
+    direct = _DIRECT_POWERS.get(p.device.type, True)
+    return _ECF.apply(p, t_max / (num_knots - 1), num_knots - 1, rows, direct)
+
+
+def _statistic(ecf: Tensor, n: int, t_max: float, num_knots: int) -> Tensor:
+    """ECF (..., T - 1, 2) of samples of size n -> the Epps-Pulley statistic against N(0, 1), (...)."""
+    t, weight = _knots(t_max, num_knots, ecf)
+    c, s = ecf.unbind(-1)  # (..., T - 1) each
+    err = (c - torch.exp(-0.5 * t * t)).square() + s.square()
+    return n * (err * weight).sum(-1)
+
+
+def _check_knots(num_knots: int, what: str) -> None:
+    if num_knots < 2:
+        raise ValueError(f"{what} needs num_knots >= 2, got {num_knots}")
+
+
+def epps_pulley(p: Tensor, *, t_max: float = 3.0, num_knots: int = 17) -> Tensor:
+    """Epps-Pulley statistic of each column of p (N, M) against N(0, 1) -> (M,).
+
+    The per-direction statistic `sigreg` averages (with p = z @ directions), of this process's
+    samples only. Computed in float32 (float64 stays float64), autocast off; differentiable, and
+    cheap under torch.no_grad().
+    """
+    _check_knots(num_knots, "epps_pulley")
+    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        rows = p.to(dtype).T.contiguous()  # (M, N): one direction's sample per row
+        return _statistic(_ecf(rows, t_max, num_knots), p.shape[0], t_max, num_knots)
+
+
 def sigreg(
     z: Tensor,
     *,
@@ -171,8 +206,7 @@ def sigreg(
     """
     if z.dim() not in (2, 3):
         raise ValueError(f"sigreg expects z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
-    if num_knots < 2:
-        raise ValueError(f"sigreg needs num_knots >= 2, got {num_knots}")
+    _check_knots(num_knots, "sigreg")
     views = z if z.dim() == 3 else z.unsqueeze(0)  # (V, N, K)
     v, n, k = views.shape
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -187,17 +221,10 @@ def sigreg(
         a = a.to(device=z.device, dtype=dtype)  # (K, M)
         # Projections laid out (M x V, N): each row is one direction's 1-D sample of one view.
         p = a.T @ views.to(dtype).reshape(v * n, k).T  # (M, V * N)
-        rows = max(1, _BLOCK_ELEMS.get(z.device.type, _BLOCK_ELEMS_DEFAULT) // n)
-        t, weight = _knots(t_max, num_knots, p)
-        direct = _DIRECT_POWERS.get(z.device.type, True)
-        ecf = _ECF.apply(p.view(-1, n), t_max / (num_knots - 1), num_knots - 1, rows, direct)
-        ecf = ecf.view(-1, v, num_knots - 1, 2)  # (M, V, J, 2)
+        ecf = _ecf(p.view(-1, n), t_max, num_knots).view(-1, v, num_knots - 1, 2)  # (M, V, J, 2)
         # Average the ECF, not the statistic: the result is then the global batch's statistic.
         ecf = dist.all_reduce_mean(ecf)
-        c, s = ecf.unbind(-1)  # (M, V, J) each
-        err = (c - torch.exp(-0.5 * t * t)).square() + s.square()
-        ep = (n * dist.world_size()) * (err * weight).sum(-1)  # (M, V)
-        return ep.mean()
+        return _statistic(ecf, n * dist.world_size(), t_max, num_knots).mean()  # mean over (M, V)
 
 
 def sigreg_reference(

@@ -10,7 +10,7 @@ resumed from a checkpoint continues bit for bit.
 The step order is fixed: lr from step -> the objective's step (image: views -> encoder forward ->
 projector + loss parts -> backward; world: encode frames -> predict -> loss parts -> backward) ->
 optimizer step -> log -> (evaluate) -> (save). Both objectives run this one loop; what differs
-lives in image_objective.py and world/objective.py.
+lives in image/objective.py and world/objective.py.
 """
 
 from __future__ import annotations
@@ -49,25 +49,6 @@ def step_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0])
 
 
-def select_device(name: str) -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"train.device = {name} but CUDA is not available here; use train.device=cpu or auto")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise UserError("train.device = mps but MPS is not available here; use train.device=cpu or auto")
-        if name == "cuda":
-            return torch.device("cuda", dist.local_rank())  # one GPU per torchrun process
-        try:
-            return torch.device(name)
-        except RuntimeError:  # --device of probe / embed / viz is free text
-            raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config | None:
     """The config stored in a run's newest good checkpoint, with `overrides` on top; None if no checkpoint."""
     point = resume_point(run_dir)
@@ -78,18 +59,18 @@ def resume_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 class Run(Protocol):
-    """What the loop needs of an objective's run (image_objective.ImageRun, world.objective.WorldRun)."""
+    """What the loop needs of an objective's run (image.objective.ImageRun, world.objective.WorldRun)."""
 
     kind: str
     cfg: Config
     device: torch.device
-    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, extra) arrays
+    train_data: Any  # len() = samples the sampler draws from; .batch(index) -> (inputs, targets) arrays
     modules: dict[str, nn.Module]  # unwrapped, saved in checkpoints as model.<name>.*
     optimizer: torch.optim.Optimizer  # updates `optimized`
     optimized: dict[str, nn.Module]
     side_optimizers: dict[str, torch.optim.Optimizer]  # e.g. the online probe's, by checkpoint prefix
 
-    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+    def step(self, micro_inputs: list[torch.Tensor], micro_targets: list[torch.Tensor | None], step: int,
              seeds: list[int]) -> dict[str, torch.Tensor]: ...
 
     def evaluate(self) -> dict[str, float]: ...
@@ -213,35 +194,30 @@ def clear_run_dir(out: Path) -> None:
     dist.barrier()
 
 
-def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool = False,
-          progress: bool = True, init_from: Path | None = None) -> dict[str, Any]:
-    """Pretrain per `cfg` into run folder `out`; returns the final summary.
-
-    resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
-    or the path of a checkpoint file.
-    """
-    if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
-        return done  # nothing left to train: the run's files stay as they are
-    device = select_device(cfg.train.device)
-    owns_group = dist.setup(device)  # torchrun: join the process group (and leave it at the end)
-    world, rank = dist.world_size(), dist.rank()
+def _per_rank_batch(cfg: Config, world: int) -> int:
+    """Samples per rank per micro-batch: the global batch must split evenly over ranks x micro-batches."""
     per_rank, rem = divmod(cfg.train.batch_size, world * cfg.train.grad_accum)
     if rem or per_rank < 1:
         raise UserError(f"train.batch_size = {cfg.train.batch_size} must be divisible by world size x "
                         f"train.grad_accum = {world} x {cfg.train.grad_accum}")
-    must_clear = check_run_dir(out, resume=resume is not None, overwrite=overwrite)
-    dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
-    train_data = None
-    if cfg.objective == "image":  # the memory check estimates image pretraining's step
-        from lejepa_cli.data.sources import load_dataset
+    return per_rank
 
-        train_data = load_dataset(cfg.data, cfg.data.train_split)
-        preflight(cfg, device, train_data, autocast_dtype(cfg, device))  # before anything heavy is built or written
-    run = build_run(cfg, device, train_data)
-    sampler = StepSampler(len(run.train_data), cfg.train.batch_size, cfg.train.seed)
-    ckpt_dir = out / "checkpoints"
 
-    start = 0
+def _checked_train_data(cfg: Config, device: torch.device) -> Any:
+    """An image run's train split, loaded once and checked against memory before anything heavy is
+    built or written (the check estimates image pretraining's step); None for a world model."""
+    if cfg.objective != "image":
+        return None
+    from lejepa_cli.data.sources import load_dataset
+
+    train_data = load_dataset(cfg.data, cfg.data.train_split)
+    preflight(cfg, device, train_data, autocast_dtype(cfg, device))
+    return train_data
+
+
+def _resume_or_init(run: Run, ckpt_dir: Path, resume: str | None, init_from: Path | None) -> int | None:
+    """Restore the checkpoint `resume` points at (see train()) and return its step; with none, load
+    --init-from backbone weights when given and return None."""
     found = None
     if resume == "auto":
         found = find_resumable(ckpt_dir, warn=lambda m: dist.is_main() and console.print(f"[yellow]{m}"))
@@ -252,110 +228,186 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
         start = restore_state(run, found[1], found[2])
         if dist.is_main():
             console.print(f"resuming from {found[0]} at step {start}")
-    elif init_from is not None:
+        return start
+    if init_from is not None:
         from lejepa_cli.export import load_backbone_weights
 
         load_backbone_weights(run.modules["backbone"], init_from)
-    if must_clear:
-        clear_run_dir(out)  # only now: a bad --init-from or data error must not cost the old run
+    return None
+
+
+def _open_run_folder(cfg: Config, out: Path, start: int, progress: bool) -> RunLogger:
+    """Write the resolved config, drop metrics logged after `start`, and open the run's logger."""
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
         # Lines up to `start` were logged before its checkpoint; with no checkpoint (start 0) none
-        # survive, not even a step-0 evaluation, which is logged again below.
+        # survive, not even a step-0 evaluation, which is logged again.
         trim_metrics(out / "metrics.jsonl", start if start > 0 else -1)
-    logger = RunLogger(out, cfg.log, enabled=dist.is_main(), total_steps=cfg.train.steps, start_step=start,
-                       show_progress=progress, run_config=cfg.to_dict())
-    logger.print(f"{cfg.preset or 'custom'}: {run.describe()}, "
-                 f"device {device}{' bf16' if autocast_dtype(cfg, device) else ''}, global batch {cfg.train.batch_size} = "
-                 f"{world} process(es) x {cfg.train.grad_accum} micro-batch(es) x {per_rank}, "
-                 f"{torch.get_num_threads()} CPU thread(s) ({threads.choice()})"
-                 f"{' (FSDP)' if dist.is_sharded(run.modules['backbone']) else ''}")
+    return RunLogger(out, cfg.log, enabled=dist.is_main(), total_steps=cfg.train.steps, start_step=start,
+                     show_progress=progress, run_config=cfg.to_dict())
+
+
+def _describe(cfg: Config, run: Run, device: torch.device, world: int, per_rank: int) -> str:
+    """The run's first line: what trains where, and how the global batch splits."""
+    return (f"{cfg.preset or 'custom'}: {run.describe()}, "
+            f"device {device}{' bf16' if autocast_dtype(cfg, device) else ''}, global batch {cfg.train.batch_size} = "
+            f"{world} process(es) x {cfg.train.grad_accum} micro-batch(es) x {per_rank}, "
+            f"{torch.get_num_threads()} CPU thread(s) ({threads.choice()})"
+            f"{' (FSDP)' if dist.is_sharded(run.modules['backbone']) else ''}")
+
+
+class _Loop:
+    """What the loop carries from step to step (throughput, non-finite watch, last checkpoint) and
+    the steps' verbs that use it: update, log, evaluate, save, finish."""
+
+    def __init__(self, run: Run, sampler: StepSampler, logger: RunLogger, ckpt_dir: Path, start: int,
+                 resumed: bool):
+        self.run, self.cfg, self.sampler, self.logger, self.ckpt_dir = run, run.cfg, sampler, logger, ckpt_dir
+        self.meter = Throughput("frames" if run.kind == "world" else "images")
+        self.started = time.perf_counter()  # evaluations carry the training seconds so far (this process)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=run.device)  # first non-finite step, found without a sync
+        self.last_saved = start if resumed else -1
+        self.last_good_step = start
+
+    def snapshot_buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """skip mode: a skipped step must not leave its NaNs in BatchNorm statistics either."""
+        buffers = [b for m in self.run.modules.values() for b in m.buffers()] if self.cfg.train.on_nonfinite == "skip" else []
+        return [(b, b.clone()) for b in buffers]
+
+    def update(self, step: int, loss: torch.Tensor, snapshot: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The optimizer step on the gradients run.step left, or (skip mode) none for a non-finite loss."""
+        run, cfg = self.run, self.cfg
+        # The mean over ranks, so every rank takes the same stop/skip decision.
+        finite = torch.isfinite(dist.all_reduce_mean(loss))
+        if cfg.train.on_nonfinite == "skip" and not bool(finite):
+            self.logger.print(f"[yellow]step {step}: non-finite loss, update skipped")
+            run.optimizer.zero_grad(set_to_none=True)
+            for buffer, old in snapshot:
+                buffer.copy_(old)
+            for side in run.side_optimizers.values():  # e.g. the probe saw the same non-finite features
+                side.zero_grad(set_to_none=True)
+        else:
+            self.first_bad = torch.where(~finite & (self.first_bad < 0), step, self.first_bad)
+            if cfg.optim.grad_clip > 0:
+                params = [p for m in run.optimized.values() for p in m.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        for side in run.side_optimizers.values():
+            side.step()
+            side.zero_grad(set_to_none=True)
+
+    def check_finite(self, step: int) -> None:
+        """Stop the run if a loss so far was non-finite (reads the device: call it only when logging or saving)."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            kept = (f"the last good checkpoint is {self.ckpt_dir / checkpoint_name(self.last_saved)}"
+                    if self.last_saved >= 0 else "no checkpoint was written")
+            raise RunFailed(f"non-finite loss at step {bad}; stopping ({kept}); try a lower optim.lr or train.on_nonfinite=skip")
+
+    def log(self, step: int, parts: dict[str, torch.Tensor], lr: float) -> None:
+        """Every log.every steps and at the last: the loss parts (mean over ranks), lr and throughput."""
+        cfg, done = self.cfg, step + 1
+        if done % cfg.log.every == 0 or done == cfg.train.steps:
+            self.check_finite(step)  # values are read from the device only here
+            rate, wait = self.meter.read()
+            self.meter.reset()
+            record = {"step": done, **{k: float(dist.all_reduce_mean(v.float())) for k, v in parts.items()},
+                      "lr": lr, self.meter.key: rate, "data_wait": wait}
+            self.logger.log(record)
+            self.logger.advance(done, f"loss {record['loss']:.4f} pred {record['pred']:.4f} "
+                                      f"sigreg {record['sigreg']:.3f} lr {lr:.2e} {rate:.0f} {self.meter.short}")
+        else:
+            self.logger.advance(done)
+
+    def evaluate(self, done: int) -> None:
+        self.logger.log({"step": done, "train_s": round(time.perf_counter() - self.started, 1), **self.run.evaluate()})
+
+    def save(self, step: int) -> None:
+        tensors, meta = run_state(self.run, step, self.sampler)
+        if dist.is_main():
+            save_checkpoint(self.ckpt_dir / checkpoint_name(step), tensors, meta)
+            prune(self.ckpt_dir, self.cfg.train.keep_last)
+        dist.barrier()
+        self.last_saved = step
+
+    def finish(self, out: Path) -> dict[str, Any]:
+        """The final evaluation, appended to metrics.jsonl and written with the run's facts to summary.json."""
+        run = self.run
+        train_s = round(time.perf_counter() - self.started, 1)
+        scores = run.evaluate()
+        summary = {"step": self.last_good_step, "train_s": train_s,
+                   "checkpoint": str(self.ckpt_dir / checkpoint_name(self.last_saved)), **scores,
+                   **_before_training(out / "metrics.jsonl")}
+        if "knn_top1" in scores:
+            from lejepa_cli.image.evaluate import knn_protocol
+
+            summary["knn_protocol"] = knn_protocol(run.modules["backbone"], len(run.train_data))
+        if dist.is_main():
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.last_good_step, "train_s": train_s, **scores}) + "\n")
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool = False,
+          progress: bool = True, init_from: Path | None = None) -> dict[str, Any]:
+    """Pretrain per `cfg` into run folder `out`; returns the final summary.
+
+    resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
+    or the path of a checkpoint file.
+    """
+    if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
+        return done  # nothing left to train: the run's files stay as they are
+    device = dist.select_device(cfg.train.device, "train.device")
+    owns_group = dist.setup(device)  # torchrun: join the process group (and leave it at the end)
+    world, rank = dist.world_size(), dist.rank()
+    per_rank = _per_rank_batch(cfg, world)
+    must_clear = check_run_dir(out, resume=resume is not None, overwrite=overwrite)
+    dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
+    run = build_run(cfg, device, _checked_train_data(cfg, device))
+    sampler = StepSampler(len(run.train_data), cfg.train.batch_size, cfg.train.seed)
+    ckpt_dir = out / "checkpoints"
+    resumed_at = _resume_or_init(run, ckpt_dir, resume, init_from)
+    start = 0 if resumed_at is None else resumed_at
+    if must_clear:
+        clear_run_dir(out)  # only now: a bad --init-from or data error must not cost the old run
+    logger = _open_run_folder(cfg, out, start, progress)
+    logger.print(_describe(cfg, run, device, world, per_rank))
 
     if cfg.train.eval_every and start == 0:  # where the curve starts: the encoder before any update
         logger.log({"step": 0, "train_s": 0.0, **run.evaluate()})
     loader = BatchLoader(run.train_data, sampler, device, rank=rank, world=world, num_micro=cfg.train.grad_accum)
-    meter = Throughput()
-    started = time.perf_counter()  # evaluations carry the training seconds so far (this process)
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, found without a sync
-    last_saved = start if found is not None else -1
-    last_good_step = start
-    micro_x: list[torch.Tensor] = []
-    micro_y: list[torch.Tensor | None] = []
-
-    def save(step: int) -> None:
-        nonlocal last_saved
-        tensors, meta = run_state(run, step, sampler)
-        if dist.is_main():
-            save_checkpoint(ckpt_dir / checkpoint_name(step), tensors, meta)
-            prune(ckpt_dir, cfg.train.keep_last)
-        dist.barrier()
-        last_saved = step
-
-    def check_finite(step: int) -> None:
-        bad = int(first_bad)
-        if bad >= 0:
-            kept = f"the last good checkpoint is {ckpt_dir / checkpoint_name(last_saved)}" if last_saved >= 0 else "no checkpoint was written"
-            raise RunFailed(f"non-finite loss at step {bad}; stopping ({kept}); try a lower optim.lr or train.on_nonfinite=skip")
-
+    loop = _Loop(run, sampler, logger, ckpt_dir, start, resumed=resumed_at is not None)
+    micro_inputs: list[torch.Tensor] = []
+    micro_targets: list[torch.Tensor | None] = []
     try:
         with _StopSignal() as stop:
             for step, micro, batch in loader.iterate(start, cfg.train.steps):
-                micro_x.append(batch.images)
-                micro_y.append(batch.labels)
-                meter.add(batch.images.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
+                micro_inputs.append(batch.inputs)
+                micro_targets.append(batch.targets)
+                loop.meter.add(batch.inputs.shape[:-3].numel() * world, batch.wait_s)  # images, or frames of windows
                 if micro < cfg.train.grad_accum - 1:
                     continue
                 lr = lr_at(step, cfg)
                 for group in run.optimizer.param_groups:
                     group["lr"] = lr
                 seeds = [step_seed(cfg.train.seed, step, rank, m) for m in range(cfg.train.grad_accum)]
-                # skip mode: a skipped step must not leave its NaNs in BatchNorm statistics either
-                buffers = [b for m in run.modules.values() for b in m.buffers()] if cfg.train.on_nonfinite == "skip" else []
-                saved = [b.clone() for b in buffers]
-                parts = run.step(micro_x, micro_y, step, seeds)
-                micro_x, micro_y = [], []
-                # The mean over ranks, so every rank takes the same stop/skip decision.
-                finite = torch.isfinite(dist.all_reduce_mean(parts["loss"]))
-                if cfg.train.on_nonfinite == "skip" and not bool(finite):
-                    logger.print(f"[yellow]step {step}: non-finite loss, update skipped")
-                    run.optimizer.zero_grad(set_to_none=True)
-                    for buffer, old in zip(buffers, saved):
-                        buffer.copy_(old)
-                    for side in run.side_optimizers.values():  # e.g. the probe saw the same non-finite features
-                        side.zero_grad(set_to_none=True)
-                else:
-                    first_bad = torch.where(~finite & (first_bad < 0), step, first_bad)
-                    if cfg.optim.grad_clip > 0:
-                        params = [p for m in run.optimized.values() for p in m.parameters() if p.grad is not None]
-                        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-                    run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                for side in run.side_optimizers.values():
-                    side.step()
-                    side.zero_grad(set_to_none=True)
-
+                snapshot = loop.snapshot_buffers()
+                parts = run.step(micro_inputs, micro_targets, step, seeds)  # forward -> loss parts -> backward
+                micro_inputs, micro_targets = [], []
+                loop.update(step, parts["loss"], snapshot)  # optimizer step (or skip a non-finite one)
                 done = step + 1
-                is_last = done == cfg.train.steps
-                if done % cfg.log.every == 0 or is_last:
-                    check_finite(step)  # values are read from the device only here
-                    img_s, wait = meter.read()
-                    meter.reset()
-                    record = {"step": done, **{k: float(dist.all_reduce_mean(v.float())) for k, v in parts.items()},
-                              "lr": lr, "images_per_s": img_s, "data_wait": wait}
-                    logger.log(record)
-                    logger.advance(done, f"loss {record['loss']:.4f} pred {record['pred']:.4f} "
-                                         f"sigreg {record['sigreg']:.3f} lr {lr:.2e} {img_s:.0f} img/s")
-                else:
-                    logger.advance(done)
-                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and not is_last:
-                    logger.log({"step": done, "train_s": round(time.perf_counter() - started, 1), **run.evaluate()})
+                loop.log(step, parts, lr)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != cfg.train.steps:
+                    loop.evaluate(done)
                 # A signal may reach the ranks in different steps: all of them stop after the same one.
                 stopping = dist.any_rank(stop.signum is not None)
-                if done % cfg.train.save_every == 0 or is_last or stopping:
-                    check_finite(step)
-                    save(done)
-                last_good_step = done
+                if done % cfg.train.save_every == 0 or done == cfg.train.steps or stopping:
+                    loop.check_finite(step)  # no checkpoint holds weights a non-finite step touched
+                    loop.save(done)
+                loop.last_good_step = done
                 if stopping:
                     name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal to another rank"
                     raise RunFailed(f"stopped by {name} after step {done}; checkpoint saved, continue with --resume auto")
@@ -363,18 +415,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
         loader.close()
         logger.close()
 
-    train_s = round(time.perf_counter() - started, 1)
-    scores = run.evaluate()
-    summary = {"step": last_good_step, "train_s": train_s, "checkpoint": str(ckpt_dir / checkpoint_name(last_saved)), **scores,
-               **_before_training(out / "metrics.jsonl")}
-    if "knn_top1" in scores:
-        from lejepa_cli.image.evaluate import knn_protocol
-
-        summary["knn_protocol"] = knn_protocol(run.modules["backbone"], len(run.train_data))
-    if dist.is_main():
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": last_good_step, "train_s": train_s, **scores}) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = loop.finish(out)
     if owns_group:
         dist.barrier()  # no rank tears gloo / NCCL down while another still uses it
         dist.teardown()

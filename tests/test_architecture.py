@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "lejepa_cli"
 MAX_ROOT_MODULES = 20
 MAX_MODULE_LINES = 500
@@ -132,7 +130,6 @@ def test_no_module_over_500_lines():
     assert not long, long
 
 
-@pytest.mark.xfail(strict=True, reason="train() and run_probe are being split (issue 26); remove this mark then")
 def test_no_function_over_80_lines():
     long = []
     for path in PACKAGE.rglob("*.py"):

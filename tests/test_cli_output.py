@@ -15,7 +15,8 @@ import pytest
 from cli_run import invoke as run
 from conftest import TINY
 from data_fixtures import BAD_FILES, make_image_folder
-from lejepa_cli.cli import app, preset_description
+from lejepa_cli.cli import app
+from lejepa_cli.commands.presets import preset_description
 from lejepa_cli.config import list_presets, load_config, preset_path
 from lejepa_cli.errors import UserError
 from lejepa_cli.outputs import check_output_file, check_output_folder

@@ -95,3 +95,56 @@ def test_every_preset_builds_its_model(name):
         local = torch.zeros(2, 3, cfg.views.local_size, cfg.views.local_size)
         with torch.no_grad():
             assert backbone(local).shape == (2, backbone.embed_dim)
+
+
+# ---- a world config's frame size and latent width under their old names ---------------------------------
+
+
+@pytest.fixture
+def notes(monkeypatch, capsys):
+    """The deprecation notes printed from here on (each old name is reported once per process)."""
+    from lejepa_cli import config
+
+    monkeypatch.setattr(config, "_noted", set())
+    capsys.readouterr()
+    return lambda: [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+
+
+def test_world_presets_use_the_world_keys_and_round_trip_silently(notes):
+    cfg = load_config("world-tworoom")
+    assert (cfg.world.frame_size, cfg.world.latent_dim) == (32, 64)
+    assert (cfg.views.global_size, cfg.model.proj_dim) == (32, 64)  # mirrored: a saved config agrees with itself
+    assert config_from_dict(yaml.safe_load(cfg.to_yaml())) == cfg and notes() == []
+
+
+def test_old_names_in_a_world_config_are_read_with_one_note(notes):
+    cfg = load_config("world-tworoom", ["views.global_size=16", "model.proj_dim=8"])  # --set over the preset
+    assert (cfg.world.frame_size, cfg.world.latent_dim, cfg.views.global_size, cfg.model.proj_dim) == (16, 8, 16, 8)
+    assert len(notes()) == 1
+    load_config("world-tworoom", ["views.global_size=24"])
+    assert notes() == []  # once per process
+
+
+def test_a_config_saved_before_the_world_keys_loads_as_it_trained(notes):
+    from lejepa_cli.config import apply_overrides
+
+    old = load_config("world-tworoom").to_dict()
+    for key in ("frame_size", "latent_dim"):
+        del old["world"][key]
+    old["views"]["global_size"], old["model"]["proj_dim"] = 48, 24
+    cfg = config_from_dict(old)
+    assert (cfg.world.frame_size, cfg.world.latent_dim) == (48, 24) and len(notes()) == 1
+    later = apply_overrides(cfg, ["world.frame_size=40"])  # a later source wins over the saved old name
+    assert (later.world.frame_size, later.views.global_size, later.world.latent_dim) == (40, 40, 24)
+
+
+def test_both_names_disagreeing_in_one_source_is_an_error():
+    with pytest.raises(UserError, match=r"'views.global_size' = 16 and 'world.frame_size' = 32 disagree"):
+        load_config("world-tworoom", ["views.global_size=16", "world.frame_size=32"])
+    assert load_config("world-tworoom", ["views.global_size=16", "world.frame_size=16"]).world.frame_size == 16
+
+
+def test_image_configs_keep_their_views_and_projector_keys(notes):
+    cfg = load_config("demo", ["world.frame_size=64", "world.latent_dim=8"])
+    assert (cfg.views.global_size, cfg.model.proj_dim) == (load_config("demo").views.global_size, 128)
+    assert notes() == []

@@ -44,8 +44,8 @@ loader = BatchLoader(data, StepSampler(len(data), cfg.train.batch_size, 0), torc
                      num_micro=cfg.train.grad_accum)
 xs, ys = [], []
 for step, micro, batch in loader.iterate(0, 2):
-    xs.append(batch.images)
-    ys.append(batch.labels)
+    xs.append(batch.inputs)
+    ys.append(batch.targets)
     if micro == cfg.train.grad_accum - 1:
         image_objective.lejepa_step(run, xs, ys, step, [T.step_seed(0, step, 0, m) for m in range(cfg.train.grad_accum)])
         xs, ys = [], []

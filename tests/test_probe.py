@@ -294,6 +294,19 @@ def test_probe_without_an_encoder_says_what_to_give(argv, says):
     assert says in user_error(CliRunner().invoke(app, argv))
 
 
+def test_the_probe_command_defaults_are_the_library_defaults():
+    import inspect
+
+    from lejepa_cli.commands.probe import probe
+
+    params = inspect.signature(probe).parameters
+    defaults = ProbeOptions()
+    for name in ("data", "train_split", "eval_split", "epochs", "max_train", "shift", "shift_images", "adapt",
+                 "conditions", "cache", "device", "batch_size", "random_init", "preset", "plots"):
+        assert params[name].default == getattr(defaults, name), name
+    assert params["no_progress"].default is not defaults.progress
+
+
 def test_json_path_that_cannot_be_written_fails_before_the_work(run_dir, tmp_path, monkeypatch):
     calls = count_extractions(monkeypatch)
     (tmp_path / "a_file").write_text("x")

@@ -87,7 +87,8 @@ def test_a_world_recipe_simulates_trains_and_measures_its_figures(tmp_path, monk
 
     recipe = RECIPES["world-tworoom"]
     small = dataclasses.replace(recipe.world, episodes=6, val_episodes=2, steps=16, size=16, probe_episodes=2,
-                                surprise_episodes=2, plan_episodes=2, cem=(8, 2, 2), horizon=2)
+                                surprise_episodes=2, plan_episodes=2,
+                                cem=dataclasses.replace(recipe.world.cem, candidates=8, iterations=2, elites=2, horizon=2))
     monkeypatch.setitem(RECIPES, "world-tworoom", dataclasses.replace(recipe, world=small))
     result = CliRunner().invoke(app, ["reproduce", "world-tworoom", "--out", str(tmp_path), "--no-progress",
                                       *[a for o in TINY_WORLD for a in ("--set", o)]])

@@ -28,7 +28,7 @@ from lejepa_cli.world.prepare import simulate_dataset
 
 # A world model small enough that a step takes milliseconds: 16 px frames, 2 predictor blocks.
 TINY_WORLD = [
-    "views.global_size=16", "model.patch_size=8", "model.proj_hidden=32", "model.proj_dim=16",
+    "world.frame_size=16", "model.patch_size=8", "model.proj_hidden=32", "world.latent_dim=16",
     "world.depth=1", "world.heads=2", "world.head_dim=8", "world.mlp_dim=32", "world.frameskip=2",
     "world.eval_windows=16", "world.eval_horizon=3", "loss.num_slices=32", "train.batch_size=8",
     "train.steps=6", "train.save_every=3", "train.eval_every=3", "log.every=1", "train.device=cpu",
@@ -58,7 +58,7 @@ def test_world_run_logs_loss_parts_and_rollout_errors_beside_the_copy_guess(two_
     summary = train(world_config(two_room), tmp_path / "run", progress=False)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
-    assert {"pred", "sigreg", "loss", "images_per_s"} <= steps[-1].keys()
+    assert {"pred", "sigreg", "loss", "frames_per_s"} <= steps[-1].keys()
     assert all(np.isfinite(x["loss"]) for x in steps)
     evals = [x for x in lines if "one_step_err" in x]
     assert [x["step"] for x in evals] == [0, 3, 6]  # before training, periodic, final

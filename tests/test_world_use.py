@@ -17,7 +17,7 @@ from lejepa_cli.config import load_config
 from lejepa_cli.errors import UserError
 from lejepa_cli.train import train
 from lejepa_cli.world.plan import CEMConfig, cem, draw_problems, run_episodes, MIN_GOAL_DISTANCE
-from lejepa_cli.world.probe import r2_score, ridge_probe
+from lejepa_cli.probes import r2_score, ridge_probe
 from lejepa_cli.world.catalog import make_world
 from lejepa_cli.world.surprise import auroc, replay
 from test_world_train import simulate, world_config
@@ -141,6 +141,21 @@ def test_the_plan_command_defaults_are_the_library_defaults():
     assert params["noise_beta"].default == cfg.noise_beta
     assert (params["candidates"].default, params["iterations"].default, params["elites"].default,
             params["horizon"].default) == (cfg.candidates, cfg.iterations, cfg.elites, cfg.horizon)
+
+
+def test_the_stress_command_and_the_world_recipes_plan_with_the_library_defaults():
+    import inspect
+
+    from lejepa_cli.commands.world import stress_cmd
+    from lejepa_cli.world.plan import GOAL_OFFSET
+    from lejepa_cli.world.reproduce import WorldRecipe
+
+    params = inspect.signature(stress_cmd).parameters
+    cfg = CEMConfig()
+    for name in ("candidates", "iterations", "elites", "horizon", "cost", "noise_beta"):
+        assert params[name].default == getattr(cfg, name), name
+    recipe = WorldRecipe("two-room")
+    assert recipe.cem == cfg and recipe.goal_offset == GOAL_OFFSET
 
 
 def test_coloured_noise_is_white_at_beta_0_and_keeps_a_direction_at_beta_2():

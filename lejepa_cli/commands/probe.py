@@ -1,4 +1,4 @@
-"""`lejepa probe` and `lejepa viz`: thin commands over lejepa_cli.image.probe, .selection and .plots."""
+"""`lejepa probe`: a thin command over lejepa_cli.image.probe and .selection."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from typing import Annotated, Optional
 import typer
 
 from lejepa_cli.errors import UserError
-from lejepa_cli.image.limits import MAX_EPOCHS, MAX_PCA_IMAGES, MIN_TRAIN
+from lejepa_cli.image.limits import MAX_EPOCHS, MIN_TRAIN
 from lejepa_cli.terminal import make_console
 
 console = make_console()
 err_console = make_console(stderr=True)
 
+# Shared with `lejepa viz`.
 Device = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 Data = Annotated[Optional[str], typer.Option("--data", help="Labelled data: builtin, an IDX folder, an .npz or a prepared folder (default: the data the encoder was trained on).")]
 
@@ -69,21 +70,6 @@ def probe(
         err_console.print(f"report written to {json_file}", highlight=False, soft_wrap=True)
 
 
-def viz(
-    ckpt: Annotated[Path, typer.Argument(help="Training checkpoint, run folder or export folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("plots"),
-    images: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help=f"Image file for the PCA maps (repeatable, at most {MAX_PCA_IMAGES}; default: images of the encoder's data).")] = None,
-    num_images: Annotated[int, typer.Option(min=1, max=MAX_PCA_IMAGES, help="Images of the data to show when no --image is given.")] = 6,
-    data: Data = None,
-    device: Device = "auto",
-) -> None:
-    """Plot training curves (from metrics.jsonl) and PCA maps of patch features."""
-    from lejepa_cli.image.viz import write_viz
-
-    for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device):
-        err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
-
-
 def register(app: typer.Typer) -> None:
+    """Add `probe` as a top-level command of the lejepa app."""
     app.command("probe")(probe)
-    app.command("viz")(viz)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.terminal import make_console
+from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
 
 app = typer.Typer(help="Built-in simulated worlds and trained world models: list and simulate worlds; plan, probe and surprise with a world run.", no_args_is_help=True)
 console = make_console()
@@ -73,13 +74,27 @@ def simulate(
 
 
 def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str):
-    from lejepa_cli.outputs import check_output_file
     from lejepa_cli.world.runs import open_world_run
 
-    if json_file is not None:
-        check_output_file(json_file, "--json")  # before the work, not after it
+    _check_output(json_file, "--json")
     used = open_world_run(run, world_sets=sets)
     return used, used.require_world(what)
+
+
+def _cem_config(candidates: int, iterations: int, elites: int, horizon: int, cost: str, noise_beta: float) -> CEMConfig:
+    """The planner's settings from the command's CEM options, checked."""
+    cfg = CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost,
+                    noise_beta=noise_beta)
+    cfg.check()
+    return cfg
+
+
+def _check_output(path: Path | None, option: str) -> None:
+    """An output file the command will write, checked before the work, not after it."""
+    if path is not None:
+        from lejepa_cli.outputs import check_output_file
+
+        check_output_file(path, option)
 
 
 def _describe(used) -> None:
@@ -109,13 +124,13 @@ def plan_cmd(
     run: Run,
     episodes: Episodes = 20,
     budget: Annotated[int, typer.Option(min=1, max=1000, help="Environment steps per episode.")] = 50,
-    candidates: Candidates = 300,
-    iterations: Iterations = 30,
-    elites: Elites = 30,
-    horizon: Horizon = 5,
-    cost: Cost = "final",
-    noise_beta: NoiseBeta = 0.0,
-    goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = 25,
+    candidates: Candidates = CEMConfig.candidates,
+    iterations: Iterations = CEMConfig.iterations,
+    elites: Elites = CEMConfig.elites,
+    horizon: Horizon = CEMConfig.horizon,
+    cost: Cost = CEMConfig.cost,
+    noise_beta: NoiseBeta = CEMConfig.noise_beta,
+    goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = GOAL_OFFSET,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the random policy and the true-dynamics planner.")] = False,
@@ -128,13 +143,8 @@ def plan_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "plan")
-    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost,
-                             noise_beta=noise_beta)
-    cfg.check()
-    if save_video is not None:
-        from lejepa_cli.outputs import check_output_file
-
-        check_output_file(save_video, "--save-video")
+    cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
+    _check_output(save_video, "--save-video")
     if goal is not None:
         report = _plan_to_image(used, goal, episodes, budget, cfg, seed, save_video)
         _finish(report, json_file, started, used)
@@ -158,7 +168,7 @@ def plan_cmd(
     _finish(report, json_file, started, used)
 
 
-def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg, seed: int, save_video: Path | None) -> dict:
+def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg: CEMConfig, seed: int, save_video: Path | None) -> dict:
     from PIL import Image, UnidentifiedImageError
 
     from lejepa_cli.world import plan as planning
@@ -194,11 +204,11 @@ def probe_cmd(
     json_file: JsonFile = None,
 ) -> None:
     """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder."""
-    from lejepa_cli.world.probe import check_steps, probe_world
+    from lejepa_cli.world.probe import probe_world, require_full_history
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "probe")
-    check_steps(used.model, steps, history)
+    require_full_history(used.model, steps, history)
     _describe(used)
     report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed, history=history)
     hist = f"history of {report['history']}"
@@ -225,15 +235,12 @@ def surprise_cmd(
     json_file: JsonFile = None,
 ) -> None:
     """Inject impossible events (teleport, colour change, pass through a wall) and report surprise AUROC per kind."""
-    from lejepa_cli.world.surprise import check_steps, surprise
+    from lejepa_cli.world.surprise import require_event_frames, surprise
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "surprise")
-    if plot is not None:
-        from lejepa_cli.outputs import check_output_file
-
-        check_output_file(plot, "--plot")
-    check_steps(used.model, steps)
+    _check_output(plot, "--plot")
+    require_event_frames(used.model, steps)
     _describe(used)
     report = surprise(used.model, world, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
     table = Table("event", "AUROC", "mean surprise at the event", "mean surprise, normal frames",
@@ -250,12 +257,12 @@ def stress_cmd(
     run: Run,
     episodes: Episodes = 20,
     plan_episodes: Annotated[int, typer.Option(min=0, max=500, help="Planning episodes per row (0: no planning); planning is what costs.")] = 4,
-    candidates: Candidates = 300,
-    iterations: Iterations = 30,
-    elites: Elites = 30,
-    horizon: Horizon = 5,
-    cost: Cost = "final",
-    noise_beta: NoiseBeta = 0.0,
+    candidates: Candidates = CEMConfig.candidates,
+    iterations: Iterations = CEMConfig.iterations,
+    elites: Elites = CEMConfig.elites,
+    horizon: Horizon = CEMConfig.horizon,
+    cost: Cost = CEMConfig.cost,
+    noise_beta: NoiseBeta = CEMConfig.noise_beta,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
     steps: Steps = 60,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
@@ -264,22 +271,16 @@ def stress_cmd(
     json_file: JsonFile = None,
 ) -> None:
     """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world."""
-    from lejepa_cli.world import plan as planning
     from lejepa_cli.world import probe, surprise
     from lejepa_cli.world.stress import check_conditions, plot_stress, stress
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "stress")
-    cfg = planning.CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost,
-                             noise_beta=noise_beta)
-    cfg.check()
-    if plot is not None:
-        from lejepa_cli.outputs import check_output_file
-
-        check_output_file(plot, "--plot")
+    cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
+    _check_output(plot, "--plot")
     check_conditions(condition)
-    probe.check_steps(used.model, steps)
-    surprise.check_steps(used.model, steps)
+    probe.require_full_history(used.model, steps)
+    surprise.require_event_frames(used.model, steps)
     _describe(used)
     report = stress(used.model, world, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
                     conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False))

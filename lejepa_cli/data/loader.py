@@ -69,8 +69,12 @@ def pins_memory(device: torch.device) -> bool:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, C, H, W) uint8 on the device; a world's windows: (B, T, C, H, W)
-    labels: torch.Tensor | None  # (B,) int64 on the device; a world's action blocks: (B, T, A) float32
+    # What the objective reads, uint8 on the device: an image batch (B, C, H, W), or a world's
+    # windows of frames (B, T, C, H, W).
+    inputs: torch.Tensor
+    # What goes with them, on the device: an image batch's class labels (B,) int64 (None for
+    # unlabelled data), or a world's action blocks (B, T, A) float32.
+    targets: torch.Tensor | None
     wait_s: float  # time the training loop spent blocked waiting for this batch
 
 
@@ -88,12 +92,12 @@ class BatchLoader:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lejepa-loader")
 
     def _load(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        images, labels = self.dataset.batch(index)
+        inputs, targets = self.dataset.batch(index)
         # (B, H, W, C) -> (B, C, H, W), or a world's windows (B, T, H, W, C) -> (B, T, C, H, W); uint8 views
-        x = torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3)
+        x = torch.from_numpy(np.ascontiguousarray(inputs)).movedim(-1, -3)
         # Class labels as int64; a world's action blocks (B, T, A) stay float32.
-        kind = np.float32 if labels is not None and np.asarray(labels).dtype.kind == "f" else np.int64
-        y = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels, kind))
+        kind = np.float32 if targets is not None and np.asarray(targets).dtype.kind == "f" else np.int64
+        y = None if targets is None else torch.from_numpy(np.ascontiguousarray(targets, kind))
         if self.pin:
             x = x.contiguous().pin_memory()
             y = None if y is None else y.pin_memory()

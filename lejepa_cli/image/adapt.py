@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lejepa_cli import dist
 from lejepa_cli.config import Config, DataConfig, config_from_dict
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import RunFailed, UserError
@@ -204,8 +205,6 @@ def adapt_encoder(source: str | Path, out: str | Path, opts: AdaptOptions,
                   log: Callable[[str], None] = lambda line: None) -> Adapted:
     """`lejepa adapt`: adapt the encoder at `source` (checkpoint, run folder or export) to
     `opts.data` without labels and write it to `out` as an export."""
-    from lejepa_cli.train import select_device
-
     out = Path(out)
     if not 0 <= opts.steps <= MAX_ADAPT_STEPS:
         raise UserError(f"--steps {opts.steps} is not allowed: expected an integer in [0, {MAX_ADAPT_STEPS}] "
@@ -219,7 +218,7 @@ def adapt_encoder(source: str | Path, out: str | Path, opts: AdaptOptions,
     if opts.max_images is not None and opts.max_images < 1:
         raise UserError(f"--max-images {opts.max_images} is not allowed: expected an integer >= 1")
     check_out(out, opts.overwrite)
-    device = select_device(opts.device)
+    device = dist.select_device(opts.device)
     t0 = time.perf_counter()
     encoder = load_encoder(source, device=device)
     info = encoder.lejepa_info

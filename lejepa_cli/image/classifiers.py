@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lejepa_cli.image.evaluate import knn_classify
+from lejepa_cli.probes import centre, split_train_val
 
 LRS: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # AdamW grid on LayerNorm'd features
 SHOTS: tuple[int, ...] = (1, 5, 10)
@@ -115,13 +116,6 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> tor
     return hit.float().mean(-1)
 
 
-def split_train_val(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, val) of a random split of n items; val gets `fraction` of them (at least 1)."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = min(max(1, round(n * fraction)), n - 1)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def fit_linear_probe(
     train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, *, val_fraction: float = 0.1,
     lrs: Sequence[float] = LRS, epochs: int = 40, seed: int = 0, device: torch.device | str = "cpu",
@@ -164,9 +158,7 @@ def fewshot_accuracy(
 ) -> dict[str, Any]:
     """Nearest-class-centroid accuracy from `shots` labelled examples per class (SimpleShot:
     features centred by the train mean and L2-normalised), mean and std over `draws` draws."""
-    centre = train_x.mean(0, keepdim=True)
-    tr = F.normalize(train_x - centre, dim=1)
-    te = F.normalize(test_x - centre, dim=1)
+    tr, te = (F.normalize(x, dim=1) for x in centre(train_x, test_x))
     by_class = [torch.nonzero(train_y == c).flatten().numpy() for c in range(num_classes)]
     present = [c for c in range(num_classes) if len(by_class[c])]
     rng = np.random.default_rng(seed)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lejepa_cli.sigreg import random_directions, sigreg
+from lejepa_cli.sigreg import epps_pulley, random_directions, sigreg
 
 # Thresholds of the verdict. Ratios compare with an N(0, I) sample of the same N and D.
 COLLAPSE_RANK_RATIO = 0.05  # effective rank below 5% of an isotropic sample's: dimensional collapse
@@ -44,37 +44,6 @@ ANISOTROPY_CONDITION_RATIO = 3.0  # or a condition number over 3x an isotropic s
 NULL_EIGENVALUE = 1e-9  # relative to the largest: numerically zero
 MIN_PASS_RATE = 0.8  # a Gaussian passes ~95% of projections at alpha = 0.05
 HEAVY_TAIL_KURTOSIS = 1.0  # median excess kurtosis of projections (0 for a Gaussian, 6 for Student-t df=5)
-
-
-def epps_pulley(p: torch.Tensor, *, t_max: float = 3.0, num_knots: int = 17, chunk_elems: int = 1 << 15) -> torch.Tensor:
-    """Epps-Pulley statistic of each column of p (N, M) against N(0, 1) -> (M,).
-
-    The same statistic `loss.sigreg` averages over directions (trapezoid on [0, t_max], doubled,
-    weight exp(-t^2/2), times N), kept per column. exp(i t_j p) for the even knots t_j = j dt is
-    built by repeated multiplication with exp(i dt p), one complex multiply per knot instead of
-    a complex exponential. Blocks of `chunk_elems` stay in cache (and below PyTorch's
-    intra-op grain size, which on a busy machine is much faster than splitting tiny ops).
-    """
-    n, m = p.shape
-    dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-    cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-    dt = t_max / (num_knots - 1)
-    t = torch.linspace(0.0, t_max, num_knots, dtype=dtype, device=p.device)  # (T,)
-    phi = torch.exp(-0.5 * t * t)
-    cols = p.to(dtype).T.contiguous()  # (M, N): a block of directions is contiguous
-    ecf = torch.empty(m, num_knots, dtype=cdtype, device=p.device)  # (M, T)
-    ecf[:, 0] = 1.0  # t = 0
-    step = max(1, chunk_elems // n)
-    for start in range(0, m, step):
-        block = cols[start : start + step]  # (m, N)
-        e1 = torch.polar(torch.ones_like(block), dt * block)  # exp(i dt p)
-        ej = e1.clone()
-        for j in range(1, num_knots):
-            ecf[start : start + step, j] = ej.mean(dim=-1)
-            if j + 1 < num_knots:
-                ej.mul_(e1)
-    err = (ecf - phi).abs().square()  # (M, T)
-    return 2 * n * torch.trapezoid(err * phi, t, dim=-1)
 
 
 def critical_value(

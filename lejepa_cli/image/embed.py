@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lejepa_cli import dist
 from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.image.evaluate import extract_features
@@ -114,9 +115,7 @@ def embed(
     check_output_file(out, "--out")  # before the work: a read-only disk fails now, not after it
     if out.suffix == ".parquet":
         _require_pyarrow()
-    from lejepa_cli.image.probe import select_device  # errors name --device, the option the user gave
-
-    dev = select_device(device)
+    dev = dist.select_device(device)  # errors name --device, the option the user gave
     model = load_encoder(encoder, dev)
     info = model.lejepa_info
     dataset = open_data(data, split, size=info["image_size"], channels=info["channels"])

@@ -60,9 +60,10 @@ class ImageRun:
         """Optimizers of modules trained beside the encoder, by their checkpoint prefix."""
         return {} if self.probe_optimizer is None else {"probe_optim": self.probe_optimizer}
 
-    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+    def step(self, micro_inputs: list[torch.Tensor], micro_targets: list[torch.Tensor | None], step: int,
              seeds: list[int]) -> dict[str, torch.Tensor]:
-        return lejepa_step(self, micro_x, micro_y, step, seeds)
+        # micro_inputs: image batches (B, C, H, W) uint8; micro_targets: their class labels (B,), or None
+        return lejepa_step(self, micro_inputs, micro_targets, step, seeds)
 
     def evaluate(self) -> dict[str, float]:
         return evaluate(self)

@@ -17,7 +17,7 @@ was trained on: its train split and its held-out "val" split):
 - kNN: cosine similarity, temperature 0.07, k in {10, 20, 200} (`evaluate.knn_classify`);
 - few-shot: 1 / 5 / 10 labelled images per class, nearest class centroid on centred, unit-norm
   features (SimpleShot), mean and std over draws;
-- robustness under shift (`shift.py`): the same linear head and kNN on corrupted evaluation
+- robustness under shift (`corruptions.py`, its shift-table half): the same linear head and kNN on corrupted evaluation
   images, accuracy and its drop per corruption and severity; with `adapt`, also after label-free
   adaptation (`adapt.py`: BatchNorm statistics re-estimated on each row's corrupted images);
 - conditions (`conditions.py`): is the embedding h a near isotropic Gaussian, or which of
@@ -25,7 +25,7 @@ was trained on: its train split and its held-out "val" split):
   output z, the space SIGReg acts on; a reading of both verdicts next to the linear probe.
 
 Features come from `features.FeatureSource` (cached on disk); the linear, kNN and few-shot
-classifiers are in `probe_classifiers`; the tables and the JSON file are written by `probe_report`.
+classifiers are in `classifiers.py`; the tables and the JSON file are written by `report.py`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lejepa_cli import dist
 from lejepa_cli.checkpoint import tensor_digest
 from lejepa_cli.image.conditions import diagnose, explain
 from lejepa_cli.data.dataset import ImageDataset
@@ -123,18 +124,6 @@ class ProbeOptions:
 
 
 # ---- loading -------------------------------------------------------------------------------------
-
-
-def select_device(name: str, option: str = "--device") -> torch.device:
-    """The device `name` asks for; an unavailable one is a UserError naming `option`, the way
-    the user asked for it."""
-    from lejepa_cli.train import select_device as pick
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{option} {name}: CUDA is not available here; use {option} cpu or auto")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"{option} mps: MPS is not available here; use {option} cpu or auto")
-    return pick(name)
 
 
 def load_probe_encoder(source: str | Path, *, device: torch.device, random_init: bool = False, seed: int = 0) -> nn.Module:
@@ -328,11 +317,8 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
 
         check_output_folder(opts.plots, "--plots")  # before the work, not after it
     t0 = time.perf_counter()
-    device = select_device(opts.device)
-    if source is None:
-        encoder = preset_encoder(opts.preset, opts.data, device=device, seed=opts.seed)
-    else:
-        encoder = load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
+    device = dist.select_device(opts.device)
+    encoder = _encoder_to_probe(source, opts, device)
     info = encoder.lejepa_info
     if opts.adapt:
         _check_adapt(encoder, source, opts)
@@ -380,17 +366,8 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
         if opts.adapt:
             report["shift"]["adapted"] = adapted_shift_report(src, train, evaluation, report["shift"], num_classes, opts)
     if opts.conditions:
-        n = min(opts.conditions_samples, len(evaluation))
-        embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
         calib = cache / "calibration" if cache and src.cache_dir is not None else None
-        report["conditions"] = diagnose(embeddings, seed=opts.seed, cache_dir=calib)
-        report["conditions"]["space"] = "embedding h (backbone output)"
-        projector = None if opts.random_init else load_projector(source, device)
-        if projector is not None:
-            with torch.no_grad():
-                z = projector(embeddings.to(device)).float().cpu()
-            report["conditions"]["projector"] = {**diagnose(z, seed=opts.seed, cache_dir=calib),
-                                                 "space": "projector output z (what SIGReg regularises)"}
+        report["conditions"] = conditions_report(src, evaluation, source, opts, calib)
         report["conditions"]["reading"] = explain(report["conditions"], linear_top1=top1, num_classes=num_classes)
     report["timing"] = {"extract_s": t_extract - t0, "total_s": time.perf_counter() - t0,
                         "extractions": src.extractions}
@@ -399,6 +376,31 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
 
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
+    return report
+
+
+def _encoder_to_probe(source: str | Path | None, opts: ProbeOptions, device: torch.device) -> nn.Module:
+    """The encoder at `source`, or with `source` None a random-init one of `opts.preset`."""
+    if source is None:
+        return preset_encoder(opts.preset, opts.data, device=device, seed=opts.seed)
+    return load_probe_encoder(source, device=device, random_init=opts.random_init, seed=opts.seed)
+
+
+def conditions_report(src: FeatureSource, evaluation: ImageDataset, source: str | Path | None, opts: ProbeOptions,
+                      calib: Path | None) -> dict[str, Any]:
+    """Is the embedding h of up to `opts.conditions_samples` evaluation images a near isotropic
+    Gaussian (`conditions.diagnose`), and for a training checkpoint also the projector output z;
+    `calib`: where null-distribution calibrations are cached (None: not cached)."""
+    n = min(opts.conditions_samples, len(evaluation))
+    embeddings, _ = src.features(evaluation, kind="embedding", max_images=n, label=f"{evaluation.name} embeddings")
+    report = diagnose(embeddings, seed=opts.seed, cache_dir=calib)
+    report["space"] = "embedding h (backbone output)"
+    projector = None if opts.random_init else load_projector(source, src.device)
+    if projector is not None:
+        with torch.no_grad():
+            z = projector(embeddings.to(src.device)).float().cpu()
+        report["projector"] = {**diagnose(z, seed=opts.seed, cache_dir=calib),
+                               "space": "projector output z (what SIGReg regularises)"}
     return report
 
 

@@ -30,29 +30,20 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from lejepa_cli import dist
 from lejepa_cli.checkpoint import list_checkpoints, read_metadata
 from lejepa_cli.config import Config, config_from_dict
 from lejepa_cli.errors import UserError
+from lejepa_cli.probes import average_ranks
 from lejepa_cli.image.model import ViewEncoder, ViewProjector
 from lejepa_cli.image.objective import lejepa_loss
 from lejepa_cli.sigreg import random_directions
 from lejepa_cli.image.views import make_views
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 with ties given their average rank."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for value in np.unique(x):
-        tie = x == value
-        ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman rank correlation; None when it is undefined (fewer than 2 points or a constant side)."""
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    ra, rb = average_ranks(np.asarray(a, np.float64)), average_ranks(np.asarray(b, np.float64))
     if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
         return None
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -76,14 +67,14 @@ def rank_checkpoints(
     `chunk`: images per backbone pass (default: train.batch_size / train.grad_accum of the run).
     """
     from lejepa_cli.data.sources import load_dataset
-    from lejepa_cli.image.probe import probe_data_config, select_device
+    from lejepa_cli.image.probe import probe_data_config
 
     ckpts = run_checkpoints(run_dir)
     meta = read_metadata(ckpts[-1])
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"{ckpts[-1]} carries no training config; label-free ranking needs training checkpoints")
     cfg = config_from_dict(meta["config"])
-    dev = select_device(device)
+    dev = dist.select_device(device)
     data_cfg = probe_data_config({"config": meta["config"]}, data)
     split = data_cfg.eval_split
     try:

@@ -11,12 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from lejepa_cli import dist
 from lejepa_cli.data.sources import load_dataset
 from lejepa_cli.image.plots import (
     check_image_count, find_metrics, load_image_files, pca_feature_maps, plot_pca_maps, plot_training_curves,
     sample_images,
 )
-from lejepa_cli.image.probe import load_probe_encoder, probe_data_config, select_device
+from lejepa_cli.image.probe import load_probe_encoder, probe_data_config
 from lejepa_cli.outputs import check_output_folder
 
 
@@ -29,7 +30,7 @@ def write_viz(source: str | Path, out: Path, *, images: Sequence[Path] = (), num
     else:
         check_image_count(num_images, "--num-images")
     check_output_folder(out, "--out")  # before the work, not after it
-    dev = select_device(device)
+    dev = dist.select_device(device)
     encoder = load_probe_encoder(source, device=dev)
     written = []
     metrics = find_metrics(source)

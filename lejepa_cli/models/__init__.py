@@ -86,14 +86,21 @@ def build_projector(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> 
 
 
 def build_backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
-    """The backbone a run's config describes (`model.*`, sized by `views.global_size`)."""
+    """The backbone a run's config describes (`model.*`, sized by `views.global_size`, or for
+    objective world by `world.frame_size`)."""
     m, views = cfg.model, cfg.views
+    if cfg.objective == "world":  # whole frames, no views
+        side, sizes = cfg.world.frame_size, {"world.frame_size": cfg.world.frame_size}
+    else:
+        side, sizes = views.global_size, {"views.global_size": views.global_size}
+        if views.local_views > 0:
+            sizes["views.local_size"] = views.local_size
     if m.arch.startswith("vit"):
-        for key, size in (("views.global_size", views.global_size), ("views.local_size", views.local_size)):
-            if size % m.patch_size and (key == "views.global_size" or views.local_views > 0):
+        for key, size in sizes.items():
+            if size % m.patch_size:
                 raise UserError(f"config key '{key}' = {size} must be a multiple of model.patch_size = {m.patch_size}")
     backbone = build_backbone(
-        m.arch, img_size=views.global_size, patch_size=m.patch_size, in_chans=in_chans,
+        m.arch, img_size=side, patch_size=m.patch_size, in_chans=in_chans,
         drop_path=m.drop_path, small_stem=m.small_stem, stem_stride=m.stem_stride, head_width=m.head_width,
     )
     if m.grad_checkpointing:

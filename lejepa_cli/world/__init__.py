@@ -8,6 +8,6 @@ Model and training: model.py (encoder, action encoder, predictor), loss.py (the 
 objective), objective.py (what the shared training loop runs), export.py (artefacts and
 `load_world_model`).
 Use (`lejepa world plan | probe | surprise | stress`): use.py (a run with its simulator), plan.py
-(CEM planning), probe.py (state probes), surprise.py (injected events, AUROC), stress.py
+(CEM planning; its settings, torch-free, in plan_settings.py), probe.py (state probes), surprise.py (injected events, AUROC), stress.py
 (deployment conditions at graded levels), reproduce.py (world recipes of `lejepa reproduce`).
 """

@@ -34,14 +34,25 @@ WORLD_WEIGHTS = "world.safetensors"
 _PARTS = ("projector", "action_encoder", "predictor")
 
 
+def model_spec(config: dict[str, Any], action_dim: int) -> dict[str, Any]:
+    """The sizes `WorldModel.from_spec` reads, and the frame size, from a config dict (Config.to_dict())
+    and the number of action dimensions per step."""
+    from lejepa_cli.config import config_from_dict  # here: an export folder loads without the config stack
+
+    cfg = config_from_dict(config)  # a checkpoint from before world.frame_size / latent_dim names them the old way
+    w = cfg.world
+    return {
+        "latent_dim": w.latent_dim, "proj_hidden": cfg.model.proj_hidden, "history": w.history,
+        "num_preds": w.num_preds, "frameskip": w.frameskip, "depth": w.depth, "heads": w.heads,
+        "head_dim": w.head_dim, "mlp_dim": w.mlp_dim, "dropout": w.dropout,
+        "image_size": w.frame_size, "action_dim": int(action_dim),
+    }
+
+
 def world_spec(config: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
     """What rebuilds and feeds a world model, from a checkpoint's config and data metadata."""
-    w, m = config["world"], config["model"]
     return {
-        "latent_dim": m["proj_dim"], "proj_hidden": m["proj_hidden"], "history": w["history"],
-        "num_preds": w["num_preds"], "frameskip": w["frameskip"], "depth": w["depth"], "heads": w["heads"],
-        "head_dim": w["head_dim"], "mlp_dim": w["mlp_dim"], "dropout": w["dropout"],
-        "image_size": config["views"]["global_size"], "action_dim": int(data["action_dim"]),
+        **model_spec(config, data["action_dim"]),
         "action_mean": list(data["action_mean"]), "action_std": list(data["action_std"]),
         "world": data.get("world"), "state_names": data.get("state_names"),
     }
@@ -155,9 +166,7 @@ def load_world_model(path: str | Path, device: torch.device | str = "cpu") -> Wo
             raise UserError(f"{path} is not a world model (an image encoder: use lejepa_cli.load_encoder)")
         spec = world_spec(meta["config"], meta["data"])
         state = {f"{p}.{k}": v for p in _PARTS for k, v in split_prefix(tensors, f"model.{p}").items()}
-    model = WorldModel(backbone, latent_dim=spec["latent_dim"], action_dim=spec["frameskip"] * spec["action_dim"],
-                       history=spec["history"], proj_hidden=spec["proj_hidden"], depth=spec["depth"],
-                       heads=spec["heads"], head_dim=spec["head_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"])
+    model = WorldModel.from_spec(spec, backbone)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:

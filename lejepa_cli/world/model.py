@@ -1,6 +1,7 @@
 """The action-conditioned world model (LeWM's architecture): encoder, action encoder, predictor.
 
     model = WorldModel(backbone, latent_dim=192, action_dim=fs * A, history=3, ...)
+    model = WorldModel.from_spec(spec, backbone)   # spec: an export's "world" section (export.world_spec)
     z = model.encode(frames)                   # (B, T, C, H, W) float -> (B, T, D) latents
     p = model.predict(z[:, :3], actions[:, :3])  # (B, 3, D): position t predicts z_{t+1}
     future = model.rollout(z[:, :3], actions[:, :3], future_actions)   # (B, K, D)
@@ -15,29 +16,25 @@
   gate from a zero-initialised MLP, so each block starts as the identity), then an output
   projector with BatchNorm like the encoder's.
 
-Only torch is needed, so an exported model loads without the training code's dependencies.
+Only torch is needed (the projector is models.projector's, torch-only too), so an exported model
+loads without the training code's dependencies.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lejepa_cli.models.projector import Projector
 
-class LatentProjector(nn.Module):
-    """Linear-BN-GELU-Linear on the last dimension; leading dimensions are pooled for BatchNorm."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
-        super().__init__()
-        self.out_dim = out_dim
-        self.net = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        return self.net(x.reshape(-1, x.shape[-1])).reshape(*lead, self.out_dim)
+def latent_projector(in_dim: int, hidden_dim: int, out_dim: int) -> Projector:
+    """Linear(bias)-BN-GELU-Linear on the last dimension; leading dimensions are pooled for BatchNorm."""
+    return Projector(in_dim, hidden_dim, out_dim, hidden_layers=1, activation=nn.GELU, hidden_bias=True)
 
 
 class ActionEncoder(nn.Module):
@@ -102,7 +99,7 @@ class Predictor(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(ConditionedBlock(dim, heads, head_dim, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.out = LatentProjector(dim, proj_hidden, dim)
+        self.out = latent_projector(dim, proj_hidden, dim)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         t = z.shape[1]
@@ -124,10 +121,18 @@ class WorldModel(nn.Module):
         super().__init__()
         self.history, self.action_dim, self.latent_dim = history, action_dim, latent_dim
         self.backbone = backbone
-        self.projector = LatentProjector(backbone.embed_dim, proj_hidden, latent_dim)
+        self.projector = latent_projector(backbone.embed_dim, proj_hidden, latent_dim)
         self.action_encoder = ActionEncoder(action_dim, latent_dim)
         self.predictor = Predictor(latent_dim, history=history, depth=depth, heads=heads, head_dim=head_dim,
                                    mlp_dim=mlp_dim, dropout=dropout, proj_hidden=proj_hidden)
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], backbone: nn.Module) -> WorldModel:
+        """The world model a spec describes (export.world_spec / model_spec: latent_dim, proj_hidden,
+        history, frameskip, action_dim per step, depth, heads, head_dim, mlp_dim, dropout), on `backbone`."""
+        return cls(backbone, latent_dim=spec["latent_dim"], action_dim=spec["frameskip"] * spec["action_dim"],
+                   history=spec["history"], proj_hidden=spec["proj_hidden"], depth=spec["depth"], heads=spec["heads"],
+                   head_dim=spec["head_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"])
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """Normalised frames (B, T, C, H, W) -> latents z (B, T, D)."""

@@ -31,6 +31,7 @@ from lejepa_cli.logs import console
 from lejepa_cli.models import build_backbone_from_config
 from lejepa_cli.sigreg import sigreg
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
+from lejepa_cli.world.export import model_spec
 from lejepa_cli.world.loss import rollout_errors, world_loss
 from lejepa_cli.world.model import WorldModel
 from lejepa_cli.world.trajectories import TrajectoryDataset, load_trajectories, require_windows
@@ -92,16 +93,17 @@ class WorldRun:
         """uint8 windows (B, T, C, R, R) -> normalised float frames at the encoder's size."""
         b, t = frames.shape[:2]
         data = self.train_data.data
-        x = eval_transform(frames.flatten(0, 1), self.cfg.views.global_size, data.mean, data.std)
+        x = eval_transform(frames.flatten(0, 1), self.cfg.world.frame_size, data.mean, data.std)
         return x.view(b, t, *x.shape[1:])
 
-    def step(self, micro_x: list[torch.Tensor], micro_y: list[torch.Tensor | None], step: int,
+    def step(self, micro_inputs: list[torch.Tensor], micro_targets: list[torch.Tensor | None], step: int,
              seeds: list[int]) -> dict[str, torch.Tensor]:
+        # micro_inputs: windows of frames (B, T, C, R, R) uint8; micro_targets: their action blocks (B, T, A)
         w, loss_cfg = self.cfg.world, self.cfg.loss
         torch.manual_seed(seeds[0])  # dropout and drop-path draws: a pure function of the step
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
         with autocast:
-            z, p = self.trainer(self.frames_in(micro_x[0]), micro_y[0], w.history)  # (B, T, D), (B, H, D)
+            z, p = self.trainer(self.frames_in(micro_inputs[0]), micro_targets[0], w.history)  # (B, T, D), (B, H, D)
         parts = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
                            t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
         parts["loss"].backward()
@@ -127,10 +129,7 @@ class WorldRun:
 
 def build_world_model(cfg: Config, channels: int, action_dim: int) -> WorldModel:
     """The world model a config describes, for frames of `channels` and actions of `action_dim` per step."""
-    w = cfg.world
-    return WorldModel(build_backbone_from_config(cfg, channels), latent_dim=cfg.model.proj_dim,
-                      action_dim=w.frameskip * action_dim, history=w.history, proj_hidden=cfg.model.proj_hidden,
-                      depth=w.depth, heads=w.heads, head_dim=w.head_dim, mlp_dim=w.mlp_dim, dropout=w.dropout)
+    return WorldModel.from_spec(model_spec(cfg.to_dict(), action_dim), build_backbone_from_config(cfg, channels))
 
 
 def build_world_run(cfg: Config, device: torch.device) -> WorldRun:

@@ -8,9 +8,9 @@
 Probes are fitted on freshly simulated training episodes and scored on other, held-out ones
 (seed streams no training dataset uses). Features: one window frame's latent z_t, or the
 history the predictor reads (the H latents z_{t-H+1} .. z_t, concatenated), both on the same
-frames (those with a full history). Probes: ridge regression in closed form (penalty chosen by
-cross-validation over whole training episodes), and a small MLP (one hidden layer, full-batch
-Adam, early-stopped on held-out training episodes). Hidden parameters (mass, friction:
+frames (those with a full history). Probes (lejepa_cli.probes): ridge regression in closed form
+(penalty chosen by cross-validation over whole training episodes), and a small MLP (one hidden
+layer, full-batch Adam, early-stopped on held-out training episodes). Hidden parameters (mass, friction:
 constant in an episode, invisible in one frame) are "recoverable" from a feature set when a probe reaches R^2 >= 0.5.
 """
 
@@ -20,89 +20,13 @@ import numpy as np
 import torch
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.probes import mlp_probe, r2_score, ridge_cv
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, simulate
-from lejepa_cli.world.runs import encode_episodes, window_frames
+from lejepa_cli.world.runs import encode_episodes, require_window_frames, window_frames
 
-LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge penalties tried (times N, on standardised features)
 RECOVERABLE = 0.5  # R^2 from which a hidden parameter counts as readable
 TRAIN_STREAM, TEST_STREAM = 101, 102  # seed streams apart from `lejepa world simulate`'s 0 (train) and 1 (val)
-
-
-def r2_score(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Per-column R^2 = 1 - SSE / SST of predictions (N, S); a constant column scores 0 when predicted exactly, else < 0."""
-    sse = ((y - pred) ** 2).sum(0)
-    sst = ((y - y.mean(0)) ** 2).sum(0)
-    return np.where(sst > 1e-12, 1.0 - sse / np.maximum(sst, 1e-12), np.where(sse < 1e-12, 0.0, -np.inf))
-
-
-def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mu, sd = train.mean(0), train.std(0) + 1e-6
-    return [(x - mu) / sd for x in (train, *others)]
-
-
-def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, lam: float = 1e-3) -> np.ndarray:
-    """Closed-form ridge regression (features standardised, intercept unpenalised); predictions (N_test, S)."""
-    xs, xt = _standardise(x_train.astype(np.float64), x_test.astype(np.float64))
-    y_mean = y_train.mean(0)
-    gram = xs.T @ xs + lam * len(xs) * np.eye(xs.shape[1])
-    w = np.linalg.solve(gram, xs.T @ (y_train - y_mean))  # (F, S)
-    return xt @ w + y_mean
-
-
-def _folds(groups: np.ndarray, k: int = 4) -> list[np.ndarray]:
-    """Boolean validation masks that split whole episodes (a probe must not learn an episode by heart)."""
-    ids = np.unique(groups)
-    return [np.isin(groups, ids[i::k]) for i in range(min(k, len(ids))) if len(ids) > 1]
-
-
-def ridge_cv(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Ridge with the penalty chosen per state column by episode-grouped cross-validation on the training set."""
-    folds = _folds(groups)
-    if not folds:
-        return ridge_probe(x_train, y_train, x_test)
-    errors = []
-    for lam in LAMBDAS:
-        err = sum(((ridge_probe(x_train[~v], y_train[~v], x_train[v], lam) - y_train[v]) ** 2).sum(0) for v in folds)
-        errors.append(err)  # (S,)
-    best = np.asarray(LAMBDAS)[np.argmin(np.stack(errors), axis=0)]  # (S,)
-    out = np.empty((len(x_test), y_train.shape[1]))
-    for lam in np.unique(best):
-        cols = best == lam
-        out[:, cols] = ridge_probe(x_train, y_train[:, cols], x_test, float(lam))
-    return out
-
-
-def mlp_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, groups: np.ndarray | None = None, *,
-              hidden: int = 128, steps: int = 400, seed: int = 0) -> np.ndarray:
-    """A one-hidden-layer MLP (full-batch Adam on standardised inputs and targets); predictions (N_test, S).
-
-    With `groups`, a quarter of the training episodes is held out and the weights with the lowest
-    error on them are kept (early stopping, so the MLP does not learn episodes by heart).
-    """
-    val = _folds(groups)[0] if groups is not None and _folds(groups) else np.zeros(len(x_train), bool)
-    xs, xt = (torch.from_numpy(a).float() for a in _standardise(x_train, x_test))
-    (ys,) = _standardise(y_train)
-    y_mu, y_sd = y_train.mean(0), y_train.std(0) + 1e-6
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(xs.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, ys.shape[1]))
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    target = torch.from_numpy(ys).float()
-    fit, held = torch.from_numpy(~val), torch.from_numpy(val)
-    best, best_state = float("inf"), None
-    for step in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(xs[fit]), target[fit]).backward()
-        opt.step()
-        if val.any() and step % 10 == 9:
-            with torch.no_grad():
-                loss = float(torch.nn.functional.mse_loss(net(xs[held]), target[held]))
-            if loss < best:
-                best, best_state = loss, {k: v.clone() for k, v in net.state_dict().items()}
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    with torch.no_grad():
-        return net(xt).numpy().astype(np.float64) * y_sd + y_mu
 
 
 def random_init_like(model: WorldModelExport, seed: int = 0) -> WorldModelExport:
@@ -114,10 +38,7 @@ def random_init_like(model: WorldModelExport, seed: int = 0) -> WorldModelExport
     torch.manual_seed(seed)
     backbone = build_backbone(**info["arch_config"])
     backbone.lejepa_info = info
-    fresh = WorldModel(backbone, latent_dim=spec["latent_dim"], action_dim=spec["frameskip"] * spec["action_dim"],
-                       history=spec["history"], proj_hidden=spec["proj_hidden"], depth=spec["depth"], heads=spec["heads"],
-                       head_dim=spec["head_dim"], mlp_dim=spec["mlp_dim"], dropout=spec["dropout"])
-    return WorldModelExport(fresh, spec, model.mean, model.std)
+    return WorldModelExport(WorldModel.from_spec(spec, backbone), spec, model.mean, model.std)
 
 
 def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,11 +50,10 @@ def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: 
     return np.concatenate(frames), np.concatenate(states).astype(np.float64)
 
 
-def check_steps(model: WorldModelExport, steps: int, history: int | None = None) -> None:
-    """Episodes of `steps` steps must hold at least one full history of window frames."""
-    length, h = -(-steps // model.frameskip), history or model.history
-    if length < h:
-        raise UserError(f"episodes of {steps} steps give {length} window frames, fewer than the history {h}")
+def require_full_history(model: WorldModelExport, steps: int, history: int | None = None) -> None:
+    """Episodes of `steps` steps must hold at least one full history (the model's, or `history`) of window frames."""
+    h = history or model.history
+    require_window_frames(model, steps, h, f"fewer than the history {h}")
 
 
 def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
@@ -142,7 +62,7 @@ def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, hi
     z = encode_episodes(model, window_frames(frames, fs)).numpy()  # (N, L, D)
     s = window_frames(states, fs)  # (N, L, S)
     n, length, d = z.shape
-    check_steps(model, frames.shape[1], h)
+    require_full_history(model, frames.shape[1], h)
     hist = np.concatenate([z[:, k : length - h + 1 + k] for k in range(h)], axis=-1)  # (N, L-H+1, H*D)
     episode = np.repeat(np.arange(n), length - h + 1)  # (M,) which episode each row comes from
     return {"frame": z[:, h - 1 :].reshape(-1, d), "history": hist.reshape(-1, h * d),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
+
 
 @dataclass(frozen=True)
 class WorldRecipe:
@@ -33,11 +35,8 @@ class WorldRecipe:
     probe_steps: int = 60  # steps per probe episode
     surprise_episodes: int = 30
     plan_episodes: int = 20  # 0: no planning (a world without actions)
-    goal_offset: int | None = None  # None: the planner's default (world/plan.py GOAL_OFFSET)
-    cem: tuple[int, int, int] = (300, 30, 30)  # candidates, iterations, elites (LeWM's CEM)
-    horizon: int = 5  # planning horizon in blocks (LeWM: 5)
-    cost: str = "final"  # planning cost: final | min (world/plan.py)
-    noise_beta: float = 0.0  # colour of CEM's sampling noise (world/plan.py)
+    goal_offset: int = GOAL_OFFSET  # goals this many exploration steps after the start (world/plan.py)
+    cem: CEMConfig = CEMConfig()  # the planner: candidates, iterations, elites, horizon, cost, noise colour
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -52,7 +51,7 @@ def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
 
 def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
     """The recipe's figures for the newest checkpoint in `run_dir`, and the full reports they come from."""
-    from lejepa_cli.world.plan import GOAL_OFFSET, CEMConfig, plan
+    from lejepa_cli.world.plan import plan
     from lejepa_cli.world.probe import probe_world
     from lejepa_cli.world.surprise import surprise
     from lejepa_cli.world.runs import open_world_run
@@ -72,11 +71,8 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
     measured["teleport_auroc"] = events["auroc"]["teleport"]
     reports: dict[str, Any] = {"probe": probe, "surprise": events, "world_note": used.note}
     if recipe.plan_episodes:
-        candidates, iterations, elites = recipe.cem
-        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed,
-                       cfg=CEMConfig(candidates=candidates, iterations=iterations, elites=elites,
-                                     horizon=recipe.horizon, cost=recipe.cost, noise_beta=recipe.noise_beta),
-                       goal_offset=GOAL_OFFSET if recipe.goal_offset is None else recipe.goal_offset)
+        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, cfg=recipe.cem,
+                       goal_offset=recipe.goal_offset)
         for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
             measured[key] = planned[key]
         reports["plan"] = planned

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lejepa_cli import dist
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.catalog import make_world, parse_sets, world_class
@@ -52,7 +53,11 @@ def _training_index(info: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, device: str = "cpu") -> LoadedWorld:
-    """The world model at `path` and its simulator (from the training data's world name and options)."""
+    """The world model at `path` and its simulator (from the training data's world name and options).
+
+    `device` as `dist.select_device` reads it; the CPU by default, since the simulators, probes and
+    planners around the model read its latents as numpy arrays.
+    """
     from lejepa_cli.world.export import load_world_model
 
     path = Path(path).expanduser()
@@ -61,7 +66,7 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, dev
     if path.is_dir() and (path / "config.json").is_file() and not (path / "world.safetensors").is_file():
         raise UserError(f"{path} is an image-encoder export, not a world model (no world.safetensors); "
                         "give a world run folder or the export of one")
-    model = load_world_model(path, device)
+    model = load_world_model(path, dist.select_device(device))
     name = model.spec.get("world")
     if not name:
         return LoadedWorld(model, None, "its data names no built-in world", path)
@@ -80,6 +85,18 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, dev
     if world_sets:
         note += f", with {', '.join(world_sets)}"
     return LoadedWorld(model, world, note, path)
+
+
+def window_count(steps: int, frameskip: int) -> int:
+    """Window frames of an episode of `steps` steps: every frameskip-th frame, the first included."""
+    return -(-steps // frameskip)
+
+
+def require_window_frames(model: WorldModelExport, steps: int, needed: int, shortfall: str) -> None:
+    """A UserError unless episodes of `steps` steps give `needed` window frames; `shortfall` says who needs them."""
+    length = window_count(steps, model.frameskip)
+    if length < needed:
+        raise UserError(f"episodes of {steps} steps give {length} window frames; {shortfall}")
 
 
 def blocks(actions: np.ndarray, frameskip: int) -> np.ndarray:

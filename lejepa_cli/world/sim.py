@@ -1,4 +1,4 @@
-"""The World protocol, its options, the registry of built-in worlds, and `simulate`.
+"""The World protocol, its options and `simulate` (the built-in worlds by name: catalog.py).
 
 A world is a batched numpy simulator. Its state is a plain float64 array (B, S) whose columns
 are named by `state_names` (positions, velocities and hidden parameters), so a planner can copy

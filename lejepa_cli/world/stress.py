@@ -28,7 +28,8 @@ import numpy as np
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.plan import CEMConfig, plan
-from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, r2_score, ridge_cv, simulated_split
+from lejepa_cli.probes import r2_score, ridge_cv
+from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, simulated_split
 from lejepa_cli.world.catalog import make_world
 from lejepa_cli.world.sim import World
 from lejepa_cli.world.surprise import surprise

@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.probes import average_ranks
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.sim import World, observe, simulate
-from lejepa_cli.world.runs import blocks, encode_episodes, one_step_surprise, window_frames
+from lejepa_cli.world.runs import blocks, encode_episodes, one_step_surprise, require_window_frames, window_count, window_frames
 
 EVENT_STREAM = 103  # seed stream of the held-out episodes (apart from the dataset's 0 and 1)
 MIN_JUMP = 0.3  # a teleport moves the object at least this far (arena side = 1)
@@ -35,15 +36,7 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     pos, neg = np.asarray(positive, np.float64).ravel(), np.asarray(negative, np.float64).ravel()
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("AUROC needs at least one positive and one negative score")
-    scores = np.concatenate([pos, neg])
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # Average rank (1-based) over each run of equal scores.
-    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    ends = np.r_[starts[1:], len(scores)]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e + 1) / 2.0
+    ranks = average_ranks(np.concatenate([pos, neg])) + 1.0  # 1-based, ties averaged
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
@@ -114,11 +107,10 @@ def replay(world: World, starts: np.ndarray, actions: np.ndarray, seed: int, kin
     return frames, states
 
 
-def check_steps(model: WorldModelExport, steps: int) -> None:
+def require_event_frames(model: WorldModelExport, steps: int) -> None:
     """Episodes of `steps` steps must give a full history, an event frame and one after it."""
-    length, h = -(-steps // model.frameskip), model.history
-    if length < h + 2:
-        raise UserError(f"--steps {steps} gives {length} window frames; surprise needs at least history + 2 = {h + 2}")
+    h = model.history
+    require_window_frames(model, steps, h + 2, f"surprise needs at least history + 2 = {h + 2}")
 
 
 def surprise(model: WorldModelExport, world: World, *, episodes: int = 20, steps: int = 60, seed: int = 0,
@@ -134,9 +126,9 @@ def surprise(model: WorldModelExport, world: World, *, episodes: int = 20, steps
         raise UserError(f"event '{bad[0]}' is not defined for world {world.name} (it has: {', '.join(event_kinds(world))})")
     if episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {episodes}")
-    check_steps(model, steps)
+    require_event_frames(model, steps)
     fs, h = model.frameskip, model.history
-    length = -(-steps // fs)  # window frames per episode
+    length = window_count(steps, fs)
     chunks = list(simulate(world, episodes, steps, seed, EVENT_STREAM))  # the exploration policy's actions
     actions = np.concatenate([c.actions.reshape(c.episodes, steps, -1) for c in chunks]).astype(np.float64)
     starts = np.concatenate([c.state.reshape(c.episodes, steps, -1)[:, 0] for c in chunks])
