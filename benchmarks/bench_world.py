@@ -7,9 +7,13 @@
 training: one optimizer step of the preset's world model (encode every window frame, predict,
 world loss, backward, AdamW) on random uint8 windows at the simulator's 64 px, resized as
 training resizes them; frames/s counts every encoded frame (batch x (history + num_preds)).
-rollout: what a CEM planner asks of the model per iteration: 300 candidate action sequences,
-horizon 5 skip-blocks, from one encoded history; frames/s = 300 x 5 / seconds, and the seconds
-of a 30-iteration plan (LeWM's CEM) follow from it. Medians over repeats; JSON on stdout.
+rollout: what a CEM planner asks of the model per iteration (LeWM's CEM: 300 candidate action
+sequences, horizon 5 skip-blocks, from one encoded history), two ways side by side: `plain`, the
+context copied to every candidate and `WorldModel.rollout` run on it (what `world plan` did before
+world/rollout.py), and `shared`, `rollout_candidates` (the shared context computed once, AdaLN once
+per action block, the last block for the newest position only). frames/s = 300 x 5 / seconds; the
+seconds of one 30-iteration decision follow from it. With --threads 1 --threads 2 each case is
+measured at each thread count in the same run. Medians over repeats; JSON on stdout.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from lejepa_cli.data.loader import eval_transform
 from lejepa_cli.optim import adamw, param_groups
 from lejepa_cli.world.loss import world_loss
 from lejepa_cli.world.objective import build_world_model
+from lejepa_cli.world.rollout import rollout_candidates
 
 PRESETS = ("world-tworoom", "world-push", "world-balls")
 ACTION_DIMS = {"world-balls": 0}  # passive world; the others act in 2-D
@@ -65,33 +70,46 @@ def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 6
 
     step_s = _median_seconds(train_step, repeats, device)
     model.eval()
-    context = torch.randn(CANDIDATES, w.history, w.latent_dim, device=device)
-    ctx_actions = torch.randn(CANDIDATES, w.history, w.frameskip * action_dim, device=device)
-    future = torch.randn(CANDIDATES, HORIZON - 1, w.frameskip * action_dim, device=device)
-    rollout_s = _median_seconds(lambda: model.rollout(context, ctx_actions, future), repeats, device)
+    a = w.frameskip * action_dim
+    context = torch.randn(1, w.history, w.latent_dim, device=device)  # one problem, as in a decision
+    past = torch.randn(1, w.history - 1, a, device=device)
+    candidates = torch.randn(1, CANDIDATES, HORIZON, a, device=device)
+
+    def plain() -> None:
+        ctx = context.expand(CANDIDATES, -1, -1)
+        acts = torch.cat([past.expand(CANDIDATES, -1, -1), candidates[0, :, :1]], 1)
+        model.rollout(ctx, acts, candidates[0, :, 1:])
+
+    plain_s = _median_seconds(plain, repeats, device)
+    shared_s = _median_seconds(lambda: rollout_candidates(model, context, past, candidates), repeats, device)
     return {
-        "preset": preset, "encoder": f"{cfg.model.arch}/{cfg.model.patch_size} at {w.frame_size} px",
+        "preset": preset, "threads": torch.get_num_threads(),
+        "encoder": f"{cfg.model.arch}/{cfg.model.patch_size} at {w.frame_size} px",
         "batch_windows": b, "frames_per_window": t,
         "train_step_ms": round(1e3 * step_s, 1), "train_frames_per_s": round(b * t / step_s, 1),
         "rollout_candidates": CANDIDATES, "rollout_horizon": HORIZON,
-        "rollout_ms": round(1e3 * rollout_s, 2), "rollout_frames_per_s": round(CANDIDATES * HORIZON / rollout_s, 1),
-        "cem_plan_s_estimate": round(CEM_ITERATIONS * rollout_s, 3),
+        "rollout_plain_ms": round(1e3 * plain_s, 2), "rollout_shared_ms": round(1e3 * shared_s, 2),
+        "rollout_frames_per_s": round(CANDIDATES * HORIZON / shared_s, 1),
+        "cem_decision_plain_s": round(CEM_ITERATIONS * plain_s, 3),
+        "cem_decision_shared_s": round(CEM_ITERATIONS * shared_s, 3),
+        "shared_speedup": round(plain_s / shared_s, 2),
     }
 
 
-def run(quick: bool = False, threads: int | None = None, presets: tuple[str, ...] = PRESETS) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
+def run(quick: bool = False, threads: int | list[int] | None = None, presets: tuple[str, ...] = PRESETS) -> dict:
     device = default_device()
     repeats = 3 if quick else 10
-    return {"benchmark": "world", "machine": describe(device), "repeats": repeats,
-            "cases": [measure(p, repeats, device) for p in presets]}
+    cases = []
+    for n in ([threads] if isinstance(threads, int) else threads) or [torch.get_num_threads()]:
+        torch.set_num_threads(n)
+        cases += [measure(p, repeats, device) for p in presets]
+    return {"benchmark": "world", "machine": describe(device), "repeats": repeats, "cases": cases}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", type=int, action="append", help="CPU threads (repeatable: each case at each)")
     parser.add_argument("--preset", action="append", help="world preset(s) to measure (default: the CPU ones)")
     args = parser.parse_args()
     print(json.dumps(run(args.quick, args.threads, tuple(args.preset or PRESETS)), indent=2))

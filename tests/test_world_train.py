@@ -260,4 +260,6 @@ def test_world_benchmark_reports_training_and_planning_rollout_rates():
     case = bench_world.measure("world-tworoom", 1, torch.device("cpu"), frame_side=32)
     assert case["train_frames_per_s"] > 0 and case["rollout_frames_per_s"] > 0
     assert case["rollout_candidates"] == 300 and case["rollout_horizon"] == 5
-    assert case["cem_plan_s_estimate"] == pytest.approx(30 * case["rollout_ms"] / 1e3, rel=0.01)
+    assert case["cem_decision_shared_s"] == pytest.approx(30 * case["rollout_shared_ms"] / 1e3, rel=0.01)
+    assert case["cem_decision_plain_s"] == pytest.approx(30 * case["rollout_plain_ms"] / 1e3, rel=0.01)
+    assert case["shared_speedup"] == pytest.approx(case["rollout_plain_ms"] / case["rollout_shared_ms"], rel=0.02)

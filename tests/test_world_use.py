@@ -88,6 +88,11 @@ class CentroidModel:
         moves = self.speed * blocks.view(*blocks.shape[:2], self.frameskip, 2).sum(2)  # (B, K, 2)
         return latents[:, -1:] + moves.cumsum(1)
 
+    def rollout_candidates(self, latents, past, candidates):  # (B, H, 2), (B, H - 1, A'), (B, C, K, A')
+        b, c, k, _ = candidates.shape
+        moves = self.speed * candidates.view(b, c, k, self.frameskip, 2).sum(3)  # (B, C, K, 2)
+        return latents[:, None, -1:] + moves.cumsum(2)
+
 
 def test_latent_planner_with_exact_latents_reaches_near_goals():
     world = make_world("two-room", size=32)

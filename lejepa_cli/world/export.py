@@ -145,6 +145,15 @@ class WorldModelExport(torch.nn.Module):
         """Context latents (B, H, D) and raw action blocks (B, H, A'), future blocks (B, K - 1, A') -> (B, K, D)."""
         return self.model.rollout(latents.to(self._device()), self._actions(actions), self._actions(future_actions))
 
+    @torch.no_grad()
+    def rollout_candidates(self, latents: torch.Tensor, past, candidates) -> torch.Tensor:
+        """One context per row, many candidate plans: context latents (B, H, D), the raw action blocks
+        between them (B, H - 1, A'), candidates' raw blocks (B, C, K, A') -> (B, C, K, D). What `rollout`
+        gives each candidate, to rounding, computing the shared context once (world/rollout.py)."""
+        from lejepa_cli.world.rollout import rollout_candidates
+
+        return rollout_candidates(self.model, latents.to(self._device()), self._actions(past), self._actions(candidates))
+
 
 def load_world_model(path: str | Path, device: torch.device | str = "cpu") -> WorldModelExport:
     """The world model of an export folder, a world run folder or one of its checkpoints."""

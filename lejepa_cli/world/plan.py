@@ -76,13 +76,9 @@ def cem(cost: Callable[[torch.Tensor], torch.Tensor], batch: int, dim: int, cfg:
 def model_cost(model: WorldModelExport, z_hist: torch.Tensor, b_hist: torch.Tensor, z_goal: torch.Tensor, how: str = "final"):
     """Cost of candidates for the world model: context latents (B, h, D), the h - 1 blocks between them, goal (B, D)."""
 
-    def cost(samples: torch.Tensor) -> torch.Tensor:
-        b, c, k, a = samples.shape
-        ctx = z_hist[:, None].expand(-1, c, -1, -1).reshape(b * c, *z_hist.shape[1:])  # (B*C, h, D)
-        past = b_hist[:, None].expand(-1, c, -1, -1).reshape(b * c, b_hist.shape[1], a)  # (B*C, h-1, A')
-        acts = torch.cat([past, samples[:, :, :1].reshape(b * c, 1, a)], dim=1)  # last context block = first executed
-        pred = model.rollout(ctx, acts, samples[:, :, 1:].reshape(b * c, k - 1, a))  # (B*C, K, D)
-        return reduce_cost(((pred.view(b, c, k, -1) - z_goal[:, None, None]) ** 2).sum(-1), how)  # from (B, C, K)
+    def cost(samples: torch.Tensor) -> torch.Tensor:  # samples (B, C, K, A'); the first block acts from z_hist's last latent
+        pred = model.rollout_candidates(z_hist, b_hist, samples)  # (B, C, K, D), the shared context computed once
+        return reduce_cost(((pred - z_goal[:, None, None]) ** 2).sum(-1), how)  # from (B, C, K)
 
     return cost
 
