@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_world                 # the CPU world presets (about a minute)
     python -m benchmarks.bench_world --quick         # fewer repeats
-    python -m benchmarks.bench_world --preset lewm   # LeWM's sizes (a GPU's job; slow on a CPU)
+    python -m benchmarks.bench_world --preset lewm --batch 16   # LeWM's sizes (slow on a CPU; its batch needs a GPU)
 
 training: one optimizer step of the preset's world model (encode every window frame, predict,
 world loss, backward, AdamW) on random uint8 windows at the simulator's 64 px, resized as
@@ -50,14 +50,14 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 64) -> dict:
+def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 64, batch: int | None = None) -> dict:
     cfg = load_config(preset)
     w = cfg.world
     action_dim = ACTION_DIMS.get(preset, 2)
     torch.manual_seed(0)
     model = build_world_model(cfg, 3, action_dim).to(device)
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay), cfg, device)
-    b, t = cfg.train.batch_size, w.history + w.num_preds
+    b, t = batch or cfg.train.batch_size, w.history + w.num_preds  # LeWM's 224 px batch needs a GPU's memory: pass --batch
     frames = torch.randint(0, 256, (b, t, 3, frame_side, frame_side), dtype=torch.uint8, device=device)
     actions = torch.randn(b, t, w.frameskip * action_dim, device=device)
 
@@ -96,13 +96,14 @@ def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 6
     }
 
 
-def run(quick: bool = False, threads: int | list[int] | None = None, presets: tuple[str, ...] = PRESETS) -> dict:
+def run(quick: bool = False, threads: int | list[int] | None = None, presets: tuple[str, ...] = PRESETS,
+        batch: int | None = None) -> dict:
     device = default_device()
     repeats = 3 if quick else 10
     cases = []
     for n in ([threads] if isinstance(threads, int) else threads) or [torch.get_num_threads()]:
         torch.set_num_threads(n)
-        cases += [measure(p, repeats, device) for p in presets]
+        cases += [measure(p, repeats, device, batch=batch) for p in presets]
     return {"benchmark": "world", "machine": describe(device), "repeats": repeats, "cases": cases}
 
 
@@ -110,9 +111,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, action="append", help="CPU threads (repeatable: each case at each)")
+    parser.add_argument("--batch", type=int, help="training windows per step (default: the preset's batch_size)")
     parser.add_argument("--preset", action="append", help="world preset(s) to measure (default: the CPU ones)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.threads, tuple(args.preset or PRESETS)), indent=2))
+    print(json.dumps(run(args.quick, args.threads, tuple(args.preset or PRESETS), args.batch), indent=2))
 
 
 if __name__ == "__main__":
