@@ -146,6 +146,11 @@ class WorldConfig:
     dropout: float = 0.1  # predictor dropout (LeWM: 0.1)
     eval_windows: int = 512  # held-out windows for the rollout evaluation (0: every one)
     eval_horizon: int = 5  # open-loop rollout steps reported at each evaluation
+    camera_views: int = 0  # corrupted copies of each training window beside the clean one (0: clean frames only)
+    camera_noise: float = 0.0  # pixel noise std of a copy, drawn in [0, this] per window ([0, 1] pixel units)
+    camera_hue: float = 0.0  # hue rotation of a copy, drawn in [-this, this] degrees per window
+    camera_colour: float = 0.0  # brightness offset and per-channel gain change of a copy, each in [-this, this]
+    camera_invariance: float = 1.0  # weight of the term pulling every copy's latents to the copies' mean
 
 
 @dataclass
@@ -246,6 +251,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "world.head_dim": (lambda v: v >= 1, "an integer >= 1"),
     "world.mlp_dim": (lambda v: v >= 1, "an integer >= 1"),
     "world.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "world.camera_views": (lambda v: v >= 0, "an integer >= 0"),
+    "world.camera_noise": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "world.camera_hue": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
+    "world.camera_colour": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "world.camera_invariance": (lambda v: v >= 0, "a number >= 0"),
     "world.eval_windows": (lambda v: v >= 0, "an integer >= 0 (0: every held-out window)"),
     "world.eval_horizon": (lambda v: v >= 1, "an integer >= 1"),
     "data.builtin_train": (lambda v: v >= 2, "an integer >= 2"),

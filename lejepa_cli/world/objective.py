@@ -31,6 +31,7 @@ from lejepa_cli.logs import console
 from lejepa_cli.models import build_backbone_from_config
 from lejepa_cli.sigreg import sigreg
 from lejepa_cli.optim import adamw, autocast_dtype, param_groups
+from lejepa_cli.world.camera import camera_copy
 from lejepa_cli.world.export import model_spec
 from lejepa_cli.world.loss import rollout_errors, world_loss
 from lejepa_cli.world.model import WorldModel
@@ -102,10 +103,20 @@ class WorldRun:
         w, loss_cfg = self.cfg.world, self.cfg.loss
         torch.manual_seed(seeds[0])  # dropout and drop-path draws: a pure function of the step
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
+        frames, actions = micro_inputs[0], micro_targets[0]
+        if w.camera_views:  # the window and its camera copies, one batch: (V + 1) x B windows
+            gen = torch.Generator(self.device).manual_seed(seeds[0])
+            copies = [camera_copy(frames, noise=w.camera_noise, hue=w.camera_hue, colour=w.camera_colour, generator=gen)
+                      for _ in range(w.camera_views)]
+            frames, actions = torch.cat([frames, *copies]), actions.repeat(w.camera_views + 1, 1, 1)
         with autocast:
-            z, p = self.trainer(self.frames_in(micro_inputs[0]), micro_targets[0], w.history)  # (B, T, D), (B, H, D)
+            z, p = self.trainer(self.frames_in(frames), actions, w.history)  # (B, T, D), (B, H, D)
         parts = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
                            t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
+        if w.camera_views:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
+            views = z.float().view(w.camera_views + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
+            parts["invariance"] = (views - views.mean(0)).square().mean()
+            parts["loss"] = parts["loss"] + w.camera_invariance * parts["invariance"]
         parts["loss"].backward()
         return {k: v.detach() for k, v in parts.items()}
 

@@ -1,0 +1,80 @@
+"""Camera copies for world training (world/camera.py) and the invariance term they feed
+(world/objective.py): seeded, exact on resume, and nothing changes while they are off."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lejepa_cli.checkpoint import list_checkpoints
+from lejepa_cli.train import train
+from lejepa_cli.world.camera import camera_copy, hue_rotation
+from test_world_train import simulate, weights, world_config
+
+CAMERA = ("world.camera_views=2", "world.camera_noise=0.2", "world.camera_hue=90", "world.camera_colour=0.3")
+
+
+def windows(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (4, 3, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def test_a_third_of_a_turn_about_the_grey_axis_cycles_the_channels():
+    rot = hue_rotation(torch.tensor([120.0, 0.0]))
+    torch.testing.assert_close(rot[0], torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, 1, 0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rot[1], torch.eye(3))
+    grey = torch.full((3,), 0.4)
+    torch.testing.assert_close(hue_rotation(torch.tensor([37.0]))[0] @ grey, grey)  # grey stays grey
+
+
+def test_copies_are_a_pure_function_of_the_generator_and_off_means_unchanged():
+    x = windows()
+    one = camera_copy(x, noise=0.1, hue=45, colour=0.2, generator=torch.Generator().manual_seed(3))
+    two = camera_copy(x, noise=0.1, hue=45, colour=0.2, generator=torch.Generator().manual_seed(3))
+    other = camera_copy(x, noise=0.1, hue=45, colour=0.2, generator=torch.Generator().manual_seed(4))
+    assert one.dtype == torch.uint8 and torch.equal(one, two) and not torch.equal(one, other)
+    assert torch.equal(camera_copy(x, noise=0, hue=0, colour=0, generator=torch.Generator()), x)
+
+
+def test_one_camera_per_window_and_noise_of_the_drawn_size():
+    still = windows()[:, :1].expand(-1, 3, -1, -1, -1).contiguous()  # every frame of a window the same
+    copy = camera_copy(still, noise=0, hue=60, colour=0.3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(copy[:, 0], copy[:, 1]) and torch.equal(copy[:, 0], copy[:, 2])  # same colour change in a window
+    assert not torch.equal(copy[0, 0], copy[1, 0])  # another window, another camera
+    grey = torch.full((64, 2, 3, 16, 16), 128, dtype=torch.uint8)
+    noisy = camera_copy(grey, noise=0.2, hue=0, colour=0, generator=torch.Generator().manual_seed(0)).float() / 255
+    stds = (noisy - 128 / 255).flatten(1).std(1)  # one std per window, drawn in [0, 0.2]
+    assert stds.max() < 0.2 + 0.01 and stds.min() < 0.05 and stds.max() > 0.15
+
+
+def test_a_hue_rotation_needs_rgb():
+    with pytest.raises(ValueError, match="RGB"):
+        camera_copy(torch.zeros(1, 2, 1, 4, 4, dtype=torch.uint8), noise=0, hue=10, colour=0, generator=torch.Generator())
+
+
+@pytest.fixture(scope="module")
+def two_room(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("camera") / "two-room")
+
+
+def test_training_with_camera_copies_logs_the_invariance_and_resumes_bit_exact(two_room, tmp_path):
+    cfg = world_config(two_room, extra=CAMERA)
+    train(cfg, tmp_path / "a", progress=False)
+    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    assert any('"invariance"' in line for line in lines)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    list_checkpoints(tmp_path / "b" / "checkpoints")[-1].unlink()  # as if killed after step 3
+    train(world_config(two_room, extra=CAMERA), tmp_path / "b", resume="auto", progress=False)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_camera_settings_do_nothing_while_camera_views_is_0(two_room, tmp_path):
+    train(world_config(two_room), tmp_path / "clean", progress=False)
+    off = ("world.camera_views=0", "world.camera_noise=0.5", "world.camera_hue=90", "world.camera_colour=0.5")
+    train(world_config(two_room, extra=off), tmp_path / "off", progress=False)
+    a, b = weights(tmp_path / "clean"), weights(tmp_path / "off")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "clean" / "metrics.jsonl").read_text().count("invariance") == 0
