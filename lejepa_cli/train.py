@@ -229,11 +229,37 @@ def _resume_or_init(run: Run, ckpt_dir: Path, resume: str | None, init_from: Pat
         if dist.is_main():
             console.print(f"resuming from {found[0]} at step {start}")
         return start
-    if init_from is not None:
+    if init_from is not None and not _continue_from(run, init_from):
         from lejepa_cli.export import load_backbone_weights
 
         load_backbone_weights(run.modules["backbone"], init_from)
     return None
+
+
+def _continue_from(run: Run, source: Path) -> bool:
+    """Load every module of `run` (weights only: a fresh optimizer, step 0) when `source` is a
+    checkpoint or run folder of the same objective with the same modules, i.e. a world model
+    continued on new data (`lejepa adapt` of a world run). False otherwise: an image checkpoint or
+    export for a world run's encoder, or any source of an image run, initialises the backbone only."""
+    if run.kind != "world" or not (source.is_file() or (source / "checkpoints").is_dir()):
+        return False
+    try:
+        found = (source, *load_checkpoint(source)) if source.is_file() else find_resumable(source / "checkpoints")
+    except UserError:
+        return False  # not a training checkpoint (e.g. an export's weights): the backbone route says what is wrong
+    if found is None:
+        return False
+    path, tensors, meta = found
+    if meta.get("config", {}).get("objective") != run.cfg.objective:
+        return False
+    for prefix, module in run.modules.items():
+        try:
+            dist.load_full_state_dict(module, split_prefix(tensors, f"model.{prefix}"))
+        except RuntimeError as e:
+            raise UserError(f"{path} does not fit this model ({prefix}): {' '.join(str(e).split())[:300]}") from None
+    if dist.is_main():
+        console.print(f"continuing the model of {path} (step {meta.get('step')}) from step 0 on {run.train_data.name}")
+    return True
 
 
 def _open_run_folder(cfg: Config, out: Path, start: int, progress: bool) -> RunLogger:

@@ -269,8 +269,9 @@ def stress_cmd(
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
+    adapt: Annotated[int, typer.Option("--adapt", min=0, max=100_000, help="Also adapt the run to each changed world without labels, this many training steps on simulated target trajectories (0: off); needs a run folder or checkpoint.")] = 0,
 ) -> None:
-    """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world."""
+    """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world (--adapt N: and after label-free adaptation)."""
     from lejepa_cli.world import probe, surprise
     from lejepa_cli.world.stress import check_conditions, plot_stress, stress
 
@@ -281,19 +282,37 @@ def stress_cmd(
     check_conditions(condition)
     probe.require_full_history(used.model, steps)
     surprise.require_event_frames(used.model, steps)
+    adapter = _adapter(used.source, adapt, seed) if adapt else None
     _describe(used)
     report = stress(used.model, world, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
-                    conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False))
-    table = Table("condition", "level", "position probe R^2", "teleport AUROC", "planning success",
+                    conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False),
+                    adapt=adapter)
+    adapted = ("adapted R^2", "adapted AUROC", "adapted planning", "adapt s") if adapt else ()
+    table = Table("condition", "level", "position probe R^2", "teleport AUROC", "planning success", *adapted,
                   title=f"{world.name}: conditions at evaluation ({episodes} episodes, {report['plan_episodes']} planned)")
     for row in report["conditions"]:
+        after = row.get("adapted")
+        extra = [_fmt(after["probe_r2"]), _fmt(after["surprise_auroc"]), _fmt(after["plan_success"], pct=True),
+                 f"{after['adapt_seconds']:.0f}"] if after else ["", "", "", ""]
         table.add_row(row["condition"], f"{row['level']:g}", _fmt(row["probe_r2"]), _fmt(row["surprise_auroc"]),
-                      _fmt(row["plan_success"], pct=True))
+                      _fmt(row["plan_success"], pct=True), *(extra if adapt else []))
     console.print(table)
     if plot is not None:
         plot_stress(report, str(plot))
         err_console.print(f"plot written to {plot}", highlight=False)
     _finish(report, json_file, started, used)
+
+def _adapter(source: Path, steps: int, seed: int):
+    """stress()'s adapt hook: the run at `source` adapted to a changed world in `steps` steps."""
+    from lejepa_cli.world.adapt import adapted_in_world, check_adaptable
+
+    check_adaptable(source)  # before the clean row's minutes, not after
+
+    def adapt(world):
+        return adapted_in_world(source, world, steps=steps, seed=seed)
+
+    return adapt
+
 
 app.command("stress")(stress_cmd)
 app.command("plan")(plan_cmd)

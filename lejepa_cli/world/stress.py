@@ -84,30 +84,34 @@ def position_columns(world: World) -> list[int]:
 
 def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_episodes: int = 4,
            steps: int = 60, seed: int = 0, cfg: CEMConfig = CEMConfig(), budget: int = 50,
-           conditions: list[str] | None = None, progress: Callable[[str], None] | None = None) -> dict:
+           conditions: list[str] | None = None, progress: Callable[[str], None] | None = None,
+           adapt: Callable[[World], tuple[WorldModelExport, float]] | None = None) -> dict:
     """The clean row, then every applicable condition at each level; see the module docstring.
 
     Planning is what costs (a few seconds per decision and episode on a CPU with the default CEM),
     so it runs on `plan_episodes` episodes per row (0: none), the probe and surprise on `episodes`.
+    `adapt(changed_world) -> (adapted model, seconds)`: each changed row also gets the figures of
+    the model adapted to that world without labels (world/adapt.py), under "adapted".
     """
     chosen = check_conditions(conditions)
     if episodes < 1 or plan_episodes < 0:
         raise UserError(f"--episodes must be >= 1 and --plan-episodes >= 0, got {episodes} and {plan_episodes}")
     cols = position_columns(world)
-    train = features(model, *simulated_split(world, 2 * episodes, steps, seed, TRAIN_STREAM))
 
-    def evaluate(w: World) -> dict:
-        test = features(model, *simulated_split(w, episodes, steps, seed, TEST_STREAM))
+    def evaluate(used: WorldModelExport, w: World) -> dict:
+        # the read-out is fitted on the clean world's episodes, in the latent space of the model used
+        train = features(used, *simulated_split(world, 2 * episodes, steps, seed, TRAIN_STREAM))
+        test = features(used, *simulated_split(w, episodes, steps, seed, TEST_STREAM))
         r2 = r2_score(test["state"][:, cols], ridge_cv(train["frame"], train["state"][:, cols], test["frame"], train["episode"]))
         row = {"probe_r2": float(np.mean(r2)),
-               "surprise_auroc": surprise(model, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
+               "surprise_auroc": surprise(used, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
                "plan_success": None}
         if w.action_dim > 0 and plan_episodes > 0:
-            row["plan_success"] = plan(model, w, episodes=plan_episodes, budget=budget, seed=seed, cfg=cfg,
+            row["plan_success"] = plan(used, w, episodes=plan_episodes, budget=budget, seed=seed, cfg=cfg,
                                        planners=("model",))["success_rate"]
         return row
 
-    rows = [{"condition": "clean", "level": 0.0, "options": {}, **evaluate(world)}]
+    rows = [{"condition": "clean", "level": 0.0, "options": {}, **evaluate(model, world)}]
     for cond in CONDITIONS:
         if cond.name not in chosen or not cond.applies(world):
             continue
@@ -116,7 +120,13 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
                 progress(f"{cond.name} {level:g}")
             changes = cond.options(world, level)
             stressed = make_world(world.name, size=world.size, **{**world.options, **changes})
-            rows.append({"condition": cond.name, "level": float(level), "options": changes, **evaluate(stressed)})
+            row = {"condition": cond.name, "level": float(level), "options": changes, **evaluate(model, stressed)}
+            if adapt is not None:
+                if progress:
+                    progress(f"{cond.name} {level:g}: adapting")
+                adapted, seconds = adapt(stressed)
+                row["adapted"] = {**evaluate(adapted, stressed), "adapt_seconds": round(seconds, 1)}
+            rows.append(row)
     return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps, "budget": budget,
             "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites, "horizon": cfg.horizon},
             "conditions": rows}
