@@ -54,25 +54,26 @@ def _window_step(model: WorldModel, shared: torch.Tensor | None, shared_mods: li
     """One predictor pass over a window = [shared tokens (B, S, dim)] + [each candidate's tokens
     (B*C, T, dim)]; returns the prediction from the window's newest position, (B*C, dim)."""
     last = len(model.predictor.blocks) - 1
+    mask = None
+    if shared is not None:  # candidate token j (window position S + j) sees the shared tokens and its own up to j
+        s, t = shared.shape[1], own.shape[1]
+        mask = torch.ones(t, s + t, dtype=torch.bool, device=own.device).tril(diagonal=s)
     for i, block in enumerate(model.predictor.blocks):
         mods = own_mods[i]
         q, k, v = _split_heads(block.qkv(_modulate(block.norm1(own), mods[0], mods[1])), block)
-        mask = None
+        block_mask = mask
         if shared is not None:
             smods = shared_mods[i]
             sq, sk, sv = _split_heads(block.qkv(_modulate(block.norm1(shared), smods[0], smods[1])), block)
             if i < last:  # the shared tokens' own outputs feed the next block; the last block needs only their k, v
                 shared = _finish(block, shared, F.scaled_dot_product_attention(sq, sk, sv, is_causal=True), smods)
-            s, t = sk.shape[2], k.shape[2]
             k = torch.cat([sk.repeat_interleave(candidates, dim=0), k], dim=2)  # (B*C, heads, S + T, head_dim)
             v = torch.cat([sv.repeat_interleave(candidates, dim=0), v], dim=2)
-            # candidate token j (window position S + j) sees the shared tokens and its own tokens up to j
-            mask = torch.ones(t, s + t, dtype=torch.bool, device=own.device).tril(diagonal=s)
         if i == last:  # only the newest position is read out
             q, mods, own = q[:, :, -1:], _slice(mods, -1, None), own[:, -1:]
-            mask = None if mask is None else mask[-1:]
-        causal = mask is None and q.shape[2] > 1
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            block_mask = None if mask is None else mask[-1:]
+        causal = block_mask is None and q.shape[2] > 1
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=block_mask, is_causal=causal)
         own = _finish(block, own, attn, mods)
     return model.predictor.out(model.predictor.norm(own))[:, -1]
 
