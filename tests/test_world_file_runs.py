@@ -68,6 +68,7 @@ def test_probe_surprise_stress_give_figures_on_a_file_trained_run(file_run, tmp_
     for row in stress["conditions"]:
         assert np.isfinite(row["probe_r2"]) and 0 <= row["surprise_auroc"] <= 1 and row["plan_success"] is None
     assert stress["needs_simulator"] == ["planning success", "random disturbances"]
+    assert stress["probe_columns"] == ["proprio_0", "proprio_1"] and "probe R^2 of proprio_0, proprio_1" in " ".join(out.split())
     text = " ".join(err.split())
     assert "planning success, random disturbances; these need a simulator: add --world NAME" in text
 

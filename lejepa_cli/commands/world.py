@@ -313,7 +313,8 @@ def stress_cmd(
         err_console.print(f"not run on stored trajectories: {', '.join(report['needs_simulator'])}; these need a simulator: "
                           f"add --world NAME (two-room, push, balls) when the data was recorded in a built-in world",
                           highlight=False, soft_wrap=True)
-    table = Table("condition", "level", "position probe R^2", "teleport AUROC", "planning success",
+    read = f"probe R^2 of {', '.join(report['probe_columns'])}" if report.get("probe_columns") else "position probe R^2"
+    table = Table("condition", "level", read, "teleport AUROC", "planning success",
                   title=f"{source.name}: conditions at evaluation ({report['episodes']} episodes, {report['plan_episodes']} planned)")
     for row in report["conditions"]:
         table.add_row(row["condition"], f"{row['level']:g}", _fmt(row["probe_r2"]), _fmt(row["surprise_auroc"]),

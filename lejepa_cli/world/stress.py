@@ -19,7 +19,7 @@ planner's success rate in the changed world (None for a world without actions).
 
 On stored trajectories (a run trained on a file, or `--data FILE`; world/episodes.py) the camera
 conditions are applied to the held-out episodes' frames (frame_edits.camera); the probe reads the
-stored state's position columns (every varying column when none is named *_x / *_y), the teleport
+stored state's position columns (*_x / *_y; else the proprio_* columns; else every varying one), the teleport
 splices in another episode. Planning and the conditions that change the world itself need a
 simulator: the report lists them under `needs_simulator`.
 """
@@ -93,9 +93,10 @@ def check_conditions(names: list[str] | None) -> list[str]:
 
 
 def position_columns(names: list[str]) -> list[int]:
-    """The state columns the stress probe reads: positions (names ending _x / _y), else every column."""
+    """The state columns the stress probe reads: positions (names ending _x / _y), else stable-worldmodel's
+    `proprio` columns (its worlds' agent position), else every column."""
     found = [i for i, n in enumerate(names) if n.endswith(("_x", "_y"))]
-    return found or list(range(len(names)))
+    return found or [i for i, n in enumerate(names) if n.startswith("proprio_")] or list(range(len(names)))
 
 
 def probe_r2(train: dict[str, np.ndarray], test: dict[str, np.ndarray], cols: list[int]) -> float:
@@ -183,8 +184,9 @@ def _stored_stress(model: WorldModelExport, source, episodes: int, steps: int, s
             rows.append({"condition": cond.name, "level": float(level), "options": {usable[cond.name]: float(level)},
                          **evaluate(edit)})
     needs = ["planning success"] + [c for c in chosen if c not in CAMERA_OPTIONS]
+    names = source.state_names or []
     return {"data": source.name, "split": source.split, "episodes": len(test), "plan_episodes": 0, "steps": steps,
-            "conditions": rows, "needs_simulator": needs,
+            "probe_columns": [names[c] for c in cols or []], "conditions": rows, "needs_simulator": needs,
             "not_applicable": [c for c in chosen if c in CAMERA_OPTIONS and c not in usable]}
 
 
