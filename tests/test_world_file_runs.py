@@ -88,6 +88,13 @@ def test_plan_refuses_in_one_line_and_a_built_in_world_is_the_route(file_run, tm
                           ([run, "--steps", "30"], "longer than every held-out episode")):
         code, _, err = cli(["world", "surprise", *args], capsys)
         assert code == 2 and err.count("\n") == 1 and message in " ".join(err.split()), (args, err)
+    episodes = swm_episodes(src.parent / "sim")  # the same episodes without their state: surprise runs, probe says why not
+    np.savez(tmp_path / "nostate.npz", frames=np.concatenate([ep["pixels"] for ep in episodes]),
+             actions=np.concatenate([ep["action"] for ep in episodes]), ep_len=[len(ep["action"]) for ep in episodes])
+    code, _, err = cli(["world", "probe", run, "--data", tmp_path / "nostate.npz"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "stores no true state" in " ".join(err.split()), err
+    code, out, err = cli(["world", "surprise", run, "--data", tmp_path / "nostate.npz", "-n", "2", "--steps", "12"], capsys)
+    assert code in (0, None) and "frozen" in out and "a seeded split" in " ".join(err.split()), err
 
 
 def test_the_probe_reads_the_stored_state_and_beats_a_shuffled_state_control(file_run, tmp_path):

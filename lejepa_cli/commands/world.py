@@ -221,12 +221,13 @@ def probe_cmd(
     json_file: JsonFile = None,
 ) -> None:
     """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder; on stored trajectories, their stored state columns."""
-    from lejepa_cli.world.probe import probe_world, require_full_history
+    from lejepa_cli.world.probe import probe_world, require_full_history, require_state
 
     started = time.perf_counter()
     used, source = _episodes(run, json_file, sets, world_name, data, seed)
     steps = source.resolve_steps(steps)
     require_full_history(used.model, steps, history)
+    require_state(source)
     _describe(used, source)
     report = probe_world(used.model, source, episodes=episodes, steps=steps, seed=seed, history=history)
     hist = f"history of {report['history']}"

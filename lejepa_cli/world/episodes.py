@@ -50,6 +50,8 @@ class SimulatedEpisodes:
     def __init__(self, world: World):
         self.world, self.name, self.state_names = world, world.name, list(world.state_names)
 
+    has_state = True
+
     def describe(self) -> str:
         return f"{self.name}, simulated"
 
@@ -78,6 +80,10 @@ class StoredEpisodes:
 
     def describe(self) -> str:
         return f"{self.name}, stored trajectories ({self.split})"
+
+    @property
+    def has_state(self) -> bool:
+        return all(ds.state is not None for pool in self.pools.values() for ds, _, _ in pool)
 
     def lengths(self, part: str) -> np.ndarray:
         return np.array([n for _, _, n in self.pools[part]], dtype=np.int64)

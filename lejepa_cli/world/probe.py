@@ -49,6 +49,13 @@ def require_full_history(model: WorldModelExport, steps: int, history: int | Non
     require_window_frames(model, steps, h, f"fewer than the history {h}")
 
 
+def require_state(source) -> None:
+    """A one-line UserError when an episode source stores no true state to probe."""
+    if not source.has_state:
+        raise UserError(f"{source.name} stores no true state (no 'state' or 'proprio' column): the probes have "
+                        f"nothing to read; `lejepa world surprise | stress` still run on it")
+
+
 def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
     """Window-frame features with a full history: 'frame' (M, D), 'history' (M, H * D), 'state' (M, S), 'episode' (M,)."""
     fs, h = model.frameskip, history or model.history
@@ -94,10 +101,8 @@ def probe_world(model: WorldModelExport, world, *, episodes: int = 20, train_epi
         raise UserError(f"--history must be >= 1 window frame, got {history}")
     steps = source.resolve_steps(steps)
     require_full_history(model, steps, history)
+    require_state(source)
     fit, test = source.episodes("fit", train_episodes, steps, seed), source.episodes("test", episodes, steps, seed)
-    if fit.states is None or test.states is None:
-        raise UserError(f"{source.name} stores no true state (no 'state' or 'proprio' column): the probes have "
-                        f"nothing to read; `lejepa world surprise | stress` still run on it")
     names = source.state_names or [f"state_{i}" for i in range(fit.states.shape[-1])]
     report: dict = {"episodes": len(test), "train_episodes": len(fit), "steps": steps, "history": history,
                     "state_names": names}
