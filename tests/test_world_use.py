@@ -306,7 +306,7 @@ def test_bad_inputs_are_one_line_with_exit_code_2(world_run, tmp_path, tiny_over
         (["world", "plan", str(export), "--goal", str(tmp_path / "small.png")], "goal images must be"),
         (["world", "surprise", str(unknown)], "unknown world"),
         (["world", "plan", str(no_sim)], "without a simulator"),
-        (["world", "surprise", str(no_sim)], "without a simulator"),
+        (["world", "surprise", str(no_sim), "--set", "noise=0.1"], "name the world with --world NAME"),
         (["world", "plan", str(tmp_path / "missing")], "does not exist"),
         (["world", "plan", str(export), "--set", "bogus=1"], "has no option bogus"),
         (["world", "surprise", str(export), "--steps", "3"], "surprise needs at least"),  # no "world: ..." line first

@@ -29,8 +29,10 @@ Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per
 Horizon = Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")]
 Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (latent distance to the goal after the last block, LeWM's) or 'min' (the nearest any block of the sequence gets).")]
 NoiseBeta = Annotated[float, typer.Option("--noise-beta", min=0.0, max=4.0, help="Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further.")]
-Steps = Annotated[int, typer.Option(min=2, max=2000, help="Steps per simulated episode.")]
+Steps = Annotated[Optional[int], typer.Option(min=2, max=2000, help="Steps per evaluation episode (default: 60 simulated; stored episodes: the shortest one's length, longer ones cut to it).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
+WorldName = Annotated[Optional[str], typer.Option("--world", help="Evaluate in this built-in world (two-room, push, balls): for a run trained on a file recorded in it.")]
+Data = Annotated[Optional[Path], typer.Option("--data", help="Evaluate on the episodes of this trajectory file or folder instead of a simulator (default for a run trained on a file: that file, its held-out episodes to test on).")]
 
 
 @app.command("list")
@@ -73,12 +75,21 @@ def simulate(
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
 
 
-def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str):
+def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str, world: str | None = None):
     from lejepa_cli.world.runs import open_world_run
 
     _check_output(json_file, "--json")
-    used = open_world_run(run, world_sets=sets)
+    used = open_world_run(run, world_sets=sets, world=world)
     return used, used.require_world(what)
+
+
+def _episodes(run: Path, json_file: Path | None, sets: list[str] | None, world: str | None, data: Path | None, seed: int):
+    """The run and where its evaluation episodes come from: its simulator, or stored trajectories."""
+    from lejepa_cli.world.runs import open_world_run
+
+    _check_output(json_file, "--json")
+    used = open_world_run(run, world_sets=sets, world=world)
+    return used, used.episode_source(data, seed=seed)
 
 
 def _cem_config(candidates: int, iterations: int, elites: int, horizon: int, cost: str, noise_beta: float) -> CEMConfig:
@@ -97,16 +108,19 @@ def _check_output(path: Path | None, option: str) -> None:
         check_output_file(path, option)
 
 
-def _describe(used) -> None:
-    """After the input checks (so a bad input stays one line): which world the figures come from."""
-    err_console.print(f"world: {used.note}; frames {used.world.size}px, frameskip {used.model.frameskip}, "
-                      f"history {used.model.history}", highlight=False, soft_wrap=True)
+def _describe(used, source=None) -> None:
+    """After the input checks (so a bad input stays one line): which world or data the figures come from."""
+    where = f"world: {used.note}; frames {used.world.size}px" if source is None or source.kind == "simulator" else \
+        f"data: {source.describe()}"
+    err_console.print(f"{where}, frameskip {used.model.frameskip}, history {used.model.history}", highlight=False,
+                      soft_wrap=True)
 
 
-def _finish(report: dict, json_file: Path | None, started: float, used) -> None:
+def _finish(report: dict, json_file: Path | None, started: float, used, source=None) -> None:
     from lejepa_cli.image.report import write_json
 
-    report["world_source"] = used.note  # which simulator the figures come from
+    # which simulator (or stored trajectories) the figures come from
+    report["world_source"] = used.note if source is None or source.kind == "simulator" else source.describe()
 
     report["seconds"] = round(time.perf_counter() - started, 2)
     if json_file is not None:
@@ -136,13 +150,14 @@ def plan_cmd(
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the random policy and the true-dynamics planner.")] = False,
     seed: Seed = 0,
     sets: Sets = None,
+    world_name: WorldName = None,
     json_file: JsonFile = None,
 ) -> None:
     """Plan towards goal images with CEM in the model's latent space; random policy and true dynamics beside it."""
     from lejepa_cli.world import plan as planning
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "plan")
+    used, world = _open(run, json_file, sets, "plan", world_name)
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
     _check_output(save_video, "--save-video")
     if goal is not None:
@@ -197,60 +212,68 @@ def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg: CEMConfig,
 def probe_cmd(
     run: Run,
     episodes: Episodes = 20,
-    steps: Steps = 60,
+    steps: Steps = None,
     history: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Window frames in the history features (default: the predictor's history H).")] = None,
     seed: Seed = 0,
     sets: Sets = None,
+    world_name: WorldName = None,
+    data: Data = None,
     json_file: JsonFile = None,
 ) -> None:
-    """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder."""
-    from lejepa_cli.world.probe import probe_world, require_full_history
+    """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder; on stored trajectories, their stored state columns."""
+    from lejepa_cli.world.probe import probe_world, require_full_history, require_state
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "probe")
+    used, source = _episodes(run, json_file, sets, world_name, data, seed)
+    steps = source.resolve_steps(steps)
     require_full_history(used.model, steps, history)
-    _describe(used)
-    report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed, history=history)
+    require_state(source)
+    _describe(used, source)
+    report = probe_world(used.model, source, episodes=episodes, steps=steps, seed=seed, history=history)
     hist = f"history of {report['history']}"
     table = Table("state variable", "linear", "MLP", f"linear ({hist})", f"MLP ({hist})", "linear, random init",
                   "MLP (history), random init",
-                  title=f"{world.name}: held-out R^2 ({episodes} episodes; probes fitted on {report['train_episodes']})")
-    for name in world.state_names:
+                  title=f"{source.name}: held-out R^2 ({report['episodes']} episodes of {steps} steps; probes fitted on "
+                        f"{report['train_episodes']})")
+    for name in report["state_names"]:
         table.add_row(name, *(_fmt(report[k][name]) for k in ("r2", "r2_mlp", "r2_history", "r2_history_mlp",
                                                               "r2_random_init", "r2_history_mlp_random_init")))
     console.print(table)
     for name, h in report["hidden"].items():
         console.print(f"hidden {name}: R^2 {h['frame']:.2f} from one frame, {h['history']:.2f} from the history "
                       f"-> recoverable from: {h['recoverable_from']}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, source)
 
 
 def surprise_cmd(
     run: Run,
     episodes: Episodes = 20,
-    steps: Steps = 60,
+    steps: Steps = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of surprise along one episode, the event marked.")] = None,
     seed: Seed = 0,
     sets: Sets = None,
+    world_name: WorldName = None,
+    data: Data = None,
     json_file: JsonFile = None,
 ) -> None:
-    """Inject impossible events (teleport, colour change, pass through a wall) and report surprise AUROC per kind."""
+    """Inject impossible events (teleport, colour change, pass through a wall; on stored trajectories: another episode spliced in, a hue-rotated frame, a frozen frame) and report surprise AUROC per kind."""
     from lejepa_cli.world.surprise import require_event_frames, surprise
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "surprise")
+    used, source = _episodes(run, json_file, sets, world_name, data, seed)
     _check_output(plot, "--plot")
+    steps = source.resolve_steps(steps)
     require_event_frames(used.model, steps)
-    _describe(used)
-    report = surprise(used.model, world, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
+    _describe(used, source)
+    report = surprise(used.model, source, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
     table = Table("event", "AUROC", "mean surprise at the event", "mean surprise, normal frames",
-                  title=f"{world.name}: {episodes} held-out episodes of {steps} steps")
+                  title=f"{source.name}: {report['episodes']} held-out episodes of {steps} steps")
     for kind, value in report["auroc"].items():
         table.add_row(kind, f"{value:.3f}", _fmt(report["mean_event_surprise"][kind]), _fmt(report["mean_normal_surprise"]))
     console.print(table)
     if plot is not None:
         err_console.print(f"plot written to {plot}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, source)
 
 
 def stress_cmd(
@@ -264,10 +287,12 @@ def stress_cmd(
     cost: Cost = CEMConfig.cost,
     noise_beta: NoiseBeta = CEMConfig.noise_beta,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
-    steps: Steps = 60,
+    steps: Steps = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
     seed: Seed = 0,
     sets: Sets = None,
+    world_name: WorldName = None,
+    data: Data = None,
     json_file: JsonFile = None,
     adapt: Annotated[int, typer.Option("--adapt", min=0, max=100_000, help="Also adapt the run to each changed world without labels, this many training steps on simulated target trajectories (0: off); needs a run folder or checkpoint.")] = 0,
 ) -> None:
@@ -276,20 +301,26 @@ def stress_cmd(
     from lejepa_cli.world.stress import check_conditions, plot_stress, stress
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "stress")
+    used, source = _episodes(run, json_file, sets, world_name, data, seed)
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
     _check_output(plot, "--plot")
     check_conditions(condition)
+    steps = source.resolve_steps(steps)
     probe.require_full_history(used.model, steps)
     surprise.require_event_frames(used.model, steps)
     adapter = _adapter(used.source, adapt, seed) if adapt else None
-    _describe(used)
-    report = stress(used.model, world, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
+    _describe(used, source)
+    report = stress(used.model, source, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
                     conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False),
                     adapt=adapter)
+    if report.get("needs_simulator"):
+        err_console.print(f"not run on stored trajectories: {', '.join(report['needs_simulator'])}; these need a simulator: "
+                          f"add --world NAME (two-room, push, balls) when the data was recorded in a built-in world",
+                          highlight=False, soft_wrap=True)
+    read = f"probe R^2 of {', '.join(report['probe_columns'])}" if report.get("probe_columns") else "position probe R^2"
     adapted = ("adapted R^2", "adapted AUROC", "adapted planning", "adapt s") if adapt else ()
-    table = Table("condition", "level", "position probe R^2", "teleport AUROC", "planning success", *adapted,
-                  title=f"{world.name}: conditions at evaluation ({episodes} episodes, {report['plan_episodes']} planned)")
+    table = Table("condition", "level", read, "teleport AUROC", "planning success", *adapted,
+                  title=f"{source.name}: conditions at evaluation ({report['episodes']} episodes, {report['plan_episodes']} planned)")
     for row in report["conditions"]:
         after = row.get("adapted")
         extra = [_fmt(after["probe_r2"]), _fmt(after["surprise_auroc"]), _fmt(after["plan_success"], pct=True),
@@ -300,7 +331,7 @@ def stress_cmd(
     if plot is not None:
         plot_stress(report, str(plot))
         err_console.print(f"plot written to {plot}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, source)
 
 def _adapter(source: Path, steps: int, seed: int):
     """stress()'s adapt hook: the run at `source` adapted to a changed world in `steps` steps."""

@@ -6,7 +6,10 @@
     report["r2_random_init"]["agent_x"]  # the same probe on a randomly initialised encoder
 
 Probes are fitted on freshly simulated training episodes and scored on other, held-out ones
-(seed streams no training dataset uses). Features: one window frame's latent z_t, or the
+(seed streams no training dataset uses). A run evaluated on stored trajectories (world/episodes.py:
+trained on a stable-worldmodel file, or `--data FILE`) is probed on the file's stored state
+columns (`state`, `proprio`, named as the file names them), scored on the episodes the run held
+out (or, without any, a seeded third of the episodes) and fitted on the others. Features: one window frame's latent z_t, or the
 history the predictor reads (the H latents z_{t-H+1} .. z_t, concatenated), both on the same
 frames (those with a full history). Probes (lejepa_cli.probes): ridge regression in closed form
 (penalty chosen by cross-validation over whole training episodes), and a small MLP (one hidden
@@ -21,12 +24,11 @@ import torch
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.probes import mlp_probe, r2_score, ridge_cv
+from lejepa_cli.world.episodes import as_source
 from lejepa_cli.world.export import WorldModelExport
-from lejepa_cli.world.sim import World, simulate
 from lejepa_cli.world.runs import encode_episodes, require_window_frames, window_frames
 
 RECOVERABLE = 0.5  # R^2 from which a hidden parameter counts as readable
-TRAIN_STREAM, TEST_STREAM = 101, 102  # seed streams apart from `lejepa world simulate`'s 0 (train) and 1 (val)
 
 
 def random_init_like(model: WorldModelExport, seed: int = 0) -> WorldModelExport:
@@ -41,19 +43,17 @@ def random_init_like(model: WorldModelExport, seed: int = 0) -> WorldModelExport
     return WorldModelExport(WorldModel.from_spec(spec, backbone), spec, model.mean, model.std)
 
 
-def simulated_split(world: World, episodes: int, steps: int, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frames (N, T, R, R, 3) and states (N, T, S) of `episodes` exploration episodes."""
-    frames, states = [], []
-    for chunk in simulate(world, episodes, steps, seed, stream):
-        frames.append(chunk.frames.reshape(chunk.episodes, steps, *chunk.frames.shape[1:]))
-        states.append(chunk.state.reshape(chunk.episodes, steps, -1))
-    return np.concatenate(frames), np.concatenate(states).astype(np.float64)
-
-
 def require_full_history(model: WorldModelExport, steps: int, history: int | None = None) -> None:
     """Episodes of `steps` steps must hold at least one full history (the model's, or `history`) of window frames."""
     h = history or model.history
     require_window_frames(model, steps, h, f"fewer than the history {h}")
+
+
+def require_state(source) -> None:
+    """A one-line UserError when an episode source stores no true state to probe."""
+    if not source.has_state:
+        raise UserError(f"{source.name} stores no true state (no 'state' or 'proprio' column): the probes have "
+                        f"nothing to read; `lejepa world surprise | stress` still run on it")
 
 
 def features(model: WorldModelExport, frames: np.ndarray, states: np.ndarray, history: int | None = None) -> dict[str, np.ndarray]:
@@ -82,36 +82,46 @@ def is_hidden(name: str) -> bool:
     return name.endswith(("mass", "friction"))
 
 
-def probe_world(model: WorldModelExport, world: World, *, episodes: int = 20, train_episodes: int | None = None,
-                steps: int = 60, seed: int = 0, history: int | None = None) -> dict:
+def probe_world(model: WorldModelExport, world, *, episodes: int = 20, train_episodes: int | None = None,
+                steps: int | None = None, seed: int = 0, history: int | None = None) -> dict:
     """Probe every state variable of `world` from the model's latents and from a random-init encoder's.
 
+    `world`: a World (or SimulatedEpisodes), or StoredEpisodes (world/episodes.py) whose stored state is probed.
     Keys: r2 and r2_random_init (variable -> linear single-frame R^2), r2_mlp, r2_history,
     r2_history_mlp and their _random_init twins, hidden (hidden parameter -> its best R^2 from one
     frame and from the history and where it is recoverable from), episodes, train_episodes,
     history (window frames in the history features: the predictor's H unless `history` is given).
     """
+    source = as_source(world)
     train_episodes = train_episodes or 2 * episodes
     if episodes < 1 or train_episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {episodes}")
-    names = world.state_names
-    train_f, train_s = simulated_split(world, train_episodes, steps, seed, TRAIN_STREAM)
-    test_f, test_s = simulated_split(world, episodes, steps, seed, TEST_STREAM)
     history = history or model.history
     if history < 1:
         raise UserError(f"--history must be >= 1 window frame, got {history}")
-    report: dict = {"episodes": episodes, "train_episodes": train_episodes, "steps": steps, "world": world.name,
-                    "history": history}
+    steps = source.resolve_steps(steps)
+    require_full_history(model, steps, history)
+    require_state(source)
+    fit, test = source.episodes("fit", train_episodes, steps, seed), source.episodes("test", episodes, steps, seed)
+    names = source.state_names or [f"state_{i}" for i in range(fit.states.shape[-1])]
+    report: dict = {"episodes": len(test), "train_episodes": len(fit), "steps": steps, "history": history,
+                    "state_names": names}
+    report.update({"world": source.name} if source.kind == "simulator" else {"data": source.name, "split": source.split})
     for tag, m in (("", model), ("_random_init", random_init_like(model, seed))):
-        scores = fit_probes(features(m, train_f, train_s, history), features(m, test_f, test_s, history), seed)
+        scores = fit_probes(features(m, fit.frames, fit.states, history), features(m, test.frames, test.states, history), seed)
         for key, r2 in (("r2", "linear_frame"), ("r2_mlp", "mlp_frame"), ("r2_history", "linear_history"),
                         ("r2_history_mlp", "mlp_history")):
             report[f"{key}{tag}"] = {n: float(v) for n, v in zip(names, scores[r2])}
+    report["hidden"] = hidden_parameters(report, names)
+    return report
+
+
+def hidden_parameters(report: dict, names: list[str]) -> dict:
+    """Hidden parameter -> its best R^2 from one frame and from the history, and where it is recoverable from."""
     hidden = {}
     for name in filter(is_hidden, names):
         frame = max(report["r2"][name], report["r2_mlp"][name])
         history = max(report["r2_history"][name], report["r2_history_mlp"][name])
         where = "history" if history >= RECOVERABLE else "not recoverable"
         hidden[name] = {"frame": frame, "history": history, "recoverable_from": "one frame" if frame >= RECOVERABLE else where}
-    report["hidden"] = hidden
-    return report
+    return hidden

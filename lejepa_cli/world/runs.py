@@ -4,6 +4,8 @@
     used.model        # WorldModelExport (encode / rollout), eval mode
     used.world        # the simulator rebuilt from the training data's metadata (None: no simulator)
     used.note         # how the world was found, e.g. "default options (the training data is not reachable)"
+    source = used.episode_source(data=None)   # where probe / surprise / stress episodes come from:
+                      # the simulator, else the stored trajectories the run trained on (world/episodes.py)
 
 Also the helpers that turn a simulated episode into window frames and action blocks, and the
 one-step surprise ||p_t - z_{t+1}||^2 of the model along such episodes.
@@ -35,9 +37,44 @@ class LoadedWorld:
 
     def require_world(self, what: str) -> World:
         if self.world is None:
-            raise UserError(f"{self.source} was trained on data without a simulator ({self.note}); "
-                            f"`lejepa world {what}` needs a built-in world (two-room, push, balls)")
+            raise UserError(f"{self.source} was trained on data without a simulator ({self.note}); `lejepa world {what}` "
+                            f"needs a world to act in: add --world NAME (two-room, push, balls) when the data was "
+                            f"recorded in a built-in world")
         return self.world
+
+    def episode_source(self, data: Path | None = None, seed: int = 0):
+        """Where evaluation episodes come from (world/episodes.py): the simulator, unless the run has
+        none or `data` (a trajectory file or folder) is given; then the stored trajectories, by
+        default the ones the run was trained on, their held-out episodes to test on."""
+        from lejepa_cli.world.episodes import SimulatedEpisodes, stored_episodes
+
+        if data is None and self.world is not None:
+            return SimulatedEpisodes(self.world)
+        cfg = ((self.model.model.backbone.lejepa_info.get("config") or {}).get("data") or {})
+        trained_on = Path(str(cfg.get("source") or "")).expanduser()
+        if data is None and not cfg.get("source"):
+            raise UserError(f"{self.source} does not record its training data; give the trajectories with --data FILE")
+        if data is None and not trained_on.exists():
+            raise UserError(f"{self.source} was trained on {cfg['source']}, which is not here; give the trajectories "
+                            f"with --data FILE")
+        path = trained_on if data is None else Path(data).expanduser()
+        if not path.exists():
+            raise UserError(f"--data {data} does not exist (give a trajectory file or folder)")
+        same = data is None or path.resolve() == trained_on.resolve()
+        split = {"val_fraction": float(cfg.get("val_fraction") or 0.0), "train_split": cfg.get("train_split") or "train",
+                 "eval_split": cfg.get("eval_split") or "val"} if same else {}
+        source = stored_episodes(path, seed=seed, **split)
+        _check_fits_model(self.model, source, path)
+        return source
+
+
+def _check_fits_model(model: WorldModelExport, source, path: Path) -> None:
+    """Stored frames and actions of the width the model was trained on, or a one-line UserError."""
+    ds = source.pools["test"][0][0]
+    channels = int(model.model.backbone.lejepa_info.get("channels") or ds.channels)
+    if ds.channels != channels or ds.action_dim != int(model.spec["action_dim"]):
+        raise UserError(f"{path} holds {ds.channels}-channel frames and {ds.action_dim}-D actions; the model was trained "
+                        f"on {channels}-channel frames and {model.spec['action_dim']}-D actions")
 
 
 def _training_index(info: dict[str, Any]) -> dict[str, Any] | None:
@@ -52,8 +89,10 @@ def _training_index(info: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
-def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, device: str = "cpu") -> LoadedWorld:
-    """The world model at `path` and its simulator (from the training data's world name and options).
+def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, world: str | None = None,
+                   device: str = "cpu") -> LoadedWorld:
+    """The world model at `path` and its simulator (from the training data's world name and options,
+    or the built-in world named by `world`: for a run trained on a file recorded in it).
 
     `device` as `dist.select_device` reads it; the CPU by default, since the simulators, probes and
     planners around the model read its latents as numpy arrays.
@@ -67,24 +106,32 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, dev
         raise UserError(f"{path} is an image-encoder export, not a world model (no world.safetensors); "
                         "give a world run folder or the export of one")
     model = load_world_model(path, dist.select_device(device))
-    name = model.spec.get("world")
+    name = world or model.spec.get("world")
     if not name:
+        if world_sets:
+            raise UserError(f"--set changes a built-in world's options, and {path} was trained on data without a "
+                            f"simulator; name the world with --world NAME")
         return LoadedWorld(model, None, "its data names no built-in world", path)
     cls = world_class(name)  # UserError for an unknown world
+    if cls.action_dim != int(model.spec["action_dim"]):
+        raise UserError(f"world {name} has {cls.action_dim}-D actions; {path} was trained on {model.spec['action_dim']}-D ones")
     info = model.model.backbone.lejepa_info
     index = _training_index(info)
     data = info.get("data") or {}
-    if index is not None and index.get("world") == name:
+    if world and world != model.spec.get("world"):
+        options, size = {}, int(data.get("resolution") or 64)
+        note = f"{name} (--world) with default options"
+    elif index is not None and index.get("world") == name:
         options, size = dict(index.get("world_options") or {}), int(index.get("resolution", 64))
         note = f"{name} with the training data's options"
     else:
         options, size = {}, int(data.get("resolution") or 64)
         note = f"{name} with default options (the training data's index.json is not reachable)"
     options.update(parse_sets(cls, world_sets))  # --set at evaluation wins over the training data's options
-    world = make_world(name, size=size, **options)
+    sim = make_world(name, size=size, **options)
     if world_sets:
         note += f", with {', '.join(world_sets)}"
-    return LoadedWorld(model, world, note, path)
+    return LoadedWorld(model, sim, note, path)
 
 
 def window_count(steps: int, frameskip: int) -> int:

@@ -176,16 +176,24 @@ def ou_step(x: np.ndarray, rng: np.random.Generator, theta: float = 0.15, sigma:
 
 def observe(world: World, clean: np.ndarray, previous: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
     """What the camera records: clean frames (B, R, R, 3) with pixel noise and dropped frames."""
-    frames = clean
-    noise = world.options["noise"]
-    if noise > 0:
-        noisy = clean.astype(np.float32) + rng.standard_normal(clean.shape, dtype=np.float32) * np.float32(noise * 255.0)
-        frames = np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
-    drop = world.options["drop_prob"]
-    if drop > 0 and previous is not None:
-        dropped = rng.random(len(frames)) < drop
-        frames = np.where(dropped[:, None, None, None], previous, frames)
-    return frames
+    frames = add_pixel_noise(clean, world.options["noise"], rng)
+    return drop_frames(frames, previous, world.options["drop_prob"], rng)
+
+
+def add_pixel_noise(frames: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """uint8 frames plus Gaussian noise of `std` (in [0, 1] pixel units), rounded and clipped; unchanged at 0."""
+    if std <= 0:
+        return frames
+    noisy = frames.astype(np.float32) + rng.standard_normal(frames.shape, dtype=np.float32) * np.float32(std * 255.0)
+    return np.clip(noisy + 0.5, 0, 255).astype(np.uint8)
+
+
+def drop_frames(frames: np.ndarray, previous: np.ndarray | None, prob: float, rng: np.random.Generator) -> np.ndarray:
+    """Frames (B, ...) of which each, with probability `prob`, is replaced by `previous` (the last recorded one)."""
+    if prob <= 0 or previous is None:
+        return frames
+    dropped = rng.random(len(frames)) < prob
+    return np.where(dropped.reshape(-1, *[1] * (frames.ndim - 1)), previous, frames)
 
 
 @dataclass

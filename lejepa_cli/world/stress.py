@@ -16,6 +16,12 @@ Figures per row: `probe_r2`, the mean held-out R^2 over the position variables o
 fitted on the clean world's episodes (a deployed read-out, scored where the world has drifted);
 `surprise_auroc`, the teleport AUROC within the changed world; `plan_success`, the world-model
 planner's success rate in the changed world (None for a world without actions).
+
+On stored trajectories (a run trained on a file, or `--data FILE`; world/episodes.py) the camera
+conditions are applied to the held-out episodes' frames (frame_edits.camera); the probe reads the
+stored state's position columns (*_x / *_y; else the proprio_* columns; else every varying one), the teleport
+splices in another episode. Planning and the conditions that change the world itself need a
+simulator: the report lists them under `needs_simulator`.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.plan import CEMConfig, plan
 from lejepa_cli.probes import r2_score, ridge_cv
-from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, simulated_split
+from lejepa_cli.world.probe import features
 from lejepa_cli.world.catalog import make_world
+from lejepa_cli.world.episodes import SimulatedEpisodes, as_source
+from lejepa_cli.world.frame_edits import camera, data_events
 from lejepa_cli.world.sim import World
-from lejepa_cli.world.surprise import surprise
+from lejepa_cli.world.surprise import draw_event_frames, score_events, surprise
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,12 @@ CONDITIONS = (
 )
 
 
+# The conditions a camera adds to stored frames (frame_edits.camera), and the world option each stands for;
+# the others change the world itself and need a simulator.
+CAMERA_OPTIONS = {"pixel noise": "noise", "dropped frames": "drop_prob", "colour shift": "hue_shift",
+                  "background shift": "bg_shift"}
+
+
 def condition_names() -> list[str]:
     return [c.name for c in CONDITIONS]
 
@@ -78,32 +92,51 @@ def check_conditions(names: list[str] | None) -> list[str]:
     return list(names or condition_names())
 
 
-def position_columns(world: World) -> list[int]:
-    return [i for i, n in enumerate(world.state_names) if n.endswith(("_x", "_y"))]
+def position_columns(names: list[str]) -> list[int]:
+    """The state columns the stress probe reads: positions (names ending _x / _y), else stable-worldmodel's
+    `proprio` columns (its worlds' agent position), else every column."""
+    found = [i for i, n in enumerate(names) if n.endswith(("_x", "_y"))]
+    return found or [i for i, n in enumerate(names) if n.startswith("proprio_")] or list(range(len(names)))
 
 
-def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_episodes: int = 4,
-           steps: int = 60, seed: int = 0, cfg: CEMConfig = CEMConfig(), budget: int = 50,
+def probe_r2(train: dict[str, np.ndarray], test: dict[str, np.ndarray], cols: list[int]) -> float:
+    """Mean held-out R^2 over `cols` of a linear probe on one frame's latent fitted on `train`."""
+    pred = ridge_cv(train["frame"], train["state"][:, cols], test["frame"], train["episode"])
+    return float(np.mean(r2_score(test["state"][:, cols], pred)))
+
+
+def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes: int = 4,
+           steps: int | None = None, seed: int = 0, cfg: CEMConfig = CEMConfig(), budget: int = 50,
            conditions: list[str] | None = None, progress: Callable[[str], None] | None = None,
            adapt: Callable[[World], tuple[WorldModelExport, float]] | None = None) -> dict:
     """The clean row, then every applicable condition at each level; see the module docstring.
 
+    `world`: a World (or SimulatedEpisodes), or StoredEpisodes (world/episodes.py): then the camera
+    conditions edit the stored frames (frame_edits.py) and the rest is listed under needs_simulator.
     Planning is what costs (a few seconds per decision and episode on a CPU with the default CEM),
     so it runs on `plan_episodes` episodes per row (0: none), the probe and surprise on `episodes`.
     `adapt(changed_world) -> (adapted model, seconds)`: each changed row also gets the figures of
     the model adapted to that world without labels (world/adapt.py), under "adapted".
     """
+    source = as_source(world)
     chosen = check_conditions(conditions)
     if episodes < 1 or plan_episodes < 0:
         raise UserError(f"--episodes must be >= 1 and --plan-episodes >= 0, got {episodes} and {plan_episodes}")
-    cols = position_columns(world)
+    steps = source.resolve_steps(steps)
+    if source.kind == "stored":
+        if adapt is not None:
+            raise UserError("--adapt simulates target trajectories in each changed world: it needs a simulator "
+                            "(--world NAME for a file recorded in a built-in world)")
+        return _stored_stress(model, source, episodes, steps, seed, chosen, progress)
+    world = source.world
+    cols = position_columns(world.state_names)
+    fit = source.episodes("fit", 2 * episodes, steps, seed)
+    clean_fit = features(model, fit.frames, fit.states)
 
-    def evaluate(used: WorldModelExport, w: World) -> dict:
-        # the read-out is fitted on the clean world's episodes, in the latent space of the model used
-        train = features(used, *simulated_split(world, 2 * episodes, steps, seed, TRAIN_STREAM))
-        test = features(used, *simulated_split(w, episodes, steps, seed, TEST_STREAM))
-        r2 = r2_score(test["state"][:, cols], ridge_cv(train["frame"], train["state"][:, cols], test["frame"], train["episode"]))
-        row = {"probe_r2": float(np.mean(r2)),
+    def evaluate(used: WorldModelExport, w: World, train: dict[str, np.ndarray]) -> dict:
+        # `train`: the read-out's fit, on the clean world's episodes, in the latent space of the model used
+        test = SimulatedEpisodes(w).episodes("test", episodes, steps, seed)
+        row = {"probe_r2": probe_r2(train, features(used, test.frames, test.states), cols),
                "surprise_auroc": surprise(used, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
                "plan_success": None}
         if w.action_dim > 0 and plan_episodes > 0:
@@ -111,7 +144,7 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
                                        planners=("model",))["success_rate"]
         return row
 
-    rows = [{"condition": "clean", "level": 0.0, "options": {}, **evaluate(model, world)}]
+    rows = [{"condition": "clean", "level": 0.0, "options": {}, **evaluate(model, world, clean_fit)}]
     for cond in CONDITIONS:
         if cond.name not in chosen or not cond.applies(world):
             continue
@@ -120,16 +153,60 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
                 progress(f"{cond.name} {level:g}")
             changes = cond.options(world, level)
             stressed = make_world(world.name, size=world.size, **{**world.options, **changes})
-            row = {"condition": cond.name, "level": float(level), "options": changes, **evaluate(model, stressed)}
+            row = {"condition": cond.name, "level": float(level), "options": changes, **evaluate(model, stressed, clean_fit)}
             if adapt is not None:
                 if progress:
                     progress(f"{cond.name} {level:g}: adapting")
                 adapted, seconds = adapt(stressed)
-                row["adapted"] = {**evaluate(adapted, stressed), "adapt_seconds": round(seconds, 1)}
+                adapted_fit = features(adapted, fit.frames, fit.states)
+                row["adapted"] = {**evaluate(adapted, stressed, adapted_fit), "adapt_seconds": round(seconds, 1)}
             rows.append(row)
     return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps, "budget": budget,
             "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites, "horizon": cfg.horizon},
             "conditions": rows}
+
+
+def _stored_stress(model: WorldModelExport, source, episodes: int, steps: int, seed: int, chosen: list[str],
+                   progress: Callable[[str], None] | None) -> dict:
+    """stress() on stored trajectories: the camera conditions applied to the held-out episodes' frames."""
+    fit, test = source.episodes("fit", 2 * episodes, steps, seed), source.episodes("test", episodes, steps, seed)
+    train = cols = None
+    if fit.states is not None and test.states is not None:
+        train = features(model, fit.frames, fit.states)
+        cols = [c for c in position_columns(source.state_names or []) if train["state"][:, c].std() > 1e-9]
+    fs = model.frameskip
+    k = draw_event_frames(model, len(test), steps, seed)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
+    spliced, spliced_actions = data_events(test.frames, test.actions, k * fs, ("teleport",), rng, fs)["teleport"]
+
+    def evaluate(edit: Callable[[np.ndarray], np.ndarray]) -> dict:
+        frames = edit(test.frames)  # the same draws for the clean and the spliced episodes
+        event = [("teleport", edit(spliced), spliced_actions)]
+        return {"probe_r2": probe_r2(train, features(model, frames, test.states), cols) if cols else None,
+                "surprise_auroc": score_events(model, frames, test.actions, event, k)["auroc"]["teleport"],
+                "plan_success": None}
+
+    rows = [{"condition": "clean", "level": 0.0, "options": {}, **evaluate(lambda f: f)}]
+    usable = camera_conditions(test.frames.shape[-1])
+    for cond in CONDITIONS:
+        if cond.name not in chosen or cond.name not in usable:
+            continue
+        for level in cond.levels:
+            if progress:
+                progress(f"{cond.name} {level:g}")
+            edit = lambda f, name=cond.name, v=level: camera(f, name, v, seed)  # noqa: E731
+            rows.append({"condition": cond.name, "level": float(level), "options": {usable[cond.name]: float(level)},
+                         **evaluate(edit)})
+    needs = ["planning success"] + [c for c in chosen if c not in CAMERA_OPTIONS]
+    names = source.state_names or []
+    return {"data": source.name, "split": source.split, "episodes": len(test), "plan_episodes": 0, "steps": steps,
+            "probe_columns": [names[c] for c in cols or []], "conditions": rows, "needs_simulator": needs,
+            "not_applicable": [c for c in chosen if c in CAMERA_OPTIONS and c not in usable]}
+
+
+def camera_conditions(channels: int) -> dict[str, str]:
+    """The camera conditions stored frames of `channels` channels take, and the world option each stands for."""
+    return {k: v for k, v in CAMERA_OPTIONS.items() if channels == 3 or k != "colour shift"}
 
 
 def plot_stress(report: dict, out: str) -> None:
@@ -159,7 +236,7 @@ def plot_stress(report: dict, out: str) -> None:
             label += " (axis cut at -1)"
         ax.set_title(label)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{report['world']}: conditions at evaluation")
+    fig.suptitle(f"{report.get('world') or report.get('data')}: conditions at evaluation")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

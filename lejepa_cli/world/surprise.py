@@ -14,21 +14,29 @@ frame k (chosen per episode, after a full history):
 Surprise of frame t + 1 = ||p_t - z_{t+1}||^2, the predictor's error from the history ending at t.
 AUROC: the event frames (frame k of every event episode) against every frame of the clean
 replays with a full history.
+
+A run evaluated on stored trajectories (world/episodes.py: trained on a file, or `--data FILE`)
+has no simulator to replay: its held-out episodes are edited instead (frame_edits.py): a
+`teleport` splices in another episode from frame k on, `colour` rotates frame k's hue by 120
+degrees, `frozen` repeats the window frame before k. The scoring is the same (`score_events`).
 """
 
 from __future__ import annotations
+
+from typing import Any, Iterable
 
 import numpy as np
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.probes import average_ranks
 from lejepa_cli.world.export import WorldModelExport
+from lejepa_cli.world.episodes import as_source
+from lejepa_cli.world.frame_edits import DATA_EVENTS, HUE_EVENT, data_events
 from lejepa_cli.world.sim import World, observe, simulate
 from lejepa_cli.world.runs import blocks, encode_episodes, one_step_surprise, require_window_frames, window_count, window_frames
 
 EVENT_STREAM = 103  # seed stream of the held-out episodes (apart from the dataset's 0 and 1)
 MIN_JUMP = 0.3  # a teleport moves the object at least this far (arena side = 1)
-HUE_EVENT = 120.0
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -113,44 +121,85 @@ def require_event_frames(model: WorldModelExport, steps: int) -> None:
     require_window_frames(model, steps, h + 2, f"surprise needs at least history + 2 = {h + 2}")
 
 
-def surprise(model: WorldModelExport, world: World, *, episodes: int = 20, steps: int = 60, seed: int = 0,
+def surprise(model: WorldModelExport, world: Any, *, episodes: int = 20, steps: int | None = None, seed: int = 0,
              kinds: tuple[str, ...] | None = None, plot: str | None = None) -> dict:
     """Surprise AUROC per event kind on `episodes` held-out episodes; optionally a PNG of one episode.
 
+    `world`: a World (or SimulatedEpisodes), whose events are replayed in the simulator, or
+    StoredEpisodes (world/episodes.py), whose events are edits of the recorded frames (frame_edits.py).
     Keys: auroc (kind -> AUROC), mean_event_surprise (kind -> mean surprise at event frames),
     mean_normal_surprise, episodes, steps, event_frames (kind -> the window frame k of each episode).
     """
+    source = as_source(world)
+    if episodes < 1:
+        raise UserError(f"--episodes must be >= 1, got {episodes}")
+    steps = source.resolve_steps(steps)
+    require_event_frames(model, steps)
+    if source.kind == "stored":
+        return _stored_surprise(model, source, episodes, steps, seed, kinds, plot)
+    world = source.world
     kinds = kinds or event_kinds(world)
     bad = [k for k in kinds if k not in event_kinds(world)]
     if bad:
         raise UserError(f"event '{bad[0]}' is not defined for world {world.name} (it has: {', '.join(event_kinds(world))})")
-    if episodes < 1:
-        raise UserError(f"--episodes must be >= 1, got {episodes}")
-    require_event_frames(model, steps)
-    fs, h = model.frameskip, model.history
-    length = window_count(steps, fs)
+    fs = model.frameskip
     chunks = list(simulate(world, episodes, steps, seed, EVENT_STREAM))  # the exploration policy's actions
     actions = np.concatenate([c.actions.reshape(c.episodes, steps, -1) for c in chunks]).astype(np.float64)
     starts = np.concatenate([c.state.reshape(c.episodes, steps, -1)[:, 0] for c in chunks])
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
-    k = rng.integers(h, length - 1, episodes)  # the event's window frame: after a full history, not the last
-    act_blocks = blocks(actions.astype(np.float32), fs)
+    k = draw_event_frames(model, episodes, steps, seed)
     clean_frames, _ = replay(world, starts, actions, seed)
-    z = encode_episodes(model, window_frames(clean_frames, fs))
-    normal = one_step_surprise(model, z, act_blocks).numpy()[:, h - 1 :]  # frames h .. L-1 with a full history
-    report: dict = {"episodes": episodes, "steps": steps, "world": world.name, "auroc": {}, "mean_event_surprise": {},
-                    "mean_normal_surprise": float(normal.mean()), "event_frames": {}}
+    events = ((kind, replay(world, starts, actions, seed, kind, k * fs)[0], actions) for kind in kinds)
+    report = score_events(model, clean_frames, actions, events, k, plot, world.name)
+    return {"episodes": episodes, "steps": steps, "world": world.name, **report}
+
+
+def _stored_surprise(model: WorldModelExport, source, episodes: int, steps: int, seed: int,
+                     kinds: tuple[str, ...] | None, plot: str | None) -> dict:
+    """surprise() on stored trajectories: the events are edits of the held-out episodes' frames."""
+    test = source.episodes("events", episodes, steps, seed)
+    kinds = kinds or stored_event_kinds(test.frames)
+    k = draw_event_frames(model, len(test), steps, seed)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 6]))
+    edits = data_events(test.frames, test.actions, k * model.frameskip, kinds, rng, model.frameskip)
+    report = score_events(model, test.frames, test.actions, ((kind, f, a) for kind, (f, a) in edits.items()), k, plot,
+                          source.name)
+    return {"episodes": len(test), "steps": steps, "data": source.name, "split": source.split, **report}
+
+
+def stored_event_kinds(frames: np.ndarray) -> tuple[str, ...]:
+    """The events defined on stored frames; the colour event only for RGB frames."""
+    return DATA_EVENTS if frames.shape[-1] == 3 else tuple(k for k in DATA_EVENTS if k != "colour")
+
+
+def draw_event_frames(model: WorldModelExport, n: int, steps: int, seed: int) -> np.ndarray:
+    """(n,) the event's window frame k per episode: after a full history, not the last."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 5]))
+    return rng.integers(model.history, window_count(steps, model.frameskip) - 1, n)
+
+
+def score_events(model: WorldModelExport, clean: np.ndarray, actions: np.ndarray,
+                 events: Iterable[tuple[str, np.ndarray, np.ndarray]], k: np.ndarray, plot: str | None = None,
+                 title: str = "") -> dict:
+    """AUROC of the surprise at frame k of each event episode against every clean frame with a full history.
+
+    clean frames (N, T, ...) and actions (N, T, A); events: (kind, frames, actions) of the same shapes.
+    """
+    fs, h, n = model.frameskip, model.history, len(clean)
+    act_blocks = blocks(actions.astype(np.float32), fs)
+    base = one_step_surprise(model, encode_episodes(model, window_frames(clean, fs)), act_blocks).numpy()  # (N, L-1)
+    normal = base[:, h - 1 :]  # frames h .. L-1 with a full history
+    report: dict = {"auroc": {}, "mean_event_surprise": {}, "mean_normal_surprise": float(normal.mean()), "event_frames": {}}
     curves = {}
-    for kind in kinds:
-        frames, _ = replay(world, starts, actions, seed, kind, k * fs)
-        s = one_step_surprise(model, encode_episodes(model, window_frames(frames, fs)), act_blocks).numpy()  # (N, L-1)
-        event = s[np.arange(episodes), k - 1]  # surprise of frame k
+    for kind, frames, acts in events:
+        z = encode_episodes(model, window_frames(frames, fs))
+        s = one_step_surprise(model, z, blocks(np.asarray(acts, np.float32), fs)).numpy()  # (N, L-1)
+        event = s[np.arange(n), k - 1]  # surprise of frame k
         report["auroc"][kind] = auroc(event, normal)
         report["mean_event_surprise"][kind] = float(event.mean())
         report["event_frames"][kind] = [int(v) for v in k]
         curves[kind] = s[0]
     if plot:
-        plot_surprise(curves, one_step_surprise(model, z[:1], act_blocks[:1]).numpy()[0], int(k[0]), plot, world.name)
+        plot_surprise(curves, base[0], int(k[0]), plot, title)
     return report
 
 
