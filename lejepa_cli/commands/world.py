@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from lejepa_cli.errors import UserError
+from lejepa_cli.outputs import PLOT_SUFFIXES, STRIP_SUFFIXES
 from lejepa_cli.terminal import make_console
 from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
 
@@ -31,6 +30,7 @@ Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (laten
 NoiseBeta = Annotated[float, typer.Option("--noise-beta", min=0.0, max=4.0, help="Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further.")]
 Steps = Annotated[int, typer.Option(min=2, max=2000, help="Steps per simulated episode.")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (--json, --plot, --save-video) that are not this command's own earlier output.")]
 
 
 @app.command("list")
@@ -73,10 +73,11 @@ def simulate(
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
 
 
-def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str):
+def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str, overwrite: bool):
+    from lejepa_cli.outputs import REPORT_SUFFIXES
     from lejepa_cli.world.runs import open_world_run
 
-    _check_output(json_file, "--json")
+    _check_output(json_file, "--json", overwrite, REPORT_SUFFIXES, report=f"world {what}")
     used = open_world_run(run, world_sets=sets)
     return used, used.require_world(what)
 
@@ -89,12 +90,12 @@ def _cem_config(candidates: int, iterations: int, elites: int, horizon: int, cos
     return cfg
 
 
-def _check_output(path: Path | None, option: str) -> None:
-    """An output file the command will write, checked before the work, not after it."""
+def _check_output(path: Path | None, option: str, overwrite: bool, suffixes, report: str | None = None) -> None:
+    """An output file the command will write, checked before the work, not after it (see outputs.py)."""
     if path is not None:
         from lejepa_cli.outputs import check_output_file
 
-        check_output_file(path, option)
+        check_output_file(path, option, overwrite=overwrite, suffixes=suffixes, report=report)
 
 
 def _describe(used) -> None:
@@ -103,14 +104,14 @@ def _describe(used) -> None:
                       f"history {used.model.history}", highlight=False, soft_wrap=True)
 
 
-def _finish(report: dict, json_file: Path | None, started: float, used) -> None:
-    from lejepa_cli.image.report import write_json
+def _finish(report: dict, json_file: Path | None, started: float, used, what: str) -> None:
+    from lejepa_cli.outputs import write_report
 
     report["world_source"] = used.note  # which simulator the figures come from
 
     report["seconds"] = round(time.perf_counter() - started, 2)
     if json_file is not None:
-        write_json({k: v for k, v in report.items() if k != "video"}, json_file)
+        write_report({k: v for k, v in report.items() if k != "video"}, json_file, f"world {what}")
         err_console.print(f"report written to {json_file}", highlight=False, soft_wrap=True)
 
 
@@ -137,17 +138,18 @@ def plan_cmd(
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Plan towards goal images with CEM in the model's latent space; random policy and true dynamics beside it."""
     from lejepa_cli.world import plan as planning
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "plan")
+    _check_output(save_video, "--save-video", overwrite, STRIP_SUFFIXES)
+    used, world = _open(run, json_file, sets, "plan", overwrite)
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
-    _check_output(save_video, "--save-video")
     if goal is not None:
         report = _plan_to_image(used, goal, episodes, budget, cfg, seed, save_video)
-        _finish(report, json_file, started, used)
+        _finish(report, json_file, started, used, "plan")
         return
     _describe(used)
     planners = ("model",) if no_baselines else planning.PLANNERS
@@ -165,19 +167,14 @@ def plan_cmd(
         video = report["video"]
         planning.save_strip(video["frames"], video["goal"], save_video, every=used.model.frameskip)
         err_console.print(f"episode 0 ({'reached' if video['success'] else 'not reached'}) written to {save_video}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, "plan")
 
 
 def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg: CEMConfig, seed: int, save_video: Path | None) -> dict:
-    from PIL import Image, UnidentifiedImageError
-
+    from lejepa_cli.data.inputs import load_image
     from lejepa_cli.world import plan as planning
 
-    try:
-        with Image.open(goal, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")) as im:  # never EPS (Ghostscript)
-            image = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"--goal {goal} is not a readable image ({e.__class__.__name__})") from None
+    image = load_image(goal, "--goal image")
     model, world = used.model, used.world
     images = planning.check_goal_images(world, image, episodes)
     _describe(used)
@@ -202,12 +199,13 @@ def probe_cmd(
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder."""
     from lejepa_cli.world.probe import probe_world, require_full_history
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "probe")
+    used, world = _open(run, json_file, sets, "probe", overwrite)
     require_full_history(used.model, steps, history)
     _describe(used)
     report = probe_world(used.model, world, episodes=episodes, steps=steps, seed=seed, history=history)
@@ -222,7 +220,7 @@ def probe_cmd(
     for name, h in report["hidden"].items():
         console.print(f"hidden {name}: R^2 {h['frame']:.2f} from one frame, {h['history']:.2f} from the history "
                       f"-> recoverable from: {h['recoverable_from']}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, "probe")
 
 
 def surprise_cmd(
@@ -233,13 +231,14 @@ def surprise_cmd(
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Inject impossible events (teleport, colour change, pass through a wall) and report surprise AUROC per kind."""
     from lejepa_cli.world.surprise import require_event_frames, surprise
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "surprise")
-    _check_output(plot, "--plot")
+    _check_output(plot, "--plot", overwrite, PLOT_SUFFIXES)
+    used, world = _open(run, json_file, sets, "surprise", overwrite)
     require_event_frames(used.model, steps)
     _describe(used)
     report = surprise(used.model, world, episodes=episodes, steps=steps, seed=seed, plot=str(plot) if plot else None)
@@ -250,7 +249,7 @@ def surprise_cmd(
     console.print(table)
     if plot is not None:
         err_console.print(f"plot written to {plot}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, "surprise")
 
 
 def stress_cmd(
@@ -269,15 +268,16 @@ def stress_cmd(
     seed: Seed = 0,
     sets: Sets = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world."""
     from lejepa_cli.world import probe, surprise
     from lejepa_cli.world.stress import check_conditions, plot_stress, stress
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "stress")
+    _check_output(plot, "--plot", overwrite, PLOT_SUFFIXES)
+    used, world = _open(run, json_file, sets, "stress", overwrite)
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
-    _check_output(plot, "--plot")
     check_conditions(condition)
     probe.require_full_history(used.model, steps)
     surprise.require_event_frames(used.model, steps)
@@ -293,7 +293,7 @@ def stress_cmd(
     if plot is not None:
         plot_stress(report, str(plot))
         err_console.print(f"plot written to {plot}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, "stress")
 
 app.command("stress")(stress_cmd)
 app.command("plan")(plan_cmd)
