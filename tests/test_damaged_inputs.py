@@ -248,3 +248,27 @@ def test_a_damaged_input_is_one_line_exit_2_and_nothing_written(slot, damage, ar
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error:"), err
     assert code == 2, err
     assert not [p for p in out.rglob("*")], f"written despite the error: {list(out.rglob('*'))}"
+
+
+class _Payload:
+    """Unpickling this creates the folder `marker`: proof that a loader ran code from a file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_an_npy_that_would_need_pickle_is_damaged_and_never_unpickled(artefacts, tmp_path, capsys):
+    """The issue's case: a corrupt actions.npy said to pass allow_pickle; it must say the file is damaged."""
+    data, marker = tmp_path / "data", tmp_path / "unpickled"
+    shutil.copytree(artefacts["world_data"], data)
+    with open(data / "train" / "actions.npy", "wb") as f:
+        np.save(f, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+    code, _, err = invoke(["train", "--preset", "world-tworoom", "--out", tmp_path / "run", "--data", data,
+                           *SETS_WORLD], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "actions.npy" in lines[0] and "damaged" in lines[0] and "allow_pickle" not in lines[0]
+    assert not marker.exists() and not (tmp_path / "run").exists()
