@@ -58,7 +58,7 @@ from torch import nn
 
 from lejepa_cli._version import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lejepa_cli.checkpoint import check_header, list_checkpoints, load_checkpoint, read_metadata, split_prefix
+from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, read_metadata, split_prefix
 from lejepa_cli.data.inputs import load_json, load_safetensors, reading
 from lejepa_cli.errors import UserError
 from lejepa_cli.models.onnx_export import ONNX_TOLERANCE, export_onnx, onnx_runtime
@@ -160,8 +160,7 @@ def _read_export(weights: Path, config: Path) -> tuple[dict[str, torch.Tensor], 
     info = cfg.get("lejepa") if isinstance(cfg, dict) else None
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT or "arch_config" not in info:
         raise UserError(f"{config} is not a lejepa export config (no 'lejepa' section of format {EXPORT_FORMAT})")
-    check_header(weights)
-    state = load_safetensors(weights, "export weights file")
+    state = load_safetensors(weights, "export weights file")  # header size-checked before parsing
     return state, {**info, "source": str(weights.parent)}
 
 

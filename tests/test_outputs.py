@@ -214,3 +214,20 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, mo
     with pytest.raises(OSError) as info:
         write_report({"a": 1}, tmp_path / "r.json", "probe")
     assert info.value.filename == str(tmp_path / "r.json") and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("command", ["data prepare", "world simulate", "train"])
+def test_a_folder_output_holding_the_users_files_is_refused(command, artefacts, tmp_path, capsys):
+    """Commands that write a whole folder (datasets, runs) leave a folder of the user's alone."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_bytes(USER)
+    argv = {
+        "data prepare": ["data", "prepare", artefacts["npz"], "--out", out, "--workers", "0"],
+        "world simulate": ["world", "simulate", "two-room", "--out", out, "--episodes", "2", "--steps", "8",
+                           "--val-episodes", "1", "--size", "16", "--no-progress"],
+        "train": ["train", "--out", out, "--set", "train.steps=1", "--no-progress"],
+    }[command]
+    code, _, err = invoke(argv, capsys)
+    assert code == 2 and _one_error_line(err)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_bytes() == USER

@@ -113,7 +113,10 @@ def load_safetensors(path: str | Path, what: str = "safetensors file", device: s
     """Every tensor of the safetensors file at `path`."""
     from safetensors.torch import load_file
 
+    from lejepa_cli.checkpoint import check_header
+
     path = require_file(path, what)
+    check_header(path)  # a header claiming gigabytes, or longer than the file, is refused before parsing
     with reading(path, what):
         return load_file(str(path), device=device)
 
@@ -122,7 +125,10 @@ def safetensors_header(path: str | Path, what: str = "safetensors file") -> tupl
     """(metadata, tensor names) of the safetensors file at `path`, without reading the tensors."""
     from safetensors import safe_open
 
+    from lejepa_cli.checkpoint import check_header
+
     path = require_file(path, what)
+    check_header(path)
     with reading(path, what):
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), list(f.keys())
