@@ -109,7 +109,10 @@ def _check_suffix(path: Path, option: str, suffixes: Sequence[str] | None) -> No
 
 def _check_existing(path: Path, option: str, overwrite: bool, report: str | None) -> None:
     """`path` exists: replaceable only when a plain file that is our own earlier output or --overwrite says so."""
-    mode = path.stat().st_mode
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # a link to nothing (or to a place that cannot be read)
+        raise UserError(f"{option} {path} is a broken link; choose another path") from None
     if not stat.S_ISREG(mode):
         raise UserError(f"{option} {path} exists and is not a regular file; choose another path")
     if not overwrite and not _is_own(path, report):

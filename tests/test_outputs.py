@@ -167,6 +167,9 @@ def test_check_output_file_rules(tmp_path):
     import os
 
     os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(UserError, match="broken link"):
+        check_output_file(tmp_path / "dangling.json", "--json", overwrite=True)
     with pytest.raises(UserError, match="not a regular file"):
         check_output_file(tmp_path / "fifo.json", "--json", overwrite=True)
     (tmp_path / "plots").mkdir()
