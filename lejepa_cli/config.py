@@ -371,10 +371,9 @@ def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...
     cfg = Config()
     if preset:
         path = preset_path(preset)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"preset {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        from lejepa_cli.data.inputs import load_yaml
+
+        tree = load_yaml(path, "preset (YAML)") or {}
         if not isinstance(tree, dict):
             raise UserError(f"preset {path} must be a mapping of sections")
         _begin_source(cfg)

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,15 +54,16 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lejepa_cli._version import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lejepa_cli.checkpoint import check_header, list_checkpoints, load_checkpoint, read_metadata, split_prefix
+from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, read_metadata, split_prefix
+from lejepa_cli.data.inputs import load_json, load_safetensors, reading
 from lejepa_cli.errors import UserError
 from lejepa_cli.models.onnx_export import ONNX_TOLERANCE, export_onnx, onnx_runtime
 from lejepa_cli.models.timm_compat import timm_compatible, timm_config, timm_incompatibility
+from lejepa_cli.outputs import atomic_output, save_safetensors
 
 EXPORT_FORMAT = "lejepa-export-v1"
 WEIGHTS = "model.safetensors"
@@ -111,11 +111,8 @@ def _read_checkpoint(path: Path, verify: bool) -> tuple[dict[str, torch.Tensor],
         meta = read_metadata(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise UserError(f"{path} is not a lejepa training checkpoint (format {meta.get('format')!r})")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                state = {k[len("model.backbone."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.backbone.")}
-        except Exception as e:  # safetensors raises its own types for damaged data
-            raise UserError(f"{path} is damaged ({str(e).splitlines()[0]})") from None
+        with reading(path, "checkpoint", f"{path} is damaged"), safe_open(str(path), framework="pt") as f:
+            state = {k[len("model.backbone."):]: f.get_tensor(k) for k in f.keys() if k.startswith("model.backbone.")}
     if not state or not isinstance(meta.get("backbone"), dict):
         raise UserError(f"{path} holds no backbone (no model.backbone.* tensors or 'backbone' metadata)")
     arch, data, cfg = meta["backbone"], meta.get("data"), meta.get("config")
@@ -159,18 +156,11 @@ def _probe_metrics(ckpt: Path, step: int | None) -> dict[str, float] | None:
 
 
 def _read_export(weights: Path, config: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    try:
-        cfg = json.loads(config.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{config} is not readable JSON ({e})") from None
+    cfg = load_json(config, "export config (JSON)")
     info = cfg.get("lejepa") if isinstance(cfg, dict) else None
     if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT or "arch_config" not in info:
         raise UserError(f"{config} is not a lejepa export config (no 'lejepa' section of format {EXPORT_FORMAT})")
-    check_header(weights)
-    try:
-        state = load_file(str(weights))
-    except Exception as e:
-        raise UserError(f"{weights} is damaged ({str(e).splitlines()[0]})") from None
+    state = load_safetensors(weights, "export weights file")  # header size-checked before parsing
     return state, {**info, "source": str(weights.parent)}
 
 
@@ -338,10 +328,7 @@ def export_backbone(
     target = DTYPES[dtype]
     state = {k: (v.detach().to("cpu", target) if v.is_floating_point() else v.detach().cpu()).contiguous()
              for k, v in backbone.state_dict().items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})  # "pt": what timm / HF writers put here
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; an export is meant to be shared
-    os.replace(tmp, out / WEIGHTS)
+    save_safetensors(state, out / WEIGHTS, metadata={"format": "pt"})  # "pt": what timm / HF writers put here
     if format != "safetensors":
         result.onnx_max_abs_diff, sizes = export_onnx(backbone, out / ONNX, image_size=info["image_size"],
                                                       channels=info["channels"])
@@ -349,9 +336,8 @@ def export_backbone(
                         "dynamic_axes": ["batch", "height", "width"], "checked_sizes": sizes,
                         "size_rule": (f"height and width multiples of {arch['patch_size']}" if arch.get("patch_size")
                                       and str(arch["arch"]).startswith("vit") else "any height and width")}
-    tmp = out / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps({**config, "lejepa": info}, indent=2) + "\n")
-    os.replace(tmp, out / CONFIG)  # written last: its presence means the folder is complete
+    with atomic_output(out / CONFIG) as tmp:  # written last: its presence means the folder is complete
+        tmp.write_text(json.dumps({**config, "lejepa": info}, indent=2) + "\n")
     return result
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from lejepa_cli._version import __version__
 from lejepa_cli.errors import UserError
+from lejepa_cli.outputs import atomic_output
 from lejepa_cli.world.plan_settings import CEMConfig
 from lejepa_cli.world.reproduce import WorldRecipe
 
@@ -305,5 +306,6 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
                     "probe": (time.perf_counter() - t_train) / 60, "total": (time.perf_counter() - t0) / 60},
         "machine": machine(), "config": cfg.to_dict(), "probe": report,
     }
-    (out / "reproduce.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic_output(out / "reproduce.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str))
     return summary

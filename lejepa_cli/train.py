@@ -37,6 +37,7 @@ from lejepa_cli.config import Config, apply_overrides
 from lejepa_cli.data.loader import BatchLoader, StepSampler
 from lejepa_cli.errors import RunFailed, UserError
 from lejepa_cli.logs import RunLogger, Throughput, console, trim_metrics
+from lejepa_cli.outputs import atomic_output
 from lejepa_cli.optim import autocast_dtype, lr_at, param_groups  # noqa: F401  (re-exported: the loop's pieces)
 from lejepa_cli.preflight import preflight
 from lejepa_cli.resume import check_run_folder, finished_summary, resume_point
@@ -266,7 +267,8 @@ def _open_run_folder(cfg: Config, out: Path, start: int, progress: bool) -> RunL
     """Write the resolved config, drop metrics logged after `start`, and open the run's logger."""
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        with atomic_output(out / "config.yaml") as tmp:  # never a half-written config beside the checkpoints
+            tmp.write_text(cfg.to_yaml())
         # Lines up to `start` were logged before its checkpoint; with no checkpoint (start 0) none
         # survive, not even a step-0 evaluation, which is logged again.
         trim_metrics(out / "metrics.jsonl", start if start > 0 else -1)
@@ -373,7 +375,8 @@ class _Loop:
         if dist.is_main():
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.last_good_step, "train_s": train_s, **scores}) + "\n")
-            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            with atomic_output(out / "summary.json") as tmp:
+                tmp.write_text(json.dumps(summary, indent=2))
         return summary
 
 

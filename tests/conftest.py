@@ -17,3 +17,36 @@ TINY = [
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)
+
+
+# ---- tiny real artefacts, built once per session (tests/artifacts.py) -----------------------------
+
+
+@pytest.fixture(scope="session")
+def artefacts(tmp_path_factory):
+    """Paths of the session's tiny artefacts: npz, prepared, run, checkpoint, export, world_data,
+    world_run, world_checkpoint, world_export, traj_npz, traj_h5 (None without h5py), preset (a YAML
+    file). Copy before damaging or overwriting."""
+    import artifacts
+    from lejepa_cli.checkpoint import list_checkpoints
+
+    root = tmp_path_factory.mktemp("artefacts")
+    paths = {"npz": artifacts.image_npz(root / "images.npz")}
+    from lejepa_cli.data.prepare import prepare
+
+    prepare(paths["npz"], root / "prepared", progress=False)
+    paths["prepared"] = root / "prepared"
+    paths["run"] = artifacts.image_run(root / "run")
+    paths["checkpoint"] = list_checkpoints(paths["run"] / "checkpoints")[-1]
+    paths["export"] = artifacts.export(paths["run"], root / "export")
+    paths["world_data"] = artifacts.world_data(root / "world-data")
+    paths["world_run"] = artifacts.world_run(paths["world_data"], root / "world-run")
+    paths["world_checkpoint"] = list_checkpoints(paths["world_run"] / "checkpoints")[-1]
+    paths["world_export"] = artifacts.export(paths["world_run"], root / "world-export")
+    paths["traj_npz"] = artifacts.trajectory_npz(root / "trajectories.npz")
+    paths["traj_h5"] = artifacts.trajectory_h5(root / "trajectories.h5")
+    from lejepa_cli.config import preset_path
+
+    paths["preset"] = root / "my-preset.yaml"
+    paths["preset"].write_text(preset_path("demo").read_text())
+    return paths

@@ -104,7 +104,10 @@ def test_plural():
 def test_output_checks(tmp_path):
     (tmp_path / "f").write_text("x")
     assert check_output_file(tmp_path / "new" / "deeper" / "r.json", "--json") == tmp_path / "new" / "deeper" / "r.json"
-    assert check_output_file(tmp_path / "f", "--json") == tmp_path / "f"  # replacing a file is fine
+    # Replacing a file of the user's needs --overwrite (issue 31: reports had replaced datasets' files).
+    assert check_output_file(tmp_path / "f", "--json", overwrite=True) == tmp_path / "f"
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        check_output_file(tmp_path / "f", "--json")
     assert check_output_folder(tmp_path / "new", "--out") == tmp_path / "new"
     with pytest.raises(UserError, match="--json .* is a folder"):
         check_output_file(tmp_path, "--json")

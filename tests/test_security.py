@@ -210,7 +210,9 @@ def test_a_10gb_header_is_refused_before_parsing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint_mod, "safe_open", never)
     monkeypatch.setattr(export_mod, "safe_open", never)
-    monkeypatch.setattr(export_mod, "load_file", never)
+    import safetensors.torch  # export folders are read through lejepa_cli.data.inputs, which calls this
+
+    monkeypatch.setattr(safetensors.torch, "load_file", never)
     huge = tmp_path / "huge.safetensors"
     huge.write_bytes(struct.pack("<Q", 10 << 30) + b'{"__metadata__":{}}' + b" " * 100)
     beyond = tmp_path / "beyond.safetensors"  # within the cap but longer than the file

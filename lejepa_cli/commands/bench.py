@@ -54,21 +54,21 @@ def bench(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON document to this file.")] = None,
     only: Annotated[Optional[list[Module]], typer.Option("--only", help="Run only this benchmark (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: torch's, or 1 on an oversubscribed CPU).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file that is not an earlier `lejepa bench` document.")] = False,
 ) -> None:
     """Benchmark SIGReg, the views, the training step, its memory and the data path; print one JSON document."""
     import json
 
-    if out is not None:
-        from lejepa_cli.outputs import check_output_file
+    from lejepa_cli.outputs import REPORT_SUFFIXES, check_output_file, write_report
 
-        check_output_file(out, "--out")  # before minutes of benchmarking, not after
+    if out is not None:  # before minutes of benchmarking, not after
+        check_output_file(out, "--out", overwrite=overwrite, suffixes=REPORT_SUFFIXES, report="bench")
     suite = load_suite()
     doc = suite.run_suite(quick, [m.value for m in only] if only else None, threads,
                           progress=lambda msg: err_console.print(msg, highlight=False))
     text = json.dumps(doc, indent=2)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        write_report(doc, out, "bench", allow_nan=True)  # as printed
     typer.echo(text)
     broken = suite.failed(doc)
     if broken:

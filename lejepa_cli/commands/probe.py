@@ -39,14 +39,15 @@ def probe(
     device: Device = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per extraction batch.")] = 256,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bars.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file or plots that are not this command's own earlier output.")] = False,
 ) -> None:
     """Evaluate a frozen encoder: linear probe, kNN, few-shot, robustness under shift, isotropy check."""
-    from lejepa_cli.outputs import check_output_file
+    from lejepa_cli.outputs import REPORT_SUFFIXES, check_output_file, write_report
     from lejepa_cli.image.probe import ProbeOptions, run_probe
-    from lejepa_cli.image.report import report_tables, write_json
+    from lejepa_cli.image.report import report_tables
 
-    if json_file is not None:
-        check_output_file(json_file, "--json")  # before the work, not after it
+    if json_file is not None:  # before the work, not after it
+        check_output_file(json_file, "--json", overwrite=overwrite, suffixes=REPORT_SUFFIXES, report="probe")
     if label_free is not None:
         from lejepa_cli.image.selection import rank_checkpoints, ranking_table
 
@@ -61,12 +62,13 @@ def probe(
         opts = ProbeOptions(data=data, train_split=train_split, eval_split=eval_split, device=device,
                             batch_size=batch_size, max_train=max_train, epochs=epochs, shift=shift,
                             shift_images=shift_images, conditions=conditions, adapt=adapt, random_init=random_init,
-                            preset=preset, cache=cache, progress=not no_progress, plots=plots)
+                            preset=preset, cache=cache, progress=not no_progress, plots=plots,
+                            overwrite=overwrite)
         result = run_probe(ckpt, opts)
         for table in report_tables(result):
             console.print(table)
     if json_file is not None:
-        write_json(result, json_file)
+        write_report(result, json_file, "probe")
         err_console.print(f"report written to {json_file}", highlight=False, soft_wrap=True)
 
 

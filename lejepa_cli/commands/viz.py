@@ -21,11 +21,13 @@ def viz(
     num_images: Annotated[int, typer.Option(min=1, max=MAX_PCA_IMAGES, help="Images of the data to show when no --image is given.")] = 6,
     data: Data = None,
     device: Device = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace PNG files in --out that this command did not write.")] = False,
 ) -> None:
     """Plot training curves (from metrics.jsonl) and PCA maps of patch features."""
     from lejepa_cli.image.viz import write_viz
 
-    for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device):
+    for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device,
+                          overwrite=overwrite):
         err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 

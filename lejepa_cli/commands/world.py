@@ -6,11 +6,10 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 from rich.table import Table
 
-from lejepa_cli.errors import UserError
+from lejepa_cli.outputs import PLOT_SUFFIXES, STRIP_SUFFIXES
 from lejepa_cli.terminal import make_console
 from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
 
@@ -31,6 +30,7 @@ Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (laten
 NoiseBeta = Annotated[float, typer.Option("--noise-beta", min=0.0, max=4.0, help="Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further.")]
 Steps = Annotated[Optional[int], typer.Option(min=2, max=2000, help="Steps per evaluation episode (default: 60 simulated; stored episodes: the shortest one's length, longer ones cut to it).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (--json, --plot, --save-video) that are not this command's own earlier output.")]
 WorldName = Annotated[Optional[str], typer.Option("--world", help="Evaluate in this built-in world (two-room, push, balls): for a run trained on a file recorded in it.")]
 Data = Annotated[Optional[Path], typer.Option("--data", help="Evaluate on the episodes of this trajectory file or folder instead of a simulator (default for a run trained on a file: that file, its held-out episodes to test on).")]
 
@@ -75,19 +75,20 @@ def simulate(
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
 
 
-def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str, world: str | None = None):
+def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str, overwrite: bool, world: str | None = None):
     from lejepa_cli.world.runs import open_world_run
 
-    _check_output(json_file, "--json")
+    _check_report(json_file, what, overwrite)
     used = open_world_run(run, world_sets=sets, world=world)
     return used, used.require_world(what)
 
 
-def _episodes(run: Path, json_file: Path | None, sets: list[str] | None, world: str | None, data: Path | None, seed: int):
+def _episodes(run: Path, json_file: Path | None, sets: list[str] | None, world: str | None, data: Path | None, seed: int,
+              what: str, overwrite: bool):
     """The run and where its evaluation episodes come from: its simulator, or stored trajectories."""
     from lejepa_cli.world.runs import open_world_run
 
-    _check_output(json_file, "--json")
+    _check_report(json_file, what, overwrite)
     used = open_world_run(run, world_sets=sets, world=world)
     return used, used.episode_source(data, seed=seed)
 
@@ -100,12 +101,18 @@ def _cem_config(candidates: int, iterations: int, elites: int, horizon: int, cos
     return cfg
 
 
-def _check_output(path: Path | None, option: str) -> None:
-    """An output file the command will write, checked before the work, not after it."""
+def _check_output(path: Path | None, option: str, overwrite: bool, suffixes, report: str | None = None) -> None:
+    """An output file the command will write, checked before the work, not after it (see outputs.py)."""
     if path is not None:
         from lejepa_cli.outputs import check_output_file
 
-        check_output_file(path, option)
+        check_output_file(path, option, overwrite=overwrite, suffixes=suffixes, report=report)
+
+
+def _check_report(json_file: Path | None, what: str, overwrite: bool) -> None:
+    from lejepa_cli.outputs import REPORT_SUFFIXES
+
+    _check_output(json_file, "--json", overwrite, REPORT_SUFFIXES, report=f"world {what}")
 
 
 def _describe(used, source=None) -> None:
@@ -116,15 +123,15 @@ def _describe(used, source=None) -> None:
                       soft_wrap=True)
 
 
-def _finish(report: dict, json_file: Path | None, started: float, used, source=None) -> None:
-    from lejepa_cli.image.report import write_json
+def _finish(report: dict, json_file: Path | None, started: float, used, what: str, source=None) -> None:
+    from lejepa_cli.outputs import write_report
 
     # which simulator (or stored trajectories) the figures come from
     report["world_source"] = used.note if source is None or source.kind == "simulator" else source.describe()
 
     report["seconds"] = round(time.perf_counter() - started, 2)
     if json_file is not None:
-        write_json({k: v for k, v in report.items() if k != "video"}, json_file)
+        write_report({k: v for k, v in report.items() if k != "video"}, json_file, f"world {what}")
         err_console.print(f"report written to {json_file}", highlight=False, soft_wrap=True)
 
 
@@ -152,17 +159,18 @@ def plan_cmd(
     sets: Sets = None,
     world_name: WorldName = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Plan towards goal images with CEM in the model's latent space; random policy and true dynamics beside it."""
     from lejepa_cli.world import plan as planning
 
     started = time.perf_counter()
-    used, world = _open(run, json_file, sets, "plan", world_name)
+    _check_output(save_video, "--save-video", overwrite, STRIP_SUFFIXES)
+    used, world = _open(run, json_file, sets, "plan", overwrite, world_name)
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
-    _check_output(save_video, "--save-video")
     if goal is not None:
         report = _plan_to_image(used, goal, episodes, budget, cfg, seed, save_video)
-        _finish(report, json_file, started, used)
+        _finish(report, json_file, started, used, "plan")
         return
     _describe(used)
     planners = ("model",) if no_baselines else planning.PLANNERS
@@ -180,19 +188,14 @@ def plan_cmd(
         video = report["video"]
         planning.save_strip(video["frames"], video["goal"], save_video, every=used.model.frameskip)
         err_console.print(f"episode 0 ({'reached' if video['success'] else 'not reached'}) written to {save_video}", highlight=False)
-    _finish(report, json_file, started, used)
+    _finish(report, json_file, started, used, "plan")
 
 
 def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg: CEMConfig, seed: int, save_video: Path | None) -> dict:
-    from PIL import Image, UnidentifiedImageError
-
+    from lejepa_cli.data.inputs import load_image
     from lejepa_cli.world import plan as planning
 
-    try:
-        with Image.open(goal, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")) as im:  # never EPS (Ghostscript)
-            image = np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"--goal {goal} is not a readable image ({e.__class__.__name__})") from None
+    image = load_image(goal, "--goal image")
     model, world = used.model, used.world
     images = planning.check_goal_images(world, image, episodes)
     _describe(used)
@@ -219,12 +222,13 @@ def probe_cmd(
     world_name: WorldName = None,
     data: Data = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Linear and MLP probes from latents to every true state variable (held-out R^2), beside a random-init encoder; on stored trajectories, their stored state columns."""
     from lejepa_cli.world.probe import probe_world, require_full_history, require_state
 
     started = time.perf_counter()
-    used, source = _episodes(run, json_file, sets, world_name, data, seed)
+    used, source = _episodes(run, json_file, sets, world_name, data, seed, "probe", overwrite)
     steps = source.resolve_steps(steps)
     require_full_history(used.model, steps, history)
     require_state(source)
@@ -242,7 +246,7 @@ def probe_cmd(
     for name, h in report["hidden"].items():
         console.print(f"hidden {name}: R^2 {h['frame']:.2f} from one frame, {h['history']:.2f} from the history "
                       f"-> recoverable from: {h['recoverable_from']}", highlight=False)
-    _finish(report, json_file, started, used, source)
+    _finish(report, json_file, started, used, "probe", source)
 
 
 def surprise_cmd(
@@ -255,13 +259,14 @@ def surprise_cmd(
     world_name: WorldName = None,
     data: Data = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
 ) -> None:
     """Inject impossible events (teleport, colour change, pass through a wall; on stored trajectories: another episode spliced in, a hue-rotated frame, a frozen frame) and report surprise AUROC per kind."""
     from lejepa_cli.world.surprise import require_event_frames, surprise
 
     started = time.perf_counter()
-    used, source = _episodes(run, json_file, sets, world_name, data, seed)
-    _check_output(plot, "--plot")
+    _check_output(plot, "--plot", overwrite, PLOT_SUFFIXES)
+    used, source = _episodes(run, json_file, sets, world_name, data, seed, "surprise", overwrite)
     steps = source.resolve_steps(steps)
     require_event_frames(used.model, steps)
     _describe(used, source)
@@ -273,7 +278,7 @@ def surprise_cmd(
     console.print(table)
     if plot is not None:
         err_console.print(f"plot written to {plot}", highlight=False)
-    _finish(report, json_file, started, used, source)
+    _finish(report, json_file, started, used, "surprise", source)
 
 
 def stress_cmd(
@@ -294,6 +299,7 @@ def stress_cmd(
     world_name: WorldName = None,
     data: Data = None,
     json_file: JsonFile = None,
+    overwrite: Overwrite = False,
     adapt: Annotated[int, typer.Option("--adapt", min=0, max=100_000, help="Also adapt the run to each changed world without labels, this many training steps on simulated target trajectories (0: off); needs a run folder or checkpoint.")] = 0,
 ) -> None:
     """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world (--adapt N: and after label-free adaptation)."""
@@ -301,9 +307,9 @@ def stress_cmd(
     from lejepa_cli.world.stress import check_conditions, plot_stress, stress
 
     started = time.perf_counter()
-    used, source = _episodes(run, json_file, sets, world_name, data, seed)
+    _check_output(plot, "--plot", overwrite, PLOT_SUFFIXES)
+    used, source = _episodes(run, json_file, sets, world_name, data, seed, "stress", overwrite)
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
-    _check_output(plot, "--plot")
     check_conditions(condition)
     steps = source.resolve_steps(steps)
     probe.require_full_history(used.model, steps)
@@ -331,7 +337,7 @@ def stress_cmd(
     if plot is not None:
         plot_stress(report, str(plot))
         err_console.print(f"plot written to {plot}", highlight=False)
-    _finish(report, json_file, started, used, source)
+    _finish(report, json_file, started, used, "stress", source)
 
 def _adapter(source: Path, steps: int, seed: int):
     """stress()'s adapt hook: the run at `source` adapted to a changed world in `steps` steps."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from lejepa_cli.data.shards import is_trajectory_folder
 
@@ -32,11 +31,13 @@ def is_trajectory_file(path: Path) -> bool:
         return True
     if path.suffix.lower() != ".npz":
         return False
+    from lejepa_cli.data.inputs import npz_names
+    from lejepa_cli.errors import UserError
+
     try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-    except (OSError, ValueError):
-        return False
+        keys = set(npz_names(path))
+    except UserError:
+        return False  # the reader of the file says what is wrong with it
     return bool(keys & set(FRAME_KEYS))
 
 

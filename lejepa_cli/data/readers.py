@@ -35,6 +35,7 @@ import numpy as np
 
 from lejepa_cli.data import shards
 from lejepa_cli.data.cifar import cifar_binary, cifar_binary_names, cifar_python, cifar_python_names
+from lejepa_cli.data.inputs import load_npy, npz_names
 from lejepa_cli.errors import UserError
 
 IMAGE_EXTS = {
@@ -113,6 +114,8 @@ def detect_source(source: str | Path) -> tuple[str, Path | None]:
         if path.name.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
             raise UserError(f"{path.name} is an archive: extract it first (or get standard datasets with `lejepa data fetch`)")
         raise UserError(f"cannot prepare {path.name}: expected a folder, a .txt/.csv file list, .npz, .npy or .parquet")
+    if not path.is_dir():  # a pipe, socket or device: never opened (reading a pipe waits forever)
+        raise UserError(f"source {source} is not a regular file or folder (a pipe, socket or device)")
     names = {e.name for e in os.scandir(path) if not e.name.startswith(".")}
     from lejepa_cli.data.sources import is_idx_folder
 
@@ -292,8 +295,7 @@ def _npz_source(path: Path) -> Source:
     from lejepa_cli.data.sources import load_npz
 
     train = load_npz(path, "train")
-    with np.load(path, allow_pickle=False) as z:
-        has_val = bool({"x_test", "x_val"} & set(z.files))
+    has_val = bool({"x_test", "x_val"} & set(npz_names(path)))
     fingerprint = _content_digest([path])
     if has_val:
         val = load_npz(path, "val")
@@ -304,10 +306,7 @@ def _npz_source(path: Path) -> Source:
 
 
 def _npy_source(path: Path) -> Source:
-    try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npy file ({str(e).splitlines()[0]})") from None
+    images = load_npy(path, mmap=True)
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
         raise UserError(f"{path}: expected uint8 images (N, H, W[, C]) with C in 1/3/4, got {images.dtype} {images.shape}")
     return Source("npy", str(path), _content_digest([path]), {"all": _array_items(images, None, path.name)})

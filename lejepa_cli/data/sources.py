@@ -22,6 +22,7 @@ from lejepa_cli.config import DataConfig
 from lejepa_cli.data import NPZ_KEYS_HELP  # noqa: F401  (documents _NPZ_KEYS; re-exported)
 from lejepa_cli.data.builtin import builtin_dataset
 from lejepa_cli.data.dataset import ImageDataset, channel_stats
+from lejepa_cli.data import inputs
 from lejepa_cli.errors import UserError
 
 # IDX file stems per split: MNIST-family names use "train" and "t10k".
@@ -101,21 +102,16 @@ def load_npz(path: Path, split: str = "train") -> ImageDataset:
     """
     if split not in _NPZ_KEYS:
         raise UserError(f".npz data has splits 'train' and 'val', not '{split}'")
-    try:
-        arrays = np.load(path, allow_pickle=False)
-        [arrays[k] for k in arrays.files]  # members load lazily: refuse object (pickled) arrays here, in the try
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npz file ({str(e).splitlines()[0]})") from None
-    with arrays:
-        for x_key, y_key in _NPZ_KEYS[split]:
-            if x_key in arrays.files:
-                images = arrays[x_key]
-                labels = arrays[y_key].astype(np.int64) if y_key in arrays.files else None
-                break
-        else:
-            wanted = " or ".join(k for k, _ in _NPZ_KEYS[split])
-            raise UserError(f"{path} has no '{wanted}' array for split '{split}' (found: {', '.join(arrays.files)})")
-        train_images = arrays[_NPZ_KEYS["train"][0][0]] if split != "train" and "x_train" in arrays.files else images
+    arrays = inputs.load_npz(path)  # every member read now: a truncated or pickled one is one line here
+    for x_key, y_key in _NPZ_KEYS[split]:
+        if x_key in arrays:
+            images = arrays[x_key]
+            labels = arrays[y_key].astype(np.int64) if y_key in arrays else None
+            break
+    else:
+        wanted = " or ".join(k for k, _ in _NPZ_KEYS[split])
+        raise UserError(f"{path} has no '{wanted}' array for split '{split}' (found: {', '.join(arrays)})")
+    train_images = arrays[_NPZ_KEYS["train"][0][0]] if split != "train" and "x_train" in arrays else images
     images, train_images = _to_nhwc(images, path), _to_nhwc(train_images, path)
     if labels is not None and labels.shape != (len(images),):
         raise UserError(f"{path}: labels have shape {labels.shape}, expected ({len(images)},)")
@@ -148,9 +144,8 @@ def has_split(cfg: DataConfig, split: str) -> bool:
     path = Path(cfg.source).expanduser()
     if path.is_file() and path.suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as arrays:  # only the member list is read here
-                names = set(arrays.files)
-        except (OSError, ValueError):
+            names = set(inputs.npz_names(path))  # only the member list is read here
+        except UserError:
             return False  # load_dataset says what is wrong with the file
         return any(x in names for x, _ in _NPZ_KEYS.get(split, ()))
     if path.is_dir() and (path / "index.json").is_file():

@@ -62,7 +62,7 @@ def critical_value(
     if path is not None and path.is_file():
         try:
             table = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (OSError, ValueError):  # undecodable text too
             table = {}  # a damaged cache is recomputed, not fatal
         if key in table:
             return float(table[key])

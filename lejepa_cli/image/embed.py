@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.image.evaluate import extract_features
 from lejepa_cli.export import load_encoder
+from lejepa_cli.outputs import atomic_output, check_output_file
 
 FEATURES = ("embedding", "probe")
 SUFFIXES = (".npy", ".parquet")
@@ -102,18 +102,14 @@ def embed(
     """Write the `features` ("embedding": h; "probe": what linear probes read) of every image of
     `data` to `out` (.npy + .ids.json, or .parquet); returns a summary."""
     out = Path(out)
-    if out.suffix not in SUFFIXES:
-        raise UserError(f"--out {out} must end in {' or '.join(SUFFIXES)}")
     if features not in FEATURES:
         raise UserError(f"--features {features} is not allowed: expected one of {', '.join(FEATURES)}")
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise UserError(f"--batch-size must be a whole number >= 1, got {batch_size!r}")
-    from lejepa_cli.outputs import check_output_file
-
-    check_output_file(out, "--out")  # before the work: a read-only disk fails now, not after it
-    if out.suffix == ".parquet":
+    check_output_file(out, "--out", overwrite=overwrite, suffixes=SUFFIXES)  # before the work: a read-only disk fails now, not after it
+    for side in (ids_path(out), skipped_path(out)):  # written beside it: the same rule
+        check_output_file(side, "--out", overwrite=overwrite)
+    if out.suffix.lower() == ".parquet":
         _require_pyarrow()
     dev = dist.select_device(device)  # errors name --device, the option the user gave
     model = load_encoder(encoder, dev)
@@ -151,7 +147,7 @@ def embed(
                "features": features, "count": len(ids), "dim": int(array.shape[1]), "step": info.get("step"),
                "skipped": len(skipped)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".npy":
+    if out.suffix.lower() == ".npy":
         _write_npy(out, array, sidecar)
     else:
         _write_parquet(out, array, ids, labels_np)
@@ -177,17 +173,15 @@ def skipped_path(out: Path) -> Path:
 def _write_skipped(path: Path, ids: list[str], skipped: dict[int, str]) -> None:
     lines = "".join(json.dumps({"path": ids[i], "reason": reason}, ensure_ascii=False) + "\n"
                     for i, reason in sorted(skipped.items()))
-    path.write_text(lines)
+    with atomic_output(path) as tmp:
+        tmp.write_text(lines)
 
 
 def _write_npy(out: Path, array: np.ndarray, sidecar: dict[str, Any]) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object, so np.save adds no second .npy suffix
-        np.save(f, array)
-    meta_tmp = out.with_name(f".{ids_path(out).name}.tmp")
-    meta_tmp.write_text(json.dumps(sidecar) + "\n")
-    os.replace(tmp, out)
-    os.replace(meta_tmp, ids_path(out))
+    with atomic_output(out) as tmp, atomic_output(ids_path(out)) as meta_tmp:  # both, or neither
+        with open(tmp, "wb") as f:  # a file object, so np.save adds no second .npy suffix
+            np.save(f, array)
+        meta_tmp.write_text(json.dumps(sidecar) + "\n")
 
 
 def _require_pyarrow() -> None:
@@ -206,7 +200,6 @@ def _write_parquet(out: Path, array: np.ndarray, ids: list[str], labels: np.ndar
     if labels is not None:
         columns["label"] = pa.array(labels, pa.int64())
     columns["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(array).reshape(-1)), d)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(pa.table(columns), str(tmp))
-    os.replace(tmp, out)
+    with atomic_output(out) as tmp:
+        pq.write_table(pa.table(columns), str(tmp))
 

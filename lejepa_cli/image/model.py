@@ -14,6 +14,7 @@ from torch import nn
 
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from lejepa_cli.checkpoint import list_checkpoints, read_metadata
+from lejepa_cli.data.inputs import reading
 from lejepa_cli.errors import UserError
 from lejepa_cli.models import build_projector
 
@@ -68,7 +69,7 @@ def load_projector(source: str | Path, device: torch.device) -> nn.Module | None
     if meta.get("format") != CHECKPOINT_FORMAT or not isinstance(meta.get("config"), dict):
         return None
     prefix = "model.projector."
-    with safe_open(str(path), framework="pt") as f:
+    with reading(path, "checkpoint", f"{path} is damaged"), safe_open(str(path), framework="pt") as f:
         state = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     if not state:
         return None

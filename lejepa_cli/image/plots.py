@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.data.inputs import IMAGE_FORMATS, reading, require_file
 from lejepa_cli.data.loader import eval_transform
 from lejepa_cli.image.limits import MAX_PCA_IMAGES
+from lejepa_cli.outputs import save_figure
 from lejepa_cli.terminal import plural
 
 if TYPE_CHECKING:
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
 
 
 PCA_COLUMNS = 8  # image / map pairs per row
+# The files each command may write in its plot folder (checked before the work).
+VIZ_PLOTS = ("training_curves.png", "pca_maps.png")
+PROBE_PLOTS = ("training_curves.png", "spectrum.png", "shift.png", "shift_adapted.png", "pca_maps.png")
 
 
 def _figure(width: float, height: float):
@@ -44,9 +49,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    """The figure as a PNG at `out`, atomically, marked as this tool's (a later run may replace it)."""
+    return save_figure(fig, out, format="png")
 
 
 # ---- training curves -------------------------------------------------------------------------------
@@ -220,18 +224,16 @@ def plot_pca_maps(images: np.ndarray, maps: np.ndarray, out: Path) -> Path:
 
 def load_image_files(paths: Sequence[Path], channels: int) -> np.ndarray:
     """Image files -> (B, S, S, C) uint8, each resized to the first one's size (square)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     out = []
     size = None
     for p in paths:
-        try:
-            with Image.open(p, formats=("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")) as im:  # never EPS (Ghostscript)
-                im = im.convert("L" if channels == 1 else "RGB")
-                size = size or min(max(im.size), 512)
-                out.append(np.asarray(im.resize((size, size), Image.BILINEAR)).reshape(size, size, channels))
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            raise UserError(f"cannot read image {p}: {e}") from None
+        require_file(p, "an image (--image)")  # never opens a pipe or a folder
+        with reading(p, "image", f"cannot read image {p}"), Image.open(p, formats=IMAGE_FORMATS) as im:  # never EPS (Ghostscript)
+            im = im.convert("L" if channels == 1 else "RGB")
+            size = size or min(max(im.size), 512)
+            out.append(np.asarray(im.resize((size, size), Image.BILINEAR)).reshape(size, size, channels))
     return np.stack(out)
 
 

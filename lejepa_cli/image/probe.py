@@ -88,6 +88,7 @@ class ProbeOptions:
     cache: bool = True
     progress: bool = True
     plots: Path | None = None  # folder for PNG plots (training curves, spectrum, shift, PCA maps)
+    overwrite: bool = False  # replace files in `plots` that this tool did not draw
     seed: int = 0
 
     def check(self) -> None:
@@ -313,9 +314,10 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
         raise UserError("give a checkpoint, run folder or export to probe, or --random-init --preset NAME for the "
                         "untrained baseline")
     if opts.plots is not None:
+        from lejepa_cli.image.plots import PROBE_PLOTS
         from lejepa_cli.outputs import check_output_folder
 
-        check_output_folder(opts.plots, "--plots")  # before the work, not after it
+        check_output_folder(opts.plots, "--plots", files=PROBE_PLOTS, overwrite=opts.overwrite)  # before the work
     t0 = time.perf_counter()
     device = dist.select_device(opts.device)
     encoder = _encoder_to_probe(source, opts, device)

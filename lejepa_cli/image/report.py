@@ -1,28 +1,12 @@
-"""The probe report for people (rich tables) and for programs (a JSON file)."""
+"""The probe report for people (rich tables); the JSON file is written by `outputs.write_report`."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 from rich.table import Table
 
 from lejepa_cli.terminal import plural, unwrapped
-
-
-def write_json(report: dict[str, Any], path: Path) -> None:
-    """The report as JSON at `path`, written atomically (a temp file beside it, then renamed).
-    Check the path with `outputs.check_output_file` before the work, as the CLI does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as e:  # name the file the user asked for, not the temp file
-        tmp.unlink(missing_ok=True)
-        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _pct(x: float | None) -> str:

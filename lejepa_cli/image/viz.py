@@ -14,7 +14,7 @@ from typing import Sequence
 from lejepa_cli import dist
 from lejepa_cli.data.sources import load_dataset
 from lejepa_cli.image.plots import (
-    check_image_count, find_metrics, load_image_files, pca_feature_maps, plot_pca_maps, plot_training_curves,
+    VIZ_PLOTS, check_image_count, find_metrics, load_image_files, pca_feature_maps, plot_pca_maps, plot_training_curves,
     sample_images,
 )
 from lejepa_cli.image.probe import load_probe_encoder, probe_data_config
@@ -22,14 +22,15 @@ from lejepa_cli.outputs import check_output_folder
 
 
 def write_viz(source: str | Path, out: Path, *, images: Sequence[Path] = (), num_images: int = 6,
-              data: str | None = None, split: str = "val", device: str = "auto") -> list[Path]:
+              data: str | None = None, split: str = "val", device: str = "auto", overwrite: bool = False) -> list[Path]:
     """`lejepa viz`: training curves (when the run's metrics.jsonl is found) and PCA feature maps
-    of `images` (files) or of `num_images` images of the encoder's data."""
+    of `images` (files) or of `num_images` images of the encoder's data. Files in `out` that this
+    tool did not draw are replaced only with `overwrite`."""
     if images:
         check_image_count(len(images), "--image (the number of files)")
     else:
         check_image_count(num_images, "--num-images")
-    check_output_folder(out, "--out")  # before the work, not after it
+    check_output_folder(out, "--out", files=VIZ_PLOTS, overwrite=overwrite)  # before the work, not after it
     dev = dist.select_device(device)
     encoder = load_probe_encoder(source, device=dev)
     written = []

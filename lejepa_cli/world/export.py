@@ -17,18 +17,17 @@ training did.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, split_prefix
 from lejepa_cli.errors import UserError
 from lejepa_cli.data.loader import eval_transform
+from lejepa_cli.data.inputs import load_json, load_safetensors
+from lejepa_cli.outputs import save_safetensors
 
 WORLD_WEIGHTS = "world.safetensors"
 _PARTS = ("projector", "action_encoder", "predictor")
@@ -93,10 +92,7 @@ def export_world(source: str | Path, out: str | Path, *, overwrite: bool = False
     state = {f"{part}.{k}": v.float().contiguous() for part in _PARTS for k, v in split_prefix(tensors, f"model.{part}").items()}
     spec = world_spec(meta["config"], meta["data"])
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WORLD_WEIGHTS}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out / WORLD_WEIGHTS)
+    save_safetensors(state, out / WORLD_WEIGHTS, metadata={"format": "pt"})
     # The encoder export writes config.json last; the world section travels in it.
     result = export_encoder(ckpt, out, overwrite=overwrite, extra={"world": spec})
     result.files.append(out / WORLD_WEIGHTS)
@@ -163,11 +159,12 @@ def load_world_model(path: str | Path, device: torch.device | str = "cpu") -> Wo
     path = Path(path).expanduser()
     backbone = load_encoder(path)
     info = backbone.lejepa_info
-    if path.is_dir() and (path / WORLD_WEIGHTS).is_file():
-        spec = json.loads((path / CONFIG).read_text())["lejepa"].get("world")
+    if path.is_dir() and (path / WORLD_WEIGHTS).exists():
+        config = load_json(path / CONFIG, "export config")
+        spec = config.get("lejepa", {}).get("world") if isinstance(config, dict) else None
         if not isinstance(spec, dict):
             raise UserError(f"{path / CONFIG} has no 'world' section; re-export the run with `lejepa export`")
-        state = load_file(str(path / WORLD_WEIGHTS))
+        state = load_safetensors(path / WORLD_WEIGHTS, "world-model weights file")
     else:
         ckpt = _checkpoint_of(path)
         tensors, meta = load_checkpoint(ckpt)

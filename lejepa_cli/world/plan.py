@@ -250,9 +250,20 @@ def save_strip(frames: np.ndarray, goal: np.ndarray, out, every: int = 1) -> Non
     """A PNG strip (frames every `every` steps, then a gap, then the goal) or, for .gif, an animation with the goal beside."""
     from PIL import Image
 
+    from lejepa_cli.outputs import OWN_SOFTWARE, atomic_output
+
     gap = np.full((frames.shape[1], max(2, frames.shape[1] // 8), 3), 255, np.uint8)
-    if str(out).lower().endswith(".gif"):
-        pics = [Image.fromarray(np.concatenate([f, gap, goal], axis=1)) for f in frames]
-        pics[0].save(out, save_all=True, append_images=pics[1:], duration=120, loop=0)
-        return
-    Image.fromarray(np.concatenate([*frames[::every], gap, goal], axis=1)).save(out)
+    with atomic_output(out) as tmp:  # the format follows the extension, which tmp keeps
+        if str(out).lower().endswith(".gif"):
+            pics = [Image.fromarray(np.concatenate([f, gap, goal], axis=1)) for f in frames]
+            pics[0].save(tmp, save_all=True, append_images=pics[1:], duration=120, loop=0, comment=OWN_SOFTWARE)
+            return
+        strip = Image.fromarray(np.concatenate([*frames[::every], gap, goal], axis=1))
+        if str(out).lower().endswith(".png"):
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text("Software", OWN_SOFTWARE)
+            strip.save(tmp, pnginfo=info)
+        else:
+            strip.save(tmp)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lejepa_cli.data.formats import FRAME_KEYS, H5_SUFFIXES, LANCE_SUFFIX, is_trajectory_file  # noqa: F401  (detection lives with the data layer)
+from lejepa_cli.data.inputs import load_npz, open_h5
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.columns import (  # noqa: F401  (RawTrajectories, ACTION_KEYS, STATE_KEYS: re-exported)
     ACTION_KEYS, EPISODE_COLUMNS, STATE_KEYS, RawTrajectories, clean_actions, episode_starts, parse_actions, parse_state,
@@ -140,12 +141,7 @@ def _first(keys: Any, names: tuple[str, ...]) -> str | None:
 
 
 def _read_npz(path: Path) -> RawTrajectories:
-    try:
-        z = np.load(path, allow_pickle=False)
-        arrays = {k: z[k] for k in z.files}  # members load lazily: refuse object (pickled) arrays here
-        z.close()
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npz file ({str(e).splitlines()[0]})") from None
+    arrays = load_npz(path)  # every member read now: a truncated or pickled one is one line here
     frame_key = _first(arrays, FRAME_KEYS)
     if frame_key is None and {"x_train", "images", "x"} & set(arrays):
         raise UserError(f"{path} is an image dataset: use an image preset (e.g. --preset demo), not a world preset")
@@ -170,14 +166,7 @@ def _read_npz(path: Path) -> RawTrajectories:
 
 
 def _open_h5(path: Path) -> Any:
-    try:
-        import h5py
-    except ImportError:
-        raise UserError("reading HDF5 files needs h5py: pip install h5py (or pip install 'lejepa-cli[hdf5]')") from None
-    try:
-        return h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
-    except OSError as e:
-        raise UserError(f"{path} is not a readable HDF5 file ({e})") from None
+    return open_h5(path, rdcc_nbytes=CHUNK_CACHE_BYTES)
 
 
 def _filters(dataset: Any) -> list[tuple[int, str]]:

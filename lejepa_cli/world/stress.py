@@ -238,5 +238,9 @@ def plot_stress(report: dict, out: str) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{report.get('world') or report.get('data')}: conditions at evaluation")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    from lejepa_cli.outputs import save_figure
+
+    try:
+        save_figure(fig, out, dpi=100)
+    finally:
+        plt.close(fig)

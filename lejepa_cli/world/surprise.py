@@ -222,5 +222,9 @@ def plot_surprise(curves: dict[str, np.ndarray], clean: np.ndarray, event_frame:
     ax.set_title(f"{title}: surprise along one held-out episode")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    from lejepa_cli.outputs import save_figure
+
+    try:
+        save_figure(fig, out, dpi=100)
+    finally:
+        plt.close(fig)

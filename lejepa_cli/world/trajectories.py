@@ -23,6 +23,7 @@ import numpy as np
 
 from lejepa_cli.data.dataset import ImageArray, channel_stats
 from lejepa_cli.data.formats import is_trajectory_source  # noqa: F401  (re-exported: where world code looks for it)
+from lejepa_cli.data.inputs import load_npy
 from lejepa_cli.errors import UserError
 
 
@@ -169,9 +170,9 @@ def _load_folder(path: Path, split: str) -> TrajectoryDataset:
 
     def array(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
         try:
-            a = np.load(folder / entry[key]["file"], mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {folder / entry[key]['file']} ({e}); re-create the dataset with --overwrite") from None
+            a = load_npy(folder / entry[key]["file"], f"{key} array", mmap=True)  # never unpickled
+        except UserError as e:
+            raise UserError(f"{e}; re-create the dataset with --overwrite") from None
         if a.shape != shape or a.dtype != dtype:
             raise UserError(f"{folder / entry[key]['file']} holds {a.dtype}{a.shape}, expected {np.dtype(dtype)}{shape}; re-create the dataset")
         return a
