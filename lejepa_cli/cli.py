@@ -4,7 +4,8 @@ This module holds the app, `lejepa train` and the error handling; every other co
 lejepa_cli/commands/ in a module named after it. Each command parses options and calls one
 plain Python function. A `UserError` anywhere becomes
 one red line on stderr and its exit code (2 for bad input, 1 for a run that failed or was
-stopped); so do usage errors (2) and I/O errors such as a full disk (1). `--debug` (or
+stopped); so do usage errors (2), I/O errors such as a full disk (1) and running out of memory
+(1). `--debug` (or
 LEJEPA_DEBUG=1) shows the traceback instead.
 """
 
@@ -24,7 +25,7 @@ from typer.core import TyperGroup
 
 from lejepa_cli._version import __version__
 from lejepa_cli.data import NPZ_KEYS_HELP
-from lejepa_cli.errors import UserError
+from lejepa_cli.errors import UserError, out_of_memory
 from lejepa_cli.terminal import make_console
 
 console = make_console()  # piped or redirected: tables keep whole paths, lines are not wrapped
@@ -195,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         _fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""), 1, e)
     except Exception as e:
+        if (what := out_of_memory(e)) is not None:  # outside training (which names its config's settings)
+            _fail(f"out of memory ({what}): use less at once (a smaller --batch-size where the command has one) "
+                  f"or free memory", 1, e)
         # Click's usage errors (typer may vendor click, so they are recognised by their shape).
         if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
             raise

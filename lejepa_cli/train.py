@@ -35,10 +35,10 @@ from lejepa_cli.checkpoint import (
 )
 from lejepa_cli.config import Config, apply_overrides
 from lejepa_cli.data.loader import BatchLoader, StepSampler
-from lejepa_cli.errors import RunFailed, UserError
+from lejepa_cli.errors import RunFailed, UserError, out_of_memory
 from lejepa_cli.logs import RunLogger, Throughput, console, trim_metrics
 from lejepa_cli.optim import autocast_dtype, lr_at, param_groups  # noqa: F401  (re-exported: the loop's pieces)
-from lejepa_cli.preflight import preflight
+from lejepa_cli.preflight import memory_advice, preflight
 from lejepa_cli.resume import check_run_folder, finished_summary, resume_point
 
 
@@ -356,8 +356,18 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     """Pretrain per `cfg` into run folder `out`; returns the final summary.
 
     resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
-    or the path of a checkpoint file.
+    or the path of a checkpoint file. Running out of memory is a RunFailed naming what to change.
     """
+    try:
+        return _train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, init_from=init_from)
+    except Exception as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        raise RunFailed(f"out of memory during training ({what}): {memory_advice(cfg)}") from e
+
+
+def _train(cfg: Config, out: Path, *, resume: str | None, overwrite: bool, progress: bool,
+           init_from: Path | None) -> dict[str, Any]:
     if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
         return done  # nothing left to train: the run's files stay as they are
     device = dist.select_device(cfg.train.device, "train.device")
