@@ -29,6 +29,7 @@ import numpy as np
 
 from lejepa_cli import dist
 from lejepa_cli.data.dataset import ImageDataset
+from lejepa_cli.data.disk import require_space, tree_bytes
 from lejepa_cli.errors import UserError
 from lejepa_cli.image.evaluate import extract_features
 from lejepa_cli.export import load_encoder
@@ -122,6 +123,9 @@ def embed(
     if len(dataset) == 0:
         raise UserError(f"{data} holds no images to embed" + (f" in split '{split}'" if split else ""))
     fn = model if features == "embedding" else model.probe_features
+    dim = model.embed_dim if features == "embedding" else model.feature_dim
+    require_space(out, len(dataset) * dim * 4, f"the embeddings ({len(dataset)} x {dim} float32)",
+                  replaces=tree_bytes(out) if overwrite else 0)
     kwargs = dict(size=info["image_size"], device=dev, mean=info["mean"], std=info["std"], batch_size=batch_size)
     if progress:
         from rich.console import Console
