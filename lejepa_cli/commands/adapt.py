@@ -28,6 +28,9 @@ def adapt(
 ) -> None:
     """Adapt an encoder to new images without labels (BatchNorm statistics, optional LeJEPA fine-tuning); write an export."""
     from lejepa_cli.image.adapt import AdaptOptions, adapt_encoder
+    from lejepa_cli.world.export import refuse_world_model
+
+    refuse_world_model(source, "adapt")
 
     opts = AdaptOptions(data=data, split=split, steps=steps, lr=lr, batch_size=batch_size, max_images=max_images,
                         device=device, seed=seed, overwrite=overwrite)

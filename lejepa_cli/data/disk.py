@@ -25,14 +25,16 @@ def _size(n: float) -> str:
     return f"{n / 1e3:.0f} kB"
 
 
-def free_bytes(path: Path) -> tuple[int, Path]:
-    """(free bytes, the existing folder measured) on the filesystem that will hold `path`."""
+def free_bytes(path: Path) -> tuple[int | None, Path]:
+    """(free bytes, the existing folder measured) on the filesystem that will hold `path`; None
+    for the bytes on a pseudo-filesystem (/proc, /sys: no size, and writing there fails anyway)."""
     folder = Path(path).expanduser().absolute()
     while not folder.exists() and folder != folder.parent:  # the nearest folder that exists
         folder = folder.parent
     if not folder.is_dir():
         folder = folder.parent
-    return shutil.disk_usage(folder).free, folder
+    usage = shutil.disk_usage(folder)
+    return (usage.free if usage.total else None), folder
 
 
 def require_space(path: Path, need: int, what: str, *, replaces: int = 0) -> None:
@@ -42,7 +44,7 @@ def require_space(path: Path, need: int, what: str, *, replaces: int = 0) -> Non
     write deletes first (an --overwrite), which count as free.
     """
     free, folder = free_bytes(path)
-    if need + MARGIN > free + replaces:
+    if free is not None and need + MARGIN > free + replaces:
         raise UserError(f"{what} needs about {_size(need)} but {folder} has {_size(free + replaces)} free: "
                         f"free some space or write to another disk")
 

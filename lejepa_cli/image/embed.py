@@ -68,8 +68,13 @@ class DecodedOnRequest:
 
 def open_data(data: str | Path, split: str | None, *, size: int, channels: int) -> ImageDataset:
     """A prepared folder's split (memory-mapped) or a raw source's images decoded at `size`."""
-    from lejepa_cli.data.shards import is_prepared, load_prepared
+    from lejepa_cli.data.formats import is_trajectory_file
+    from lejepa_cli.data.shards import is_prepared, is_trajectory_folder, load_prepared
 
+    path = Path(data).expanduser()
+    if is_trajectory_folder(path) or is_trajectory_file(path):
+        raise UserError(f"{data} is a trajectory dataset (episodes with actions), not images: `lejepa embed` embeds "
+                        f"images (a prepared image folder, an image folder, an IDX folder, an .npz or builtin)")
     if is_prepared(data):
         dataset = load_prepared(data, split or "train", ids=True)
         if dataset.channels != channels:
