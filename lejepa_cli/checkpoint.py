@@ -137,6 +137,9 @@ def _fsync_dir(folder: Path) -> None:
 
 def check_header(path: Path) -> None:
     """Reject files that are not safetensors before handing them to the parser."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a checkpoint file: give one of its checkpoints "
+                        f"(RUN/checkpoints/step-*.safetensors)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     size = path.stat().st_size

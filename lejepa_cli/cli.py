@@ -4,7 +4,9 @@ This module holds the app, `lejepa train` and the error handling; every other co
 lejepa_cli/commands/ in a module named after it. Each command parses options and calls one
 plain Python function. A `UserError` anywhere becomes
 one red line on stderr and its exit code (2 for bad input, 1 for a run that failed or was
-stopped); so do usage errors (2) and I/O errors such as a full disk (1). `--debug` (or
+stopped); so do usage errors (2), OS errors (2 for a path that cannot be used: missing, not a
+folder, permission denied; 1 for the machine failing: a full disk, an I/O error) and running out
+of memory (1). `--debug` (or
 LEJEPA_DEBUG=1) shows the traceback instead.
 """
 
@@ -24,7 +26,7 @@ from typer.core import TyperGroup
 
 from lejepa_cli._version import __version__
 from lejepa_cli.data import NPZ_KEYS_HELP
-from lejepa_cli.errors import UserError
+from lejepa_cli.errors import UserError, out_of_memory
 from lejepa_cli.terminal import make_console
 
 console = make_console()  # piped or redirected: tables keep whole paths, lines are not wrapped
@@ -123,19 +125,33 @@ def train(
         else:
             resume, cfg = str(point[0]), apply_overrides(point[1], sets)
     elif resume is not None:
-        from lejepa_cli.checkpoint import FORMAT, read_metadata
-        from lejepa_cli.config import config_from_dict
-
-        meta = read_metadata(Path(resume))  # the full load, checksum included, happens in train()
-        if meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
-            raise UserError(f"{resume} is not a lejepa training checkpoint (no training config in it)")
-        cfg = apply_overrides(config_from_dict(meta["config"]), sets)  # as with --resume auto
+        cfg = _checkpoint_config(resume, sets)
     if cfg is not None and preset is not None and not (resume == "auto" and point is None):
         check_preset_matches(cfg, load_config(preset, sets), preset, resume)
+    note = None
+    if preset is None and (resume is None or (resume == "auto" and point is None)):
+        # `lejepa train --out X` is the demo, as its --help says: the run's first line says so
+        note = "no --preset given: this is the demo preset; `lejepa presets list` shows the others"
     cfg = cfg or load_config(preset or "demo", sets)
-    summary = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from)
+    summary = run_train(cfg, out, resume=resume, overwrite=overwrite, progress=not no_progress, init_from=init_from,
+                        note=note)
     if dist.is_main():
         print_result(summary, f"run {out}")
+
+
+def _checkpoint_config(resume: str, sets: list[str]):
+    """The config stored in checkpoint file `resume`, with `sets` on top; refuses a folder or a non-checkpoint."""
+    from lejepa_cli.checkpoint import FORMAT, list_checkpoints, read_metadata
+    from lejepa_cli.config import apply_overrides, config_from_dict
+
+    if Path(resume).is_dir():
+        empty = "" if list_checkpoints(Path(resume) / "checkpoints") else " with no checkpoints"
+        raise UserError(f"--resume {resume} is a folder{empty}: give a checkpoint file ({resume}/checkpoints/"
+                        f"step-*.safetensors), or `--resume auto --out {resume}` to continue the run in it")
+    meta = read_metadata(Path(resume))  # the full load, checksum included, happens in train()
+    if meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
+        raise UserError(f"{resume} is not a lejepa training checkpoint (no training config in it)")
+    return apply_overrides(config_from_dict(meta["config"]), sets)  # as with --resume auto
 
 
 def print_result(summary: dict, title: str) -> None:
@@ -169,6 +185,12 @@ app.add_typer(data.app, name="data")
 app.add_typer(world.app, name="world")
 
 
+# OS errors of the machine rather than of a path the user gave: a full disk or quota, a failing
+# device, a file too large for the filesystem, no memory. The others (no such file, not a folder,
+# permission denied, read-only filesystem, name too long, ...) are bad input: exit code 2.
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG, errno.ENOMEM, errno.ENXIO, errno.ETIMEDOUT}
+
+
 def _fail(message: str, code: int, error: BaseException) -> None:
     """One red line on stderr and exit `code`; under --debug the traceback instead."""
     if os.environ.get("LEJEPA_DEBUG") == "1":
@@ -189,12 +211,15 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(e), e.exit_code, e)
     except (KeyboardInterrupt, typer.Abort) as e:
         _fail("interrupted", 130, e)
-    except OSError as e:  # disk full, permission denied, ...: the machine, not the input or a bug
+    except OSError as e:  # a path that cannot be used (input, exit 2) or the machine failing (exit 1)
         if e.errno == errno.EPIPE:  # output piped into `head` and closed: stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
-        _fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""), 1, e)
+        _fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""), 1 if e.errno in _MACHINE_ERRNOS else 2, e)
     except Exception as e:
+        if (what := out_of_memory(e)) is not None:  # outside training (which names its config's settings)
+            _fail(f"out of memory ({what}): use less at once (a smaller --batch-size where the command has one) "
+                  f"or free memory", 1, e)
         # Click's usage errors (typer may vendor click, so they are recognised by their shape).
         if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
             raise

@@ -58,7 +58,8 @@ from torch import nn
 
 from lejepa_cli._version import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, read_metadata, split_prefix
+from lejepa_cli.checkpoint import check_header, list_checkpoints, load_checkpoint, read_metadata, split_prefix
+from lejepa_cli.data.disk import require_space, tree_bytes
 from lejepa_cli.data.inputs import load_json, load_safetensors, reading
 from lejepa_cli.errors import UserError
 from lejepa_cli.models.onnx_export import ONNX_TOLERANCE, export_onnx, onnx_runtime
@@ -306,6 +307,10 @@ def export_backbone(
     clash = [n for n in (CONFIG, WEIGHTS, ONNX) if (out / n).exists()]
     if clash and not overwrite:
         raise UserError(f"{out} already holds an export ({', '.join(clash)}); pass --overwrite to replace it")
+    itemsize = DTYPES[dtype].itemsize
+    weights = sum(v.numel() * (itemsize if v.is_floating_point() else v.element_size()) for v in backbone.state_dict().values())
+    require_space(out, weights * (2 if format != "safetensors" else 1), f"the export ({names[1]}"
+                  f"{' and ' + ONNX if format != 'safetensors' else ''})", replaces=sum(tree_bytes(out / n) for n in clash))
     out.mkdir(parents=True, exist_ok=True)
     for n in clash:  # a stale model.onnx beside new weights would describe a different encoder
         (out / n).unlink()

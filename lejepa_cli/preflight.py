@@ -17,8 +17,9 @@ The sum is what the process adds to memory once the data is loaded. tests/test_p
 it against the measured peak resident set of real training steps on the CPU (within a factor 1.5).
 
 `preflight` compares it with the memory available (CUDA: `torch.cuda.mem_get_info`; otherwise the
-host's MemAvailable, capped by a cgroup v2 limit, with a sysconf fallback; per host on the CPU, so
-several torchrun processes share it) and refuses with one line naming what to change. It also
+least of the host's MemAvailable, the room under a cgroup v2 or v1 memory limit and the address
+space left under RLIMIT_AS (`ulimit -v`), with a sysconf fallback; per host on the CPU, so several
+torchrun processes share it) and refuses with one line naming what to change. It also
 warns (one yellow line each) when a run is GPU-sized but about to run on the CPU (its steps'
 FLOPs at this CPU's measured matmul speed take more than `CPU_WARN_HOURS`), and when a long run
 (more than `TOY_EPOCHS` passes) or upscaled views are about to train on the built-in toy shapes. `train.preflight=false` skips it all.
@@ -52,6 +53,10 @@ _ECF_SCRATCH_ACCEL = 90 << 21
 # thread (measured 40-60 MiB on the CPU for the smallest configs in tests/test_preflight.py).
 RUNTIME_OVERHEAD = 64 << 20
 _GiB = 2**30
+# Address space (not memory) each thread of a step maps: an 8 MiB stack and glibc's 64 MiB malloc
+# arena (measured: peak VmSize exceeds peak VmRSS by 40-60 MiB per thread on the demo's step).
+THREAD_ADDRESS_SPACE = 72 << 20
+_V1_NO_LIMIT = 1 << 60
 
 
 @dataclass
@@ -208,19 +213,82 @@ def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
     return None
 
 
-def _cgroup_room(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Bytes left under a cgroup v2 memory limit (containers); None without one."""
+def _read(path: Path) -> str | None:
     try:
-        limit = (root / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((root / "memory.current").read_text().strip())
-    except (OSError, ValueError):
+        return path.read_text().strip()
+    except OSError:
         return None
 
 
+def _own_cgroups(proc: Path = Path("/proc/self/cgroup")) -> tuple[str, str]:
+    """This process's (cgroup v2 path, cgroup v1 memory controller path) from /proc/self/cgroup
+    ("0::/PATH" and "N:memory:/PATH"); "/" for each it does not name."""
+    v2 = v1 = "/"
+    for line in (_read(proc) or "").splitlines():
+        number, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if number == "0" and not controllers:
+            v2 = path or "/"
+        elif "memory" in controllers.split(","):
+            v1 = path or "/"
+    return v2, v1
+
+
+def _cgroup_room(root: Path = Path("/sys/fs/cgroup"), own: tuple[str, str] | None = None) -> int | None:
+    """Bytes left under the tightest cgroup memory limit over this process; None without one.
+
+    cgroup v2: memory.max - memory.current; cgroup v1: memory.limit_in_bytes - memory.usage_in_bytes
+    under ROOT/memory (v1 writes "no limit" as about 2**63). Each in the process's own cgroup and
+    every one above it (a parent's limit binds its children). `own`: (v2 path, v1 path) in place
+    of /proc/self/cgroup's (tests).
+    """
+    v2, v1 = _own_cgroups() if own is None else own
+    rooms = []
+    for base, path, limit_file, used_file in ((root, v2, "memory.max", "memory.current"),
+                                              (root / "memory", v1, "memory.limit_in_bytes", "memory.usage_in_bytes")):
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            folder = base.joinpath(*parts[:depth])
+            limit, used = _read(folder / limit_file), _read(folder / used_file)
+            if limit and limit.isdigit() and int(limit) < _V1_NO_LIMIT and used and used.isdigit():
+                rooms.append(int(limit) - int(used))
+    return max(0, min(rooms)) if rooms else None
+
+
+def _vm_size(status: Path = Path("/proc/self/status")) -> int | None:
+    """This process's virtual size in bytes (VmSize), None where /proc has none."""
+    for line in (_read(status) or "").splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _address_space_room(threads: int, limit: int | None = None, mapped: int | None = None) -> int | None:
+    """Bytes a step may still use under RLIMIT_AS (`ulimit -v`); None without a limit.
+
+    RLIMIT_AS caps virtual size, which exceeds what a step keeps resident: the room is the limit,
+    less what is mapped already (libraries, the data), less THREAD_ADDRESS_SPACE for each thread
+    the step runs (its stack and malloc arena). `limit` and `mapped` replace the process's (tests).
+    """
+    if limit is None:
+        try:
+            import resource
+        except ImportError:  # not Unix: no RLIMIT_AS
+            return None
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if limit == resource.RLIM_INFINITY:
+            return None
+    mapped = _vm_size() if mapped is None else mapped
+    if mapped is None:
+        return None
+    return max(0, limit - mapped - THREAD_ADDRESS_SPACE * threads)
+
+
 def available_memory(device: torch.device) -> tuple[int, str] | None:
-    """(bytes this process could still allocate, where that number comes from); None if unknown."""
+    """(bytes this process could still allocate, where that number comes from); None if unknown.
+
+    CUDA: the device's free memory. Otherwise the least of the host's MemAvailable, the room under
+    a cgroup memory limit and the room under the process's address-space limit (RLIMIT_AS).
+    """
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"free on {device}"
@@ -229,6 +297,8 @@ def available_memory(device: torch.device) -> tuple[int, str] | None:
         found.append((meminfo, "MemAvailable"))
     if (room := _cgroup_room()) is not None:
         found.append((room, "under the cgroup memory limit"))
+    if (room := _address_space_room(torch.get_num_threads() + 1)) is not None:  # + the loader's thread
+        found.append((room, "address space left under ulimit -v (RLIMIT_AS)"))
     if not found:
         try:
             found.append((os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free physical memory"))
@@ -272,6 +342,16 @@ def _what_fits(cfg: Config, room: int, estimate: Callable[[Config], StepEstimate
     return "no train.grad_accum alone fits"
 
 
+def memory_advice(cfg: Config, fits: str = "") -> str:
+    """What to change in `cfg` so that a step needs less memory; `fits`: what `_what_fits` found."""
+    batch = (f"lower train.batch_size (now {cfg.train.batch_size}) or raise train.grad_accum (now "
+             f"{cfg.train.grad_accum}{'; ' + fits if fits else ''})")
+    if cfg.objective != "image":
+        return batch
+    return (f"{batch}, set model.grad_checkpointing=true, or pick a smaller model.arch or views.global_size / "
+            f"views.local_size")
+
+
 def preflight(cfg: Config, device: torch.device, dataset: ImageDataset, autocast: torch.dtype | None = None, *,
               world: int | None = None, say: Callable[[str], None] | None = None, cpu_flops: float | None = None,
               available: tuple[int, str] | None = None) -> StepEstimate | None:
@@ -306,9 +386,7 @@ def preflight(cfg: Config, device: torch.device, dataset: ImageDataset, autocast
         raise UserError(
             f"one training step needs about {_gib(est.total)}{per} (weights, gradients and AdamW {_gib(est.state)}, "
             f"activations of {est.micro_batch} images x {est.views} views {_gib(est.activations)}) but "
-            f"{_gib(room)} is available ({source}): lower train.batch_size (now {cfg.train.batch_size}) or raise "
-            f"train.grad_accum (now {cfg.train.grad_accum}; {_what_fits(cfg, room // sharing, estimate)}), "
-            f"set model.grad_checkpointing=true, or pick a smaller model.arch or views.global_size / views.local_size "
+            f"{_gib(room)} is available ({source}): {memory_advice(cfg, _what_fits(cfg, room // sharing, estimate))} "
             f"(train.preflight=false skips this check)")
     if not dist.is_main():
         return est

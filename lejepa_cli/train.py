@@ -35,11 +35,11 @@ from lejepa_cli.checkpoint import (
 )
 from lejepa_cli.config import Config, apply_overrides
 from lejepa_cli.data.loader import BatchLoader, StepSampler
-from lejepa_cli.errors import RunFailed, UserError
+from lejepa_cli.errors import RunFailed, UserError, out_of_memory
 from lejepa_cli.logs import RunLogger, Throughput, console, trim_metrics
 from lejepa_cli.outputs import atomic_output
 from lejepa_cli.optim import autocast_dtype, lr_at, param_groups  # noqa: F401  (re-exported: the loop's pieces)
-from lejepa_cli.preflight import preflight
+from lejepa_cli.preflight import memory_advice, preflight
 from lejepa_cli.resume import check_run_folder, finished_summary, resume_point
 
 
@@ -75,6 +75,8 @@ class Run(Protocol):
              seeds: list[int]) -> dict[str, torch.Tensor]: ...
 
     def evaluate(self) -> dict[str, float]: ...
+
+    def final_scores(self, checkpoint: Path) -> dict[str, float]: ...  # once, from the final checkpoint
 
     def data_meta(self) -> dict[str, Any]: ...
 
@@ -364,9 +366,10 @@ class _Loop:
         """The final evaluation, appended to metrics.jsonl and written with the run's facts to summary.json."""
         run = self.run
         train_s = round(time.perf_counter() - self.started, 1)
-        scores = run.evaluate()
+        checkpoint = self.ckpt_dir / checkpoint_name(self.last_saved)
+        scores = {**run.final_scores(checkpoint), **run.evaluate()}
         summary = {"step": self.last_good_step, "train_s": train_s,
-                   "checkpoint": str(self.ckpt_dir / checkpoint_name(self.last_saved)), **scores,
+                   "checkpoint": str(checkpoint), **scores,
                    **_before_training(out / "metrics.jsonl")}
         if "knn_top1" in scores:
             from lejepa_cli.image.evaluate import knn_protocol
@@ -381,12 +384,23 @@ class _Loop:
 
 
 def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool = False,
-          progress: bool = True, init_from: Path | None = None) -> dict[str, Any]:
+          progress: bool = True, init_from: Path | None = None, note: str | None = None) -> dict[str, Any]:
     """Pretrain per `cfg` into run folder `out`; returns the final summary.
 
     resume: None (new run), "auto" (newest good checkpoint in `out`, or a new run if none),
-    or the path of a checkpoint file.
+    or the path of a checkpoint file. `note` ends the run's first line (the CLI's "no --preset
+    given"). Running out of memory is a RunFailed naming what to change.
     """
+    try:
+        return _train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, init_from=init_from, note=note)
+    except Exception as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        raise RunFailed(f"out of memory during training ({what}): {memory_advice(cfg)}") from e
+
+
+def _train(cfg: Config, out: Path, *, resume: str | None, overwrite: bool, progress: bool,
+           init_from: Path | None, note: str | None) -> dict[str, Any]:
     if resume is not None and (done := finished_summary(out, cfg, resume)) is not None:
         return done  # nothing left to train: the run's files stay as they are
     device = dist.select_device(cfg.train.device, "train.device")
@@ -403,7 +417,7 @@ def train(cfg: Config, out: Path, *, resume: str | None = None, overwrite: bool 
     if must_clear:
         clear_run_dir(out)  # only now: a bad --init-from or data error must not cost the old run
     logger = _open_run_folder(cfg, out, start, progress)
-    logger.print(_describe(cfg, run, device, world, per_rank))
+    logger.print(_describe(cfg, run, device, world, per_rank) + (f" ({note})" if note else ""))
 
     if cfg.train.eval_every and start == 0:  # where the curve starts: the encoder before any update
         logger.log({"step": 0, "train_s": 0.0, **run.evaluate()})

@@ -179,3 +179,91 @@ def test_cli_refuses_vit_s_before_writing_anything(tmp_path, monkeypatch, capsys
     lines = [x for x in err.splitlines() if x.strip()]
     assert lines[-1].startswith("error: one training step needs about") and "16.0 GiB is available" in lines[-1]
     assert not out.exists()
+
+
+def test_cgroup_room_follows_the_process_cgroup_in_v2_and_v1(tmp_path):
+    """The tightest limit over the process's own cgroup and its parents, in either cgroup version."""
+    (tmp_path / "memory.max").write_text("max\n")  # v2 root: no limit
+    box = tmp_path / "jobs" / "one"
+    box.mkdir(parents=True)
+    (box / "memory.max").write_text(f"{6 << 30}\n")
+    (box / "memory.current").write_text(f"{1 << 30}\n")
+    assert pf._cgroup_room(tmp_path, ("/jobs/one", "/")) == 5 << 30
+    (tmp_path / "jobs" / "memory.max").write_text(f"{4 << 30}\n")  # the parent binds tighter
+    (tmp_path / "jobs" / "memory.current").write_text(f"{2 << 30}\n")
+    assert pf._cgroup_room(tmp_path, ("/jobs/one", "/")) == 2 << 30
+    v1 = tmp_path / "memory" / "api" / "p1"
+    v1.mkdir(parents=True)
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text("5\n")
+    (v1 / "memory.limit_in_bytes").write_text(f"{3 << 30}\n")
+    (v1 / "memory.usage_in_bytes").write_text(f"{2 << 30}\n")
+    assert pf._cgroup_room(tmp_path, ("/", "/api/p1")) == 1 << 30
+    proc = tmp_path / "cgroup"
+    proc.write_text("4:memory:/api/p1\n3:cpu,cpuacct:/\n0::/jobs/one\n")
+    assert pf._own_cgroups(proc) == ("/jobs/one", "/api/p1")
+
+
+def test_address_space_limit_caps_the_memory_available(monkeypatch):
+    """Under `ulimit -v` the room is the limit less what is mapped and each thread's stack and arena."""
+    import resource
+
+    assert pf._address_space_room(2, limit=12 << 30, mapped=1 << 30) == (11 << 30) - 2 * pf.THREAD_ADDRESS_SPACE
+    assert pf._address_space_room(1, limit=1 << 30, mapped=2 << 30) == 0
+    limit = 12000000 * 1024  # ulimit -v 12000000 (KiB)
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (limit, limit) if which == resource.RLIMIT_AS
+                        else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    monkeypatch.setattr(pf, "_meminfo_available", lambda: 64 << 30)
+    monkeypatch.setattr(pf, "_cgroup_room", lambda: None)
+    monkeypatch.setattr(pf, "_vm_size", lambda: 1 << 30)
+    room, source = pf.available_memory(torch.device("cpu"))
+    assert room == limit - (1 << 30) - (torch.get_num_threads() + 1) * pf.THREAD_ADDRESS_SPACE
+    assert "RLIMIT_AS" in source
+    cfg = load_config("vit-s", [*SMALL_DATA, "train.grad_accum=4"])  # the pre-flight's own advice on 16 GiB
+    with pytest.raises(UserError, match=r"but 10\.\d GiB is available \(address space left under ulimit -v"):
+        pf.preflight(cfg, torch.device("cpu"), _builtin(cfg), say=print)
+
+
+def _under_ulimit(kib: int, *args: str) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (kib * 1024, kib * 1024))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lejepa_cli", "train", "--no-progress", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300, preexec_fn=limit)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS as Linux enforces it")
+def test_vit_s_under_ulimit_v_stops_in_the_preflight_and_the_demo_still_runs(tmp_path):
+    """The issue's case for real: `ulimit -v 12000000`, with and without the advised grad_accum=4."""
+    small = ["--set", "data.builtin_train=64", "--set", "data.builtin_val=16", "--set", "train.steps=2",
+             "--set", "train.device=cpu"]
+    for extra in ([], ["--set", "train.grad_accum=4"]):
+        res = _under_ulimit(12000000, "--preset", "vit-s", "--out", str(tmp_path / "vit"), *small, *extra)
+        lines = [x for x in res.stderr.splitlines() if x.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+        assert lines[0].startswith("error: one training step needs about") and "ulimit -v" in lines[0]
+        assert not (tmp_path / "vit").exists()
+    res = _under_ulimit(12000000, "--preset", "demo", "--out", str(tmp_path / "demo"), *small)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "demo" / "summary.json").exists()
+
+
+def test_out_of_memory_during_training_is_one_line_with_the_advice(tmp_path, monkeypatch, capsys):
+    """A real allocation failure inside a step (past a pre-flight that let it through): exit 1, one line."""
+    from lejepa_cli.cli import main
+    from lejepa_cli.image import objective
+
+    def step_too_big(*args, **kwargs):
+        return torch.empty(1 << 50, dtype=torch.uint8)  # the CPU allocator refuses 1 PiB
+
+    monkeypatch.setattr(objective, "lejepa_step", step_too_big)
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "demo", "--out", str(tmp_path / "run"), "--no-progress", *(
+            x for s in (*SMALL_DATA, "train.steps=2", "train.eval_every=0") for x in ("--set", s))])
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert info.value.code == 1
+    assert lines[-1].startswith("error: out of memory during training (could not allocate 1073741824 MiB)")
+    assert "lower train.batch_size (now 64) or raise train.grad_accum (now 1)" in lines[-1]

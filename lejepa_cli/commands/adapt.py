@@ -32,6 +32,9 @@ def adapt(
     if is_world_checkpoint(source):
         return _adapt_world(source, data, out, steps, lr, seed, device, overwrite)
     from lejepa_cli.image.adapt import AdaptOptions, adapt_encoder
+    from lejepa_cli.world.export import refuse_world_model
+
+    refuse_world_model(source, "adapt")
 
     opts = AdaptOptions(data=data, split=split, steps=steps, lr=lr, batch_size=batch_size, max_images=max_images,
                         device=device, seed=seed, overwrite=overwrite)

@@ -30,6 +30,8 @@ class Module(str, Enum):
     resnet_stem = "resnet_stem"
     memory = "memory"
     loader = "loader"
+    world = "world"
+    verify = "verify"  # shard checksums: seconds per GB
 
 
 def load_suite() -> ModuleType:

@@ -48,6 +48,14 @@ def probe(
 
     if json_file is not None:  # before the work, not after it
         check_output_file(json_file, "--json", overwrite=overwrite, suffixes=REPORT_SUFFIXES, report="probe")
+    if label_free is not None and (ckpt is not None or random_init or preset is not None):
+        given = "a checkpoint" if ckpt is not None else "--random-init / --preset"
+        raise UserError(f"--label-free {label_free} ranks that run's checkpoints without labels; {given} cannot be "
+                        f"used with it: give one or the other")
+    if ckpt is not None and data is None:
+        from lejepa_cli.world.export import refuse_world_model
+
+        refuse_world_model(ckpt, "probe", "; to probe its encoder on labelled images anyway, give --data")
     if label_free is not None:
         from lejepa_cli.image.selection import rank_checkpoints, ranking_table
 

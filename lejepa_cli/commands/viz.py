@@ -26,6 +26,10 @@ def viz(
     """Plot training curves (from metrics.jsonl) and PCA maps of patch features."""
     from lejepa_cli.image.viz import write_viz
 
+    if data is None and not images:  # its own data would be trajectories
+        from lejepa_cli.world.export import refuse_world_model
+
+        refuse_world_model(ckpt, "viz", "; to see its encoder's PCA maps of images anyway, give --data or --image")
     for path in write_viz(ckpt, out, images=images or (), num_images=num_images, data=data, device=device,
                           overwrite=overwrite):
         err_console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -13,7 +13,7 @@ from lejepa_cli.outputs import PLOT_SUFFIXES, STRIP_SUFFIXES
 from lejepa_cli.terminal import make_console
 from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
 
-app = typer.Typer(help="Built-in simulated worlds and trained world models: list and simulate worlds; plan, probe and surprise with a world run.", no_args_is_help=True)
+app = typer.Typer(help="Built-in simulated worlds and trained world models: list and simulate worlds; plan, probe, surprise and stress with a world run.", no_args_is_help=True)
 console = make_console()
 err_console = make_console(stderr=True)
 
@@ -22,6 +22,8 @@ Run = Annotated[Path, typer.Argument(help="A world run folder, one of its checkp
 Episodes = Annotated[int, typer.Option("--episodes", "-n", min=1, max=500, help="Evaluation episodes.")]
 JsonFile = Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")]
 Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the evaluation episodes, goals and planner.")]
+ProbeSeed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the simulated episodes, the random-init baseline encoder and the MLP probes.")]
+SurpriseSeed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the simulated episodes and of where and when the events are injected.")]
 Candidates = Annotated[int, typer.Option(min=1, max=20000, help="CEM candidate sequences per iteration.")]
 Iterations = Annotated[int, typer.Option(min=1, max=1000, help="CEM iterations per decision.")]
 Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per iteration (at most --candidates).")]
@@ -217,7 +219,7 @@ def probe_cmd(
     episodes: Episodes = 20,
     steps: Steps = None,
     history: Annotated[Optional[int], typer.Option(min=1, max=1000, help="Window frames in the history features (default: the predictor's history H).")] = None,
-    seed: Seed = 0,
+    seed: ProbeSeed = 0,
     sets: Sets = None,
     world_name: WorldName = None,
     data: Data = None,
@@ -254,7 +256,7 @@ def surprise_cmd(
     episodes: Episodes = 20,
     steps: Steps = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of surprise along one episode, the event marked.")] = None,
-    seed: Seed = 0,
+    seed: SurpriseSeed = 0,
     sets: Sets = None,
     world_name: WorldName = None,
     data: Data = None,
@@ -351,7 +353,7 @@ def _adapter(source: Path, steps: int, seed: int):
     return adapt
 
 
-app.command("stress")(stress_cmd)
 app.command("plan")(plan_cmd)
 app.command("probe")(probe_cmd)
 app.command("surprise")(surprise_cmd)
+app.command("stress")(stress_cmd)

@@ -29,6 +29,7 @@ from PIL import Image, ImageFile
 
 from lejepa_cli.data.dataset import channel_stats
 from lejepa_cli.data import shards
+from lejepa_cli.data.disk import require_space, tree_bytes
 from lejepa_cli.data.decode import _can_spawn, _decode_chunk, _set_limits, _worker_init, decide_geometry
 from lejepa_cli.data.formats import is_trajectory_file
 from lejepa_cli.data.readers import KINDS, Items, Source, detect_source, open_source, source_fingerprint
@@ -298,12 +299,15 @@ def prepare(
             geometry = tuple(json.loads((out / PARTIAL / "plan.json").read_text())["geometry"])
         else:
             geometry = decide_geometry(split_items, resolution)
-            (out / PARTIAL).mkdir(parents=True, exist_ok=True)
-            shards.write_json(out / PARTIAL / "plan.json", {**plan, "geometry": list(geometry)})
         R, C = geometry
         size = shard_size or max(1, min(4096, SHARD_BYTES // (R * R * C)))
-        needs_decode = any(not items.decoded or (len(items) and items.payloads[0].shape != (R, R, C)) for items in split_items.values())
         total = sum(len(items) for items in split_items.values())
+        require_space(out, total * R * R * C, f"the prepared dataset ({total} images of {R}x{R}x{C})",
+                      replaces=tree_bytes(out))  # (a resumed prepare has written part of it)
+        if state != "resume":
+            (out / PARTIAL).mkdir(parents=True, exist_ok=True)
+            shards.write_json(out / PARTIAL / "plan.json", {**plan, "geometry": list(geometry)})
+        needs_decode = any(not items.decoded or (len(items) and items.payloads[0].shape != (R, R, C)) for items in split_items.values())
         records = {}
         with progress_bar(progress) as bar, _decode_pool(workers if needs_decode else 0, pixel_limit) as pool:
             task = bar.add_task(f"prepare {Path(src.path).name}", total=total)

@@ -126,36 +126,47 @@ class ShardedImages:
     before reading so each shard is visited once and in file order, then scattered back into the
     caller's order, so random and sequential batches cost about the same. Pickling (to a
     DataLoader worker) sends only the paths; the worker maps the shards itself.
+
+    `checksums` (the index's sha256 per shard; None for a shard without one) makes each shard be
+    hashed when it is first opened, before any of its images is used: a changed or corrupt shard
+    stops the reader with one line naming it. That reads every shard once per process, at the
+    speed benchmarks/bench_verify.py measures (docs/guarantees.md states it).
     """
 
     dtype = np.dtype(np.uint8)
     ndim = 4
 
-    def __init__(self, paths: Sequence[str | Path], counts: Sequence[int], image_shape: Sequence[int]):
-        if len(paths) != len(counts):
-            raise ValueError("one count per shard")
+    def __init__(self, paths: Sequence[str | Path], counts: Sequence[int], image_shape: Sequence[int],
+                 checksums: Sequence[str | None] | None = None):
+        if len(paths) != len(counts) or (checksums is not None and len(checksums) != len(paths)):
+            raise ValueError("one count (and checksum) per shard")
         self._paths = [str(p) for p in paths]
         self._counts = [int(c) for c in counts]
+        self._checksums = list(checksums) if checksums is not None else [None] * len(self._paths)
         self._offsets = np.concatenate([[0], np.cumsum(self._counts, dtype=np.int64)]).astype(np.int64)
         self.shape = (int(self._offsets[-1]), *(int(s) for s in image_shape))
-        self._maps: list[np.ndarray] | None = None
+        self._maps: list[np.ndarray | None] | None = None  # filled shard by shard on first use
 
-    def _shards(self) -> list[np.ndarray]:
+    def _shard(self, k: int) -> np.ndarray:
+        """Shard k, memory-mapped (and checked against its checksum) on first use."""
         if self._maps is None:
-            maps = []
-            for path, count in zip(self._paths, self._counts):
-                try:
-                    arr = np.load(path, mmap_mode="r", allow_pickle=False)
-                except (OSError, ValueError) as e:
-                    raise UserError(f"cannot read shard {path} ({e}); run `lejepa data info --verify`") from None
-                if arr.dtype != np.uint8 or arr.shape != (count, *self.shape[1:]):
-                    raise UserError(
-                        f"shard {path} holds {arr.dtype}{tuple(arr.shape)}, expected uint8"
-                        f"{(count, *self.shape[1:])}; re-run prepare with --overwrite"
-                    )
-                maps.append(arr)
-            self._maps = maps
-        return self._maps
+            self._maps = [None] * len(self._paths)
+        if self._maps[k] is None:
+            path, count, expected = self._paths[k], self._counts[k], self._checksums[k]
+            if expected is not None and sha256_file(Path(path)) != expected:
+                raise UserError(f"shard {path} does not match its checksum in index.json (changed or corrupt since "
+                                f"it was written): restore it or re-create the dataset with --overwrite")
+            try:
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise UserError(f"cannot read shard {path} ({e}); run `lejepa data info --verify`") from None
+            if arr.dtype != np.uint8 or arr.shape != (count, *self.shape[1:]):
+                raise UserError(
+                    f"shard {path} holds {arr.dtype}{tuple(arr.shape)}, expected uint8"
+                    f"{(count, *self.shape[1:])}; re-run prepare with --overwrite"
+                )
+            self._maps[k] = arr
+        return self._maps[k]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -175,7 +186,7 @@ class ShardedImages:
             if not 0 <= i < n:
                 raise IndexError(f"index {index} out of range for {n} images")
             s = int(np.searchsorted(self._offsets, i, side="right")) - 1
-            return np.array(self._shards()[s][i - self._offsets[s]])
+            return np.array(self._shard(s)[i - self._offsets[s]])
         if isinstance(index, slice):
             index = np.arange(*index.indices(n))
         idx = np.asarray(index)
@@ -197,10 +208,26 @@ class ShardedImages:
         shard_of = np.searchsorted(self._offsets, sorted_idx, side="right") - 1
         shards, starts = np.unique(shard_of, return_index=True)
         ends = np.append(starts[1:], idx.size)
-        maps = self._shards()
         for s, a, b in zip(shards, starts, ends):
-            out[order[a:b]] = maps[s][sorted_idx[a:b] - self._offsets[s]]
+            out[order[a:b]] = self._shard(int(s))[sorted_idx[a:b] - self._offsets[s]]
         return out
+
+
+_UNVERIFIED: set[str] = set()  # datasets already reported as having no checksums
+
+
+def shard_checksums(dataset: Path, entries: Sequence[dict]) -> list[str | None]:
+    """The sha256 of each shard entry of an index, for `ShardedImages(checksums=...)`. A dataset
+    written before shards carried checksums still loads, unverified, and says so once."""
+    sums = [e.get("sha256") or None for e in entries]
+    if None in sums and str(dataset) not in _UNVERIFIED:
+        _UNVERIFIED.add(str(dataset))
+        from lejepa_cli.terminal import make_console
+
+        make_console(stderr=True).print(
+            f"[yellow]warning: {dataset} has shards without checksums (written by an older lejepa): they are read "
+            f"without verification; re-create it with --overwrite to add them", highlight=False, soft_wrap=True)
+    return sums
 
 
 def read_index(path: Path) -> dict:
@@ -223,7 +250,7 @@ def read_index(path: Path) -> dict:
         raise UserError(f"{path} was prepared with format version {index.get('version')}, this tool reads {VERSION}; re-run prepare")
     try:
         for split in index["splits"].values():
-            [(s["file"], int(s["count"]), s["sha256"]) for s in split["shards"]]
+            [(s["file"], int(s["count"])) for s in split["shards"]]  # sha256: absent in old datasets
         int(index["resolution"]), int(index["channels"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{index_file} is garbled (missing or bad field {e}); re-run prepare with --overwrite") from None
@@ -254,7 +281,8 @@ def load_prepared(path: str | Path, split: str = "train", *, ids: bool = False) 
     for p in paths:
         if not p.is_file():
             raise UserError(f"shard {p} is missing; re-run prepare (it resumes) or use --overwrite")
-    images = ShardedImages(paths, [int(s["count"]) for s in entry["shards"]], (R, R, C))
+    images = ShardedImages(paths, [int(s["count"]) for s in entry["shards"]], (R, R, C),
+                           checksums=shard_checksums(path, entry["shards"]))
     if len(images) != int(entry["count"]):
         raise UserError(f"{path}/index.json is garbled: split '{split}' shards add up to {len(images)}, not {entry['count']}")
     labels = None
@@ -306,7 +334,9 @@ def verify(path: str | Path) -> list[str]:
                 continue
             if shape != (int(s["count"]), R, R, C):
                 problems.append(f"{split}/{s['file']}: shape {shape}, expected {(int(s['count']), R, R, C)}")
-            if sha256_file(f) != s["sha256"]:
+            if not s.get("sha256"):
+                problems.append(f"{split}/{s['file']}: no checksum in index.json (written by an older lejepa)")
+            elif sha256_file(f) != s["sha256"]:
                 problems.append(f"{split}/{s['file']}: checksum mismatch (file changed or corrupt)")
             total += int(s["count"])
         if total != int(entry["count"]):

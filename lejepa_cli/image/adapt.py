@@ -43,7 +43,7 @@ from lejepa_cli.export import Exported, export_backbone, load_encoder
 from lejepa_cli.image.model import ViewEncoder, ViewProjector, load_projector
 from lejepa_cli.models import build_projector_from_config
 from lejepa_cli.image.limits import MAX_ADAPT_STEPS
-from lejepa_cli.image.objective import lejepa_loss
+from lejepa_cli.image.loss import lejepa_loss
 from lejepa_cli.image.views import make_views
 
 
@@ -159,7 +159,7 @@ def finetune(backbone: nn.Module, projector: nn.Module, dataset: ImageDataset, c
                             num_slices=cfg.loss.num_slices, t_max=cfg.loss.t_max, num_knots=cfg.loss.num_knots)
         loss = parts["loss"]
         if not torch.isfinite(loss.detach()):
-            raise RunFailed(f"adaptation loss is {float(loss)} at step {step}; try a smaller --lr (now {lr:g})")
+            raise RunFailed(f"adaptation loss is {float(loss.detach())} at step {step}; try a smaller --lr (now {lr:g})")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -178,6 +178,9 @@ def load_target(data: str, split: str, channels: int) -> ImageDataset:
     """The target images, checked: some images, and the channel count the encoder takes."""
     from lejepa_cli.data.sources import load_dataset
 
+    if split not in ("train", "val") and not (Path(data).expanduser() / "index.json").is_file():
+        # builtin and IDX folders also answer to "test" with their held-out images: a name embed refuses too
+        raise UserError(f"--data {data} has splits train, val, not '{split}'")
     try:
         dataset = load_dataset(DataConfig(source=data), split)
     except ZeroDivisionError:  # the data's mean / std over zero images

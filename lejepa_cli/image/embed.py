@@ -28,6 +28,7 @@ import numpy as np
 
 from lejepa_cli import dist
 from lejepa_cli.data.dataset import ImageDataset
+from lejepa_cli.data.disk import require_space, tree_bytes
 from lejepa_cli.errors import UserError
 from lejepa_cli.image.evaluate import extract_features
 from lejepa_cli.export import load_encoder
@@ -67,8 +68,13 @@ class DecodedOnRequest:
 
 def open_data(data: str | Path, split: str | None, *, size: int, channels: int) -> ImageDataset:
     """A prepared folder's split (memory-mapped) or a raw source's images decoded at `size`."""
-    from lejepa_cli.data.shards import is_prepared, load_prepared
+    from lejepa_cli.data.formats import is_trajectory_file
+    from lejepa_cli.data.shards import is_prepared, is_trajectory_folder, load_prepared
 
+    path = Path(data).expanduser()
+    if is_trajectory_folder(path) or is_trajectory_file(path):
+        raise UserError(f"{data} is a trajectory dataset (episodes with actions), not images: `lejepa embed` embeds "
+                        f"images (a prepared image folder, an image folder, an IDX folder, an .npz or builtin)")
     if is_prepared(data):
         dataset = load_prepared(data, split or "train", ids=True)
         if dataset.channels != channels:
@@ -118,6 +124,9 @@ def embed(
     if len(dataset) == 0:
         raise UserError(f"{data} holds no images to embed" + (f" in split '{split}'" if split else ""))
     fn = model if features == "embedding" else model.probe_features
+    dim = model.embed_dim if features == "embedding" else model.feature_dim
+    require_space(out, len(dataset) * dim * 4, f"the embeddings ({len(dataset)} x {dim} float32)",
+                  replaces=tree_bytes(out) if overwrite else 0)
     kwargs = dict(size=info["image_size"], device=dev, mean=info["mean"], std=info["std"], batch_size=batch_size)
     if progress:
         from rich.console import Console

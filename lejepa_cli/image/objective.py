@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ from lejepa_cli.data.dataset import ImageDataset
 from lejepa_cli.data.sources import held_out_note, load_dataset
 from lejepa_cli.errors import UserError
 from lejepa_cli.image.evaluate import TRAIN_KNN_K, TRAIN_KNN_MAX_IMAGES, extract_features, knn_classify
+from lejepa_cli.image.limits import MIN_TRAIN
+from lejepa_cli.image.loss import lejepa_loss
 from lejepa_cli.image.model import OnlineProbe, ViewEncoder, ViewProjector
 from lejepa_cli.image.views import make_views
 from lejepa_cli.logs import console
@@ -68,6 +71,16 @@ class ImageRun:
     def evaluate(self) -> dict[str, float]:
         return evaluate(self)
 
+    def final_scores(self, checkpoint: Path) -> dict[str, float]:
+        """The held-out linear top-1 `lejepa probe` reports (README's headline number), when the run has
+        labelled held-out data and a train split small enough (FINAL_PROBE_MAX_IMAGES) for it to take seconds."""
+        if (not dist.is_main() or self.val_data is None or self.val_data.labels is None
+                or self.train_data.labels is None or not MIN_TRAIN <= len(self.train_data) <= FINAL_PROBE_MAX_IMAGES):
+            return {}
+        from lejepa_cli.image.probe import linear_top1
+
+        return {"linear_top1": linear_top1(checkpoint, self.device)}
+
     def data_meta(self) -> dict[str, Any]:
         d = self.train_data
         return {"name": d.name, "fingerprint": d.fingerprint, "mean": list(d.mean), "std": list(d.std),
@@ -76,6 +89,12 @@ class ImageRun:
 
     def describe(self) -> str:
         return f"{self.cfg.model.arch} on {self.train_data.name} ({len(self.train_data)} images)"
+
+
+# The end-of-run linear probe (image/probe.py's, on probe features) re-reads the train split once: for
+# the demo's 4096 + 1024 images about 7 CPU-seconds (2-core EPYC); above this many train images it is left
+# to `lejepa probe`.
+FINAL_PROBE_MAX_IMAGES = 60_000
 
 
 def build_image_run(cfg: Config, device: torch.device, train_data: ImageDataset | None = None) -> ImageRun:
@@ -206,36 +225,3 @@ def evaluate(run: ImageRun, max_train: int = TRAIN_KNN_MAX_IMAGES) -> dict[str, 
         probe.train()
         out["online_probe_top1"] = float((logits.argmax(1).cpu() == val_y).float().mean())
     return out
-
-
-def lejepa_loss(
-    z: Tensor,
-    *,
-    num_global: int,
-    lamb: float,
-    step: int,
-    num_slices: int = 1024,
-    t_max: float = 3.0,
-    num_knots: int = 17,
-    directions: Tensor | None = None,
-) -> dict[str, Tensor]:
-    """LeJEPA objective for projector outputs z (V, N, K) whose first `num_global` views are global.
-
-    pred: every view regresses to its sample's centre, the mean of the global views (gradient
-    flows through the centre), as a mean over views, samples and dimensions.
-    sigreg: `sigreg` averaged over views. loss = (1 - lamb) * pred + lamb * sigreg.
-    loss_scaled = loss / lamb**0.4, the paper's label-free model-selection statistic (detached).
-    """
-    if z.dim() != 3:
-        raise ValueError(f"lejepa_loss expects z of shape (V, N, K), got {tuple(z.shape)}")
-    if not 1 <= num_global <= z.shape[0]:
-        raise ValueError(f"num_global must be in [1, {z.shape[0]}], got {num_global}")
-    zf = z.float() if z.dtype != torch.float64 else z  # the loss is float32 under autocast too
-    mu = zf[:num_global].mean(dim=0)  # (N, K)
-    pred = (mu - zf).square().mean()
-    sig = sigreg(
-        z, step=step, num_slices=num_slices, t_max=t_max, num_knots=num_knots, directions=directions
-    )
-    loss = (1 - lamb) * pred + lamb * sig
-    scaled = loss.detach() / lamb**0.4 if lamb > 0 else loss.detach()
-    return {"loss": loss, "pred": pred, "sigreg": sig, "loss_scaled": scaled}

@@ -332,15 +332,12 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
     cache = usable_cache_dir(cache_root()) if opts.cache else None  # not writable: uncached, one warning
     src = FeatureSource(encoder, encoder_digest(encoder), device, opts.batch_size,
                         cache / "features" if cache else None, opts.progress)
-    num_classes = max(train.num_classes, evaluation.num_classes, int(train.labels.max()) + 1,
-                      int(evaluation.labels.max()) + 1)
-
+    num_classes = _num_classes(train, evaluation)
     train_x, train_y = src.features(train, max_images=opts.max_train, label=f"{train.name} train")
     eval_x, eval_y = src.features(evaluation, max_images=opts.max_eval, label=f"{evaluation.name} eval")
     t_extract = time.perf_counter()
 
-    linear, n_fit, n_val = fit_linear_probe(train_x, train_y, num_classes, val_fraction=opts.val_fraction,
-                                            lrs=opts.lrs, epochs=opts.epochs, seed=opts.seed, device=device)
+    linear, n_fit, n_val = _fit_linear(train_x, train_y, num_classes, opts, device)
     top1, top5 = head_accuracy(linear.head, eval_x, eval_y)
     knn = knn_top1(train_x, train_y, eval_x, eval_y, opts.knn_ks, num_classes)
     report: dict[str, Any] = {
@@ -379,6 +376,29 @@ def run_probe(source: str | Path | None, opts: ProbeOptions | None = None) -> di
         report["plots"] = [str(p) for p in write_probe_plots(opts.plots, report, src, evaluation, source)]
         report["timing"]["total_s"] = time.perf_counter() - t0
     return report
+
+
+def _num_classes(train: ImageDataset, evaluation: ImageDataset) -> int:
+    return max(train.num_classes, evaluation.num_classes, int(train.labels.max()) + 1, int(evaluation.labels.max()) + 1)
+
+
+def _fit_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, opts: ProbeOptions,
+                device: torch.device):
+    return fit_linear_probe(train_x, train_y, num_classes, val_fraction=opts.val_fraction, lrs=opts.lrs,
+                            epochs=opts.epochs, seed=opts.seed, device=device)
+
+
+def linear_top1(source: str | Path, device: torch.device) -> float:
+    """The held-out linear top-1 of the encoder at `source`, as `lejepa probe SOURCE` reports it
+    (its default options; no disk cache): the number `lejepa train` ends a small image run with."""
+    opts = ProbeOptions(cache=False, progress=False, shift=False, conditions=False)
+    encoder = load_probe_encoder(source, device=device)
+    train, evaluation = probe_datasets(encoder.lejepa_info, opts)
+    src = FeatureSource(encoder, encoder_digest(encoder), device, opts.batch_size)
+    train_x, train_y = src.features(train, max_images=opts.max_train)
+    eval_x, eval_y = src.features(evaluation, max_images=opts.max_eval)
+    linear, _, _ = _fit_linear(train_x, train_y, _num_classes(train, evaluation), opts, device)
+    return head_accuracy(linear.head, eval_x, eval_y)[0]
 
 
 def _encoder_to_probe(source: str | Path | None, opts: ProbeOptions, device: torch.device) -> nn.Module:

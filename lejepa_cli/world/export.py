@@ -78,6 +78,28 @@ def is_world_checkpoint(source: str | Path) -> bool:
         return False
 
 
+def is_world_model(source: str | Path) -> bool:
+    """True for a world run folder, one of its checkpoints, or a world export folder."""
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / WORLD_WEIGHTS).is_file():
+        return True
+    try:
+        config = json.loads((path / "config.json").read_text()) if path.is_dir() else None
+        if isinstance(config, dict) and isinstance((config.get("lejepa") or {}).get("world"), dict):
+            return True
+    except (OSError, ValueError, AttributeError):
+        pass
+    return is_world_checkpoint(path)
+
+
+def refuse_world_model(source: str | Path, command: str, anyway: str = "") -> None:
+    """UserError when `source` is a world model given to `lejepa COMMAND`, an image-encoder command;
+    `anyway` ends the line with how to use its encoder on images regardless."""
+    if is_world_model(source):
+        raise UserError(f"{source} is a world model (a world run or its export), and `lejepa {command}` is for image "
+                        f"encoders: use `lejepa world probe {source}` (or world plan / surprise / stress){anyway}")
+
+
 def export_world(source: str | Path, out: str | Path, *, overwrite: bool = False):
     """Write a world run's encoder export plus world.safetensors; returns export.Exported."""
     from lejepa_cli.export import export_encoder

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lejepa_cli.data.disk import require_space, tree_bytes
 from lejepa_cli.errors import UserError
 from lejepa_cli.terminal import progress_bar
 from lejepa_cli.world.shards import TrajectoryWriter, prepare_out
@@ -41,6 +42,9 @@ def simulate_dataset(
     out = Path(out).expanduser().resolve()
     plan = {"world": name, "options": world.options, "size": size, "episodes": episodes, "steps": steps,
             "val_episodes": val_episodes, "seed": seed}
+    frames = (episodes + val_episodes) * steps
+    require_space(out, frames * (world.size * world.size * 3 + 4 * (world.action_dim + len(world.state_names))),
+                  f"the trajectory dataset ({frames} frames of {world.size}x{world.size}x3)", replaces=tree_bytes(out))
     if prepare_out(out, plan, overwrite):
         return _summary(out, time.perf_counter() - t0, up_to_date=True)
     writer = TrajectoryWriter(out, world.size, 3, world.action_dim, world.state_names)
@@ -80,6 +84,8 @@ def prepare_trajectory_file(
     R = resolution or min(H, W)
     out = Path(out).expanduser().resolve()
     plan = {"source": str(path), "fingerprint": source_fingerprint(path)[:16], "resolution": R, "val_fraction": val_fraction, "seed": seed}
+    require_space(out, T * (R * R * C + 4 * (raw.actions.shape[1] + len(raw.state_names or []))),
+                  f"the trajectory dataset ({T} frames of {R}x{R}x{C})", replaces=tree_bytes(out))
     if prepare_out(out, plan, overwrite):
         return _summary(out, time.perf_counter() - t0, up_to_date=True)
     splits = split_episodes(len(raw.episode_starts) - 1, val_fraction, seed)

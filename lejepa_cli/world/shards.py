@@ -139,7 +139,7 @@ def read_index(path: Path) -> dict:
         int(index["resolution"]), int(index["channels"]), int(index["action_dim"]), int(index["state_dim"])
         for entry in index["splits"].values():
             int(entry["steps"]), int(entry["episodes"]), entry["actions"]["file"], entry["episode_starts"]["file"]
-            [(s["file"], int(s["count"]), s["sha256"]) for s in entry["shards"]]
+            [(s["file"], int(s["count"])) for s in entry["shards"]]  # sha256: absent in old datasets
         if "train" not in index["splits"]:
             raise KeyError("splits.train")
         len(index["mean"]), len(index["std"]), len(index["action_mean"]), len(index["action_std"])
@@ -203,12 +203,14 @@ def verify(path: Path) -> list[str]:
     R, C = index["resolution"], index["channels"]
     for split, entry in index["splits"].items():
         folder = Path(path) / split
-        files = [(s["file"], s["sha256"]) for s in entry["shards"]]
-        files += [(entry[k]["file"], entry[k]["sha256"]) for k in ("actions", "episode_starts", "state") if entry.get(k)]
+        files = [(s["file"], s.get("sha256")) for s in entry["shards"]]
+        files += [(entry[k]["file"], entry[k].get("sha256")) for k in ("actions", "episode_starts", "state") if entry.get(k)]
         for name, sha in files:
             f = folder / name
             if not f.is_file():
                 problems.append(f"{split}/{name}: missing")
+            elif not sha:
+                problems.append(f"{split}/{name}: no checksum in index.json (written by an older lejepa)")
             elif shards.sha256_file(f) != sha:
                 problems.append(f"{split}/{name}: checksum mismatch (file changed or corrupt)")
         for s in entry["shards"]:

@@ -154,7 +154,7 @@ def load_trajectories(source: str | Path, split: str, val_fraction: float = 0.0)
 
 
 def _load_folder(path: Path, split: str) -> TrajectoryDataset:
-    from lejepa_cli.data.shards import ShardedImages
+    from lejepa_cli.data.shards import ShardedImages, shard_checksums
     from lejepa_cli.world.shards import read_index
 
     index = read_index(path)
@@ -166,7 +166,8 @@ def _load_folder(path: Path, split: str) -> TrajectoryDataset:
     for f in [s["file"] for s in entry["shards"]] + [entry[k]["file"] for k in ("actions", "episode_starts", "state") if entry.get(k)]:
         if not (folder / f).is_file():
             raise UserError(f"{folder / f} is missing; re-create the dataset with --overwrite")
-    frames = ShardedImages([folder / s["file"] for s in entry["shards"]], [int(s["count"]) for s in entry["shards"]], (R, R, C))
+    frames = ShardedImages([folder / s["file"] for s in entry["shards"]], [int(s["count"]) for s in entry["shards"]], (R, R, C),
+                           checksums=shard_checksums(path, entry["shards"]))
 
     def array(key: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
         try:
