@@ -27,7 +27,9 @@ import numpy as np
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
-from lejepa_cli.world.plan import CEMConfig, plan
+from lejepa_cli.config import PlanConfig
+from lejepa_cli.world.plan import plan
+from lejepa_cli.world.plan_settings import describe
 from lejepa_cli.probes import r2_score, ridge_cv
 from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, simulated_split
 from lejepa_cli.world.catalog import make_world
@@ -83,13 +85,15 @@ def position_columns(world: World) -> list[int]:
 
 
 def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_episodes: int = 4,
-           steps: int = 60, seed: int = 0, cfg: CEMConfig = CEMConfig(), budget: int = 50,
+           steps: int = 60, seed: int = 0, settings: PlanConfig | None = None,
            conditions: list[str] | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """The clean row, then every applicable condition at each level; see the module docstring.
 
-    Planning is what costs (a few seconds per decision and episode on a CPU with the default CEM),
-    so it runs on `plan_episodes` episodes per row (0: none), the probe and surprise on `episodes`.
+    Planning is what costs (a fraction of a second to seconds per decision and episode on a CPU),
+    so it runs on `plan_episodes` episodes per row (0: none), the probe and surprise on `episodes`;
+    `settings` is the planner's `plan:` section (None: the library's defaults, as `plan()`).
     """
+    settings = settings or PlanConfig()
     chosen = check_conditions(conditions)
     if episodes < 1 or plan_episodes < 0:
         raise UserError(f"--episodes must be >= 1 and --plan-episodes >= 0, got {episodes} and {plan_episodes}")
@@ -103,7 +107,7 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
                "surprise_auroc": surprise(model, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
                "plan_success": None}
         if w.action_dim > 0 and plan_episodes > 0:
-            row["plan_success"] = plan(model, w, episodes=plan_episodes, budget=budget, seed=seed, cfg=cfg,
+            row["plan_success"] = plan(model, w, episodes=plan_episodes, seed=seed, settings=settings,
                                        planners=("model",))["success_rate"]
         return row
 
@@ -117,9 +121,8 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
             changes = cond.options(world, level)
             stressed = make_world(world.name, size=world.size, **{**world.options, **changes})
             rows.append({"condition": cond.name, "level": float(level), "options": changes, **evaluate(stressed)})
-    return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps, "budget": budget,
-            "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites, "horizon": cfg.horizon},
-            "conditions": rows}
+    return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps,
+            "budget": settings.budget, "cem": describe(settings, model.frameskip), "conditions": rows}
 
 
 def plot_stress(report: dict, out: str) -> None:
