@@ -30,6 +30,8 @@ class Module(str, Enum):
     resnet_stem = "resnet_stem"
     memory = "memory"
     loader = "loader"
+    world = "world"
+    plan = "plan"
 
 
 def load_suite() -> ModuleType:
@@ -55,7 +57,7 @@ def bench(
     only: Annotated[Optional[list[Module]], typer.Option("--only", help="Run only this benchmark (repeatable).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: torch's, or 1 on an oversubscribed CPU).")] = None,
 ) -> None:
-    """Benchmark SIGReg, the views, the training step, its memory and the data path; print one JSON document."""
+    """Benchmark SIGReg, the views, the training step, its memory, the data path, world models and planning; print one JSON document."""
     import json
 
     if out is not None:
