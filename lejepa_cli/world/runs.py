@@ -59,8 +59,8 @@ def _training_index(info: dict[str, Any]) -> dict[str, Any] | None:
 def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, device: str = "cpu") -> LoadedWorld:
     """The world model at `path` and its simulator (from the training data's world name and options).
 
-    `device` as `dist.select_device` reads it (its errors name --device); the CPU by default. The simulators, probes and planners around the model move its latents to
-    the CPU where they read them as numpy arrays.
+    `device` as `dist.select_device` reads it (its errors name --device); the CPU by default. The
+    simulators, probes and planners around the model move its latents to the CPU to read them as numpy.
     """
     from lejepa_cli.world.export import load_world_model
 
