@@ -6,7 +6,7 @@
 The model is the world-tworoom preset's (ViT-Nano/8 at 32 px, 3-block predictor, frameskip 2) at
 random init: a decision costs the same whatever the weights. A decision is what `lejepa world
 plan` times: one CEM search per episode, the episodes planned together as one batch (its default
-20), seconds divided by the episodes. Settings: the `default` profile (PlanConfig: 100 x 10, horizon
+20), seconds divided by the episodes; the process CPU seconds beside them. Settings: the `default` profile (PlanConfig: 100 x 10, horizon
 40 steps = 20 blocks here) and the `lewm` profile (300 x 30, horizon 25 steps = 13 blocks here),
 both as `--planner` gives them. Medians over repeats; the machine's load average beside them.
 """
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 
@@ -41,17 +42,24 @@ def random_model(overrides: tuple[str, ...] = ()) -> WorldModelExport:
     return WorldModelExport(build_world_model(cfg, 3, action_dim), spec, (0.5,) * 3, (0.25,) * 3)
 
 
-def seconds_per_decision(model: WorldModelExport, settings: PlanConfig, episodes: int, repeats: int, threads: int) -> float:
-    """Median over `repeats` of one decision for `episodes` problems at once, per episode, on `threads` threads."""
+def seconds_per_decision(model: WorldModelExport, settings: PlanConfig, episodes: int, repeats: int,
+                         threads: int) -> tuple[float, float]:
+    """Medians over `repeats` of one decision for `episodes` problems at once, per episode, on `threads`
+    threads: wall seconds (what `world plan` reports) and process CPU seconds (all threads; on a busy
+    machine the wall time waits for a core, the CPU time does not)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         world = make_world(WORLD, size=64)
         starts, goals = draw_problems(world, episodes, 0, settings.goal_offset)
         cfg = search(settings, model.frameskip)
-        times = [run_episodes("model", world, starts, goals, model=model, frameskip=model.frameskip,
-                              budget=model.frameskip, cfg=cfg, seed=r)["seconds_per_decision"] for r in range(repeats)]
-        return statistics.median(times)
+        wall, cpu = [], []
+        for r in range(repeats):
+            c0 = time.process_time()
+            wall.append(run_episodes("model", world, starts, goals, model=model, frameskip=model.frameskip,
+                                     budget=model.frameskip, cfg=cfg, seed=r)["seconds_per_decision"])
+            cpu.append((time.process_time() - c0) / episodes)  # the decision, plus one render and two encodes
+        return statistics.median(wall), statistics.median(cpu)
     finally:
         torch.set_num_threads(before)
 
@@ -69,8 +77,9 @@ def run(quick: bool = False, threads: int | None = None, overrides: tuple[str, .
     for name, settings in profiles.items():
         row = {"profile": name, "settings": describe_settings(settings, model.frameskip)}
         for n in (1, 2):
-            row[f"s_per_decision_{n}_thread{'s' if n > 1 else ''}"] = round(
-                seconds_per_decision(model, settings, episodes, repeats, n), 4)
+            wall, cpu = seconds_per_decision(model, settings, episodes, repeats, n)
+            tag = f"{n}_thread{'s' if n > 1 else ''}"
+            row[f"s_per_decision_{tag}"], row[f"cpu_s_per_decision_{tag}"] = round(wall, 4), round(cpu, 4)
         cases.append(row)
     return {"benchmark": "plan", "machine": describe(torch.device("cpu")), "model": f"{PRESET}, random init",
             "episodes_planned_together": episodes, "repeats": repeats, "cases": cases,

@@ -255,5 +255,6 @@ def test_plan_bench_times_each_profile_on_one_and_two_threads():
     r = bench_plan.run(quick=True, overrides=tuple(TINY_WORLD), profiles=small, episodes=2)
     assert [c["profile"] for c in r["cases"]] == ["small", "smaller"] and r["episodes_planned_together"] == 2
     assert r["cases"][0]["settings"]["horizon_blocks"] == 2 and r["cases"][1]["settings"]["candidates"] == 4
-    assert all(c[k] > 0 for c in r["cases"] for k in ("s_per_decision_1_thread", "s_per_decision_2_threads"))
+    assert all(c[f"{kind}s_per_decision_{n}"] > 0 for c in r["cases"] for kind in ("", "cpu_")
+               for n in ("1_thread", "2_threads"))
     assert r["model"] == "world-tworoom, random init" and "load_average_1_5_15min" in r["machine"]
