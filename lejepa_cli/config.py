@@ -152,6 +152,23 @@ class WorldConfig:
     camera_colour: float = 0.0  # brightness offset and per-channel gain change of a copy, each in [-this, this]
     camera_invariance: float = 1.0  # weight of the term pulling every copy's latents to the copies' mean
 
+PLAN_COSTS = ("final", "min")
+
+
+@dataclass
+class PlanConfig:
+    """A world model's planner, CEM in latent space (`lejepa world plan | stress`, the world recipes read
+    the run's): the best setting measured on two-room; LeWM's CEM is the `lewm` profile (world/plan_settings.py)."""
+
+    candidates: int = 100  # action sequences sampled per CEM iteration (LeWM: 300)
+    iterations: int = 10  # CEM iterations per decision (LeWM: 30)
+    elites: int = 10  # cheapest candidates each iteration refits to (LeWM: 30)
+    horizon: int = 40  # ENVIRONMENT steps planned ahead: ceil(horizon / world.frameskip) action blocks (LeWM: 25)
+    cost: str = "min"  # final: latent distance to the goal after the last block (LeWM's) | min: the nearest any block gets
+    noise_beta: float = 2.0  # temporal colour of the sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM)
+    budget: int = 50  # environment steps an episode may take to reach its goal
+    goal_offset: int = 25  # goals: where the exploration policy is this many steps after the start (0: anywhere)
+
 
 @dataclass
 class Config:
@@ -165,6 +182,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -177,7 +195,6 @@ from lejepa_cli.models import ARCHS  # noqa: E402  (one list of architectures)
 
 # Allowed values: key -> (predicate, what is allowed).
 _RULES: dict[str, tuple[Any, str]] = {
-    "views.global_views": (lambda v: v >= 1, "an integer >= 1"),
     "views.local_views": (lambda v: v >= 0, "an integer >= 0"),
     "views.global_size": (lambda v: v >= 8, "an integer >= 8"),
     "views.local_size": (lambda v: v >= 4, "an integer >= 4"),
@@ -185,22 +202,14 @@ _RULES: dict[str, tuple[Any, str]] = {
     "views.local_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "two numbers 0 < lo <= hi <= 1"),
     "views.ratio": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < lo <= hi"),
     "views.blur_sigma": (lambda v: 0 < v[0] <= v[1], "two numbers 0 < lo <= hi"),
-    "views.flip_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.jitter_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.grayscale_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.blur_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.solarize_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
     "views.brightness": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "views.contrast": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "views.saturation": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "views.hue": (lambda v: 0 <= v <= 0.5, "a number in [0, 0.5]"),
     "views.solarize_threshold": (lambda v: 0 <= v <= 255, "an integer in [0, 255]"),
-    "views.noise_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.shot_noise_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.brightness_shift_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.contrast_shift_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.jpeg_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
-    "views.dead_pixel_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    **{f"views.{k}_p": (lambda v: 0 <= v <= 1, "a probability in [0, 1]") for k in (
+        "flip", "jitter", "grayscale", "blur", "solarize", "noise", "shot_noise", "brightness_shift",
+        "contrast_shift", "jpeg", "dead_pixel")},
     "views.noise_std": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
     "views.shot_noise_std": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
     "views.brightness_shift": (lambda v: -1 <= v[0] <= v[1] <= 1, "two numbers -1 <= lo <= hi <= 1"),
@@ -209,57 +218,43 @@ _RULES: dict[str, tuple[Any, str]] = {
     "views.dead_pixel_fraction": (lambda v: 0 <= v[0] <= v[1] <= 1, "two numbers 0 <= lo <= hi <= 1"),
     "views.corrupt_views": (lambda v: v in ("all", "global", "local"), "one of all, global, local"),
     "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
-    "model.patch_size": (lambda v: v >= 1, "an integer >= 1"),
     "model.drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "model.stem_stride": (lambda v: v in (1, 2), "1 or 2"),
     "model.head_width": (lambda v: v >= 0, "an integer >= 0 (0: no head)"),
-    "model.proj_hidden": (lambda v: v >= 1, "an integer >= 1"),
-    "model.proj_dim": (lambda v: v >= 1, "an integer >= 1"),
     "loss.lamb": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "loss.num_slices": (lambda v: v >= 1, "an integer >= 1"),
     "loss.t_max": (lambda v: v > 0, "a number > 0"),
     "loss.num_knots": (lambda v: v >= 2, "an integer >= 2"),
     "optim.lr": (lambda v: v > 0, "a number > 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
-    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    **{key: (lambda v: 0 <= v <= 1, "a number in [0, 1]") for key in (
+        "optim.min_lr_ratio", "world.camera_noise", "world.camera_colour")},
     "optim.probe_lr": (lambda v: v > 0, "a number > 0"),
     "optim.grad_clip": (lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
-    "train.steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (SIGReg needs a batch)"),
-    "train.grad_accum": (lambda v: v >= 1, "an integer >= 1"),
-    "train.save_every": (lambda v: v >= 1, "an integer >= 1"),
-    "train.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "train.precision": (lambda v: v in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
-    "train.device": (
-        lambda v: v in ("auto", "cpu", "mps") or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()),
-        "auto, cpu, cuda, cuda:N or mps",
-    ),
+    "train.device": (lambda v: v in ("auto", "cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()),
+                     "auto, cpu, cuda, cuda:N or mps"),
     "train.seed": (lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)"),
     "train.eval_every": (lambda v: v >= 0, "an integer >= 0"),
     "train.on_nonfinite": (lambda v: v in ("stop", "skip"), "stop or skip"),
-    "log.every": (lambda v: v >= 1, "an integer >= 1"),
     "objective": (lambda v: v in ("image", "world"), "image or world"),
     "world.frame_size": (lambda v: v >= 8, "an integer >= 8"),
-    "world.latent_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "world.history": (lambda v: v >= 1, "an integer >= 1"),
-    "world.num_preds": (lambda v: v >= 1, "an integer >= 1"),
-    "world.frameskip": (lambda v: v >= 1, "an integer >= 1"),
-    "world.depth": (lambda v: v >= 1, "an integer >= 1"),
-    "world.heads": (lambda v: v >= 1, "an integer >= 1"),
-    "world.head_dim": (lambda v: v >= 1, "an integer >= 1"),
-    "world.mlp_dim": (lambda v: v >= 1, "an integer >= 1"),
+    **{key: (lambda v: v >= 1, "an integer >= 1") for key in (
+        "views.global_views", "model.patch_size", "model.proj_hidden", "model.proj_dim", "loss.num_slices", "train.steps",
+        "train.grad_accum", "train.save_every", "train.keep_last", "log.every", "data.builtin_val",
+        "world.latent_dim", "world.history", "world.num_preds", "world.frameskip", "world.depth", "world.heads",
+        "world.head_dim", "world.mlp_dim", "world.eval_horizon", "plan.candidates", "plan.iterations", "plan.elites",
+        "plan.horizon", "plan.budget")},
     "world.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "world.camera_views": (lambda v: v >= 0, "an integer >= 0"),
-    "world.camera_noise": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    **{key: (lambda v: v >= 0, "a number >= 0") for key in ("world.camera_views", "world.camera_invariance")},
     "world.camera_hue": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
-    "world.camera_colour": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "world.camera_invariance": (lambda v: v >= 0, "a number >= 0"),
     "world.eval_windows": (lambda v: v >= 0, "an integer >= 0 (0: every held-out window)"),
-    "world.eval_horizon": (lambda v: v >= 1, "an integer >= 1"),
+    "plan.cost": (lambda v: v in PLAN_COSTS, "one of " + ", ".join(PLAN_COSTS)),
+    "plan.noise_beta": (lambda v: 0 <= v <= 4, "a number in [0, 4] (0: white noise, 2: about a random walk)"),
+    "plan.goal_offset": (lambda v: v >= 0, "an integer >= 0 (0: goals anywhere)"),
     "data.builtin_train": (lambda v: v >= 2, "an integer >= 2"),
-    "data.builtin_val": (lambda v: v >= 1, "an integer >= 1"),
     "data.builtin_size": (lambda v: v >= 8, "an integer >= 8"),
     "data.val_fraction": (lambda v: 0 <= v < 1, "a number in [0, 1) (0: no held-out split carved)"),
 }
@@ -277,6 +272,9 @@ def validate(cfg: Config) -> Config:
             f"config key 'train.batch_size' = {cfg.train.batch_size} must be divisible by "
             f"'train.grad_accum' = {cfg.train.grad_accum}"
         )
+    if cfg.plan.elites > cfg.plan.candidates:
+        raise UserError(f"config key 'plan.elites' = {cfg.plan.elites} must be at most "
+                        f"'plan.candidates' = {cfg.plan.candidates} (the elites are the cheapest candidates)")
     if cfg.model.stem_stride != 1 and not (cfg.model.small_stem and cfg.model.arch.startswith("resnet")):
         raise UserError(f"config key 'model.stem_stride' = {cfg.model.stem_stride} sets the stride of a ResNet's "
                         f"small stem: it needs a ResNet model.arch and model.small_stem=true")

@@ -22,7 +22,6 @@ from typing import Any
 from lejepa_cli._version import __version__
 from lejepa_cli.errors import UserError
 from lejepa_cli.outputs import atomic_output
-from lejepa_cli.world.plan_settings import CEMConfig
 from lejepa_cli.world.reproduce import WorldRecipe
 
 
@@ -97,8 +96,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(
         "world-tworoom", "world-tworoom",
         "a LeWM world model of the built-in two-room world: simulate, train, probe, detect teleports, plan",
-        world=WorldRecipe("two-room", position=("agent_x", "agent_y"),
-                          cem=CEMConfig(candidates=100, iterations=10, elites=10, horizon=20, cost="min", noise_beta=2.0)),
+        world=WorldRecipe("two-room", position=("agent_x", "agent_y")),  # planner: the preset's plan section
         # Floors under what was measured (planning 18 / 20 and 19 / 20 on two seeds' problems).
         expected={"position_r2": (0.90, 1.0), "teleport_auroc": (0.95, 1.0), "success_rate": (0.75, 1.0),
                   "random_success_rate": (0.0, 0.10), "oracle_success_rate": (0.80, 1.0)},
@@ -113,8 +111,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         "world-push", "world-push",
         "a LeWM world model of the built-in push world (hidden block mass and friction): probe, detect, plan",
         world=WorldRecipe("push", position=("agent_x", "agent_y", "block_x", "block_y"), hidden=("block_mass",),
-                          probe_episodes=400, probe_steps=100,
-                          cem=CEMConfig(candidates=300, iterations=10, elites=30, horizon=5, cost="min")),
+                          probe_episodes=400, probe_steps=100),  # planner: the preset's plan section
         # A mass is one number per episode: its probes need many episodes (history R^2 0.06 / 0.20 / 0.41 / 0.53
         # fitted on 100 / 200 / 400 / 800). The world model's own planning success (0 %) is reported, not pinned.
         expected={"position_r2": (0.80, 1.0), "block_mass_r2_frame": (-1.0, 0.2), "block_mass_r2_history": (0.45, 1.0),
@@ -277,12 +274,14 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
     overrides = [*corruption_overrides(recipe.corruptions_from), *recipe.overrides, f"data.source={source}", *(extra or [])]
     run_dir = out / "run"
     cfg = load_config(recipe.preset, overrides)
+    settings = cfg.plan  # the recipe's planner (its preset's, --set plan.* on top), also for a run older than the section
     point = resume_point(run_dir)  # the run in `out`, if any: its newest good checkpoint and config
     trained = None if point is None else point[1]
     # Continuing a run of another config (an older recipe, other --set values) would pin this
     # recipe's verdict on different settings; keys the user sets now are theirs to change.
     own = {item.partition("=")[0].strip() for item in (extra or [])}
-    changed = [] if trained is None else [k for k in diff_keys(trained.to_dict(), cfg.to_dict()) if k not in own]
+    changed = [] if trained is None else [k for k in diff_keys(trained.to_dict(), cfg.to_dict())
+                                          if k not in own and not k.startswith("plan.")]  # planning changes no training
     if changed:
         raise UserError(f"{run_dir} holds a run with a different config than recipe '{name}' "
                         f"({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); use another --out or delete it")
@@ -295,7 +294,7 @@ def reproduce(name: str, out: Path, *, data: str | None = None, extra: list[str]
     if recipe.world is not None:
         from lejepa_cli.world.reproduce import measure
 
-        measured, report = measure(run_dir, recipe.world, seed=cfg.train.seed)
+        measured, report = measure(run_dir, recipe.world, settings, seed=cfg.train.seed)
     else:
         measured, report = _probe_figures(run_dir, source, recipe, progress)
     result, rows = verdict(measured, recipe.expected)

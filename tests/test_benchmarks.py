@@ -243,3 +243,18 @@ def test_selection_sweep_trains_scores_and_reuses_its_runs(tmp_path):
     again = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
     assert (again["runs_trained_now"], again["runs_reused"]) == (0, 2)
     assert [r["label_free_score"] for r in again["runs"]] == [r["label_free_score"] for r in first["runs"]]
+
+
+def test_plan_bench_times_each_profile_on_one_and_two_threads():
+    from benchmarks import bench_plan
+    from lejepa_cli.config import PlanConfig
+    from test_world_train import TINY_WORLD
+
+    small = {"small": PlanConfig(candidates=8, iterations=2, elites=2, horizon=4),
+             "smaller": PlanConfig(candidates=4, iterations=1, elites=1, horizon=2)}
+    r = bench_plan.run(quick=True, overrides=tuple(TINY_WORLD), profiles=small, episodes=2)
+    assert [c["profile"] for c in r["cases"]] == ["small", "smaller"] and r["episodes_planned_together"] == 2
+    assert r["cases"][0]["settings"]["horizon_blocks"] == 2 and r["cases"][1]["settings"]["candidates"] == 4
+    assert all(c[f"{kind}s_per_decision_{n}"] > 0 for c in r["cases"] for kind in ("", "cpu_")
+               for n in ("1_thread", "2_threads"))
+    assert r["model"] == "world-tworoom, random init" and "load_average_1_5_15min" in r["machine"]

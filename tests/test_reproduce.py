@@ -87,15 +87,16 @@ def test_a_world_recipe_simulates_trains_and_measures_its_figures(tmp_path, monk
 
     recipe = RECIPES["world-tworoom"]
     small = dataclasses.replace(recipe.world, episodes=6, val_episodes=2, steps=16, size=16, probe_episodes=2,
-                                surprise_episodes=2, plan_episodes=2,
-                                cem=dataclasses.replace(recipe.world.cem, candidates=8, iterations=2, elites=2, horizon=2))
+                                surprise_episodes=2, plan_episodes=2)
     monkeypatch.setitem(RECIPES, "world-tworoom", dataclasses.replace(recipe, world=small))
+    small_plan = ["plan.candidates=8", "plan.iterations=2", "plan.elites=2", "plan.horizon=4"]  # the preset's, shrunk
     result = CliRunner().invoke(app, ["reproduce", "world-tworoom", "--out", str(tmp_path), "--no-progress",
-                                      *[a for o in TINY_WORLD for a in ("--set", o)]])
+                                      *[a for o in [*TINY_WORLD, *small_plan] for a in ("--set", o)]])
     report = json.loads((tmp_path / "reproduce.json").read_text())
     assert result.exit_code == (0 if report["verdict"] == "PASS" else 1), result.output
     assert set(recipe.expected) <= set(report["measured"]) and (tmp_path / "data" / "index.json").is_file()
     assert {"probe", "surprise", "plan"} <= set(report["probe"]) and report["probe"]["plan"]["cem"]["cost"] == "min"
+    assert report["probe"]["plan"]["cem"]["candidates"] == 8 and report["probe"]["plan"]["cem"]["horizon_blocks"] == 2
     assert 0.0 <= report["measured"]["teleport_auroc"] <= 1.0 and report["config"]["objective"] == "world"
 
 

@@ -134,35 +134,6 @@ def test_offset_goals_on_two_room_the_true_dynamics_planner_reaches_them_and_ran
     assert oracle["success"].mean() >= 0.75 and rand["success"].mean() <= 0.25
 
 
-def test_the_plan_command_defaults_are_the_library_defaults():
-    import inspect
-
-    from lejepa_cli.commands.world import plan_cmd
-    from lejepa_cli.world.plan import GOAL_OFFSET
-
-    params = inspect.signature(plan_cmd).parameters
-    cfg = CEMConfig()
-    assert params["goal_offset"].default == GOAL_OFFSET and params["cost"].default == cfg.cost
-    assert params["noise_beta"].default == cfg.noise_beta
-    assert (params["candidates"].default, params["iterations"].default, params["elites"].default,
-            params["horizon"].default) == (cfg.candidates, cfg.iterations, cfg.elites, cfg.horizon)
-
-
-def test_the_stress_command_and_the_world_recipes_plan_with_the_library_defaults():
-    import inspect
-
-    from lejepa_cli.commands.world import stress_cmd
-    from lejepa_cli.world.plan import GOAL_OFFSET
-    from lejepa_cli.world.reproduce import WorldRecipe
-
-    params = inspect.signature(stress_cmd).parameters
-    cfg = CEMConfig()
-    for name in ("candidates", "iterations", "elites", "horizon", "cost", "noise_beta"):
-        assert params[name].default == getattr(cfg, name), name
-    recipe = WorldRecipe("two-room")
-    assert recipe.cem == cfg and recipe.goal_offset == GOAL_OFFSET
-
-
 def test_coloured_noise_is_white_at_beta_0_and_keeps_a_direction_at_beta_2():
     from lejepa_cli.world.plan import coloured_noise
 

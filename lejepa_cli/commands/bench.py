@@ -32,6 +32,7 @@ class Module(str, Enum):
     loader = "loader"
     world = "world"
     verify = "verify"  # shard checksums: seconds per GB
+    plan = "plan"
 
 
 def load_suite() -> ModuleType:
@@ -58,7 +59,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, max=MAX_THREADS, help="CPU threads for torch (default: torch's, or 1 on an oversubscribed CPU).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file that is not an earlier `lejepa bench` document.")] = False,
 ) -> None:
-    """Benchmark SIGReg, the views, the training step, its memory and the data path; print one JSON document."""
+    """Benchmark SIGReg, the views, the training step, its memory, the data path, world models and planning; print one JSON document."""
     import json
 
     from lejepa_cli.outputs import REPORT_SUFFIXES, check_output_file, write_report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,8 @@ from rich.table import Table
 
 from lejepa_cli.outputs import PLOT_SUFFIXES, STRIP_SUFFIXES
 from lejepa_cli.terminal import make_console
-from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
+from lejepa_cli.config import PlanConfig
+from lejepa_cli.world.plan_settings import PROFILES, choose, horizon_blocks, search
 
 app = typer.Typer(help="Built-in simulated worlds and trained world models: list and simulate worlds; plan, probe, surprise and stress with a world run.", no_args_is_help=True)
 console = make_console()
@@ -24,12 +26,25 @@ JsonFile = Annotated[Optional[Path], typer.Option("--json", help="Also write the
 Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the evaluation episodes, goals and planner.")]
 ProbeSeed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the simulated episodes, the random-init baseline encoder and the MLP probes.")]
 SurpriseSeed = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of the simulated episodes and of where and when the events are injected.")]
-Candidates = Annotated[int, typer.Option(min=1, max=20000, help="CEM candidate sequences per iteration.")]
-Iterations = Annotated[int, typer.Option(min=1, max=1000, help="CEM iterations per decision.")]
-Elites = Annotated[int, typer.Option(min=1, max=20000, help="CEM elites kept per iteration (at most --candidates).")]
-Horizon = Annotated[int, typer.Option(min=1, max=100, help="Planning horizon in frameskip blocks.")]
-Cost = Annotated[str, typer.Option("--cost", help="Planning cost: 'final' (latent distance to the goal after the last block, LeWM's) or 'min' (the nearest any block of the sequence gets).")]
-NoiseBeta = Annotated[float, typer.Option("--noise-beta", min=0.0, max=4.0, help="Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further.")]
+# The planner's options default to the run's `plan:` section (its preset's; PlanConfig's defaults for a
+# run without one): None here means "not given", and the help says what the library default is.
+_DEFAULTS = PlanConfig()
+Profile = Enum("Profile", {name: name for name in PROFILES}, type=str)
+
+
+def _profile(name: str) -> str:
+    p = PROFILES[name]
+    return f"CEM {p.candidates} x {p.iterations}, top {p.elites}, horizon {p.horizon} steps, cost {p.cost}, noise beta {p.noise_beta:g}"
+
+
+Planner = Annotated[Optional[Profile], typer.Option("--planner", help=f"Planner settings profile: 'default' (the best measured: {_profile('default')}) or 'lewm' (LeWM's: {_profile('lewm')}). Without it: the run's plan section (its preset's; 'default' for a run without one). The options below override either.")]
+Candidates = Annotated[Optional[int], typer.Option(min=1, max=20000, show_default=False, help=f"CEM candidate sequences per iteration (default: the run's plan.candidates, else {_DEFAULTS.candidates}).")]
+Iterations = Annotated[Optional[int], typer.Option(min=1, max=1000, show_default=False, help=f"CEM iterations per decision (default: the run's plan.iterations, else {_DEFAULTS.iterations}).")]
+Elites = Annotated[Optional[int], typer.Option(min=1, max=20000, show_default=False, help=f"CEM elites kept per iteration, at most --candidates (default: the run's plan.elites, else {_DEFAULTS.elites}).")]
+Horizon = Annotated[Optional[int], typer.Option(min=1, max=1000, show_default=False, help=f"Planning horizon in ENVIRONMENT steps, planned as ceil(horizon / frameskip) blocks (default: the run's plan.horizon, else {_DEFAULTS.horizon}).")]
+Cost = Annotated[Optional[str], typer.Option("--cost", show_default=False, help=f"Planning cost: 'final' (latent distance to the goal after the last block, LeWM's) or 'min' (the nearest any block of the sequence gets) (default: the run's plan.cost, else {_DEFAULTS.cost}).")]
+NoiseBeta = Annotated[Optional[float], typer.Option("--noise-beta", min=0.0, max=4.0, show_default=False, help=f"Temporal colour of CEM's sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM): samples that keep a direction reach further (default: the run's plan.noise_beta, else {_DEFAULTS.noise_beta:g}).")]
+Device = Annotated[str, typer.Option("--device", help="Where the model runs and plans: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.")]
 Steps = Annotated[Optional[int], typer.Option(min=2, max=2000, help="Steps per evaluation episode (default: 60 simulated; stored episodes: the shortest one's length, longer ones cut to it).")]
 Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a world option at evaluation, key=value (repeatable).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files (--json, --plot, --save-video) that are not this command's own earlier output.")]
@@ -77,30 +92,30 @@ def simulate(
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
 
 
-def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str, overwrite: bool, world: str | None = None):
+def _open(run: Path, json_file: Path | None, sets: list[str] | None, what: str, overwrite: bool, world: str | None = None,
+          device: str = "cpu"):
     from lejepa_cli.world.runs import open_world_run
 
     _check_report(json_file, what, overwrite)
-    used = open_world_run(run, world_sets=sets, world=world)
+    used = open_world_run(run, world_sets=sets, world=world, device=device)
     return used, used.require_world(what)
 
 
 def _episodes(run: Path, json_file: Path | None, sets: list[str] | None, world: str | None, data: Path | None, seed: int,
-              what: str, overwrite: bool):
+              what: str, overwrite: bool, device: str = "cpu"):
     """The run and where its evaluation episodes come from: its simulator, or stored trajectories."""
     from lejepa_cli.world.runs import open_world_run
 
     _check_report(json_file, what, overwrite)
-    used = open_world_run(run, world_sets=sets, world=world)
+    used = open_world_run(run, world_sets=sets, world=world, device=device)
     return used, used.episode_source(data, seed=seed)
 
 
-def _cem_config(candidates: int, iterations: int, elites: int, horizon: int, cost: str, noise_beta: float) -> CEMConfig:
-    """The planner's settings from the command's CEM options, checked."""
-    cfg = CEMConfig(candidates=candidates, iterations=iterations, elites=elites, horizon=horizon, cost=cost,
-                    noise_beta=noise_beta)
-    cfg.check()
-    return cfg
+def _settings(used, planner: Profile | None, **flags) -> PlanConfig:
+    """The planner's settings: the run's plan section <- --planner's profile <- the options given, checked."""
+    settings = choose(used.plan, planner.value if planner else None, **flags)
+    search(settings, used.model.frameskip)  # a bad combination is one line now, not after minutes of work
+    return settings
 
 
 def _check_output(path: Path | None, option: str, overwrite: bool, suffixes, report: str | None = None) -> None:
@@ -146,41 +161,49 @@ def _fmt(x: float | None, pct: bool = False) -> str:
 def plan_cmd(
     run: Run,
     episodes: Episodes = 20,
-    budget: Annotated[int, typer.Option(min=1, max=1000, help="Environment steps per episode.")] = 50,
-    candidates: Candidates = CEMConfig.candidates,
-    iterations: Iterations = CEMConfig.iterations,
-    elites: Elites = CEMConfig.elites,
-    horizon: Horizon = CEMConfig.horizon,
-    cost: Cost = CEMConfig.cost,
-    noise_beta: NoiseBeta = CEMConfig.noise_beta,
-    goal_offset: Annotated[int, typer.Option("--goal-offset", min=0, max=1000, help="Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world.")] = GOAL_OFFSET,
+    planner: Planner = None,
+    budget: Annotated[Optional[int], typer.Option(min=1, max=1000, show_default=False, help=f"Environment steps per episode (default: the run's plan.budget, else {_DEFAULTS.budget}).")] = None,
+    candidates: Candidates = None,
+    iterations: Iterations = None,
+    elites: Elites = None,
+    horizon: Horizon = None,
+    cost: Cost = None,
+    noise_beta: NoiseBeta = None,
+    goal_offset: Annotated[Optional[int], typer.Option("--goal-offset", min=0, max=1000, show_default=False, help=f"Goals: where the exploration policy is this many steps after the start (LeWM's protocol); 0: goals anywhere in the world (default: the run's plan.goal_offset, else {_DEFAULTS.goal_offset}).")] = None,
     goal: Annotated[Optional[Path], typer.Option("--goal", help="A goal image (PNG/JPEG at the world's frame size) instead of held-out goal states; success is then unknown, the final latent distance is reported.")] = None,
     save_video: Annotated[Optional[Path], typer.Option("--save-video", help="Write episode 0 of the world-model planner with its goal beside it: a PNG strip, or a GIF when the name ends in .gif.")] = None,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip the random policy and the true-dynamics planner.")] = False,
+    device: Device = "auto",
     seed: Seed = 0,
     sets: Sets = None,
     world_name: WorldName = None,
     json_file: JsonFile = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Plan towards goal images with CEM in the model's latent space; random policy and true dynamics beside it."""
+    """Plan towards goal images with CEM in the model's latent space; random policy and true dynamics beside it.
+
+    Settings: the run's plan section (its preset's), or the --planner profile; each option given overrides them."""
     from lejepa_cli.world import plan as planning
 
     started = time.perf_counter()
     _check_output(save_video, "--save-video", overwrite, STRIP_SUFFIXES)
-    used, world = _open(run, json_file, sets, "plan", overwrite, world_name)
-    cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
+    used, world = _open(run, json_file, sets, "plan", overwrite, world_name, device)
+    settings = _settings(used, planner, candidates=candidates, iterations=iterations, elites=elites, horizon=horizon,
+                         cost=cost, noise_beta=noise_beta, budget=budget, goal_offset=goal_offset)
     if goal is not None:
-        report = _plan_to_image(used, goal, episodes, budget, cfg, seed, save_video)
+        report = _plan_to_image(used, goal, episodes, settings, seed, save_video)
         _finish(report, json_file, started, used, "plan")
         return
     _describe(used)
     planners = ("model",) if no_baselines else planning.PLANNERS
-    report = planning.plan(used.model, world, episodes=episodes, budget=budget, seed=seed, cfg=cfg,
-                           planners=planners, record=save_video is not None, goal_offset=goal_offset)
-    goals = f"goals {goal_offset} exploration steps ahead" if goal_offset else "goals anywhere"
+    report = planning.plan(used.model, world, episodes=episodes, seed=seed, settings=settings, planners=planners,
+                           record=save_video is not None)
+    s, fs = settings, used.model.frameskip
+    goals = f"goals {s.goal_offset} exploration steps ahead" if s.goal_offset else "goals anywhere"
     table = Table("planner", "success", "mean steps to success", "s / decision",
-                  title=f"{world.name}: {episodes} episodes, {goals}, budget {budget} steps, CEM {candidates}x{iterations}, horizon {horizon}, cost {cost}")
+                  title=f"{world.name}: {episodes} episodes, {goals}, budget {s.budget} steps, CEM {s.candidates}x{s.iterations} "
+                        f"(top {s.elites}), horizon {s.horizon} steps = {horizon_blocks(s.horizon, fs)} blocks of {fs}, "
+                        f"cost {s.cost}, noise beta {s.noise_beta:g}")
     for kind, label in (("", "world model (CEM)"), ("random_", "random policy"), ("oracle_", "true dynamics (CEM)")):
         if f"{kind}success_rate" in report:
             table.add_row(label, _fmt(report[f"{kind}success_rate"], pct=True), _fmt(report[f"{kind}mean_steps"]),
@@ -193,7 +216,7 @@ def plan_cmd(
     _finish(report, json_file, started, used, "plan")
 
 
-def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg: CEMConfig, seed: int, save_video: Path | None) -> dict:
+def _plan_to_image(used, goal: Path, episodes: int, settings: PlanConfig, seed: int, save_video: Path | None) -> dict:
     from lejepa_cli.data.inputs import load_image
     from lejepa_cli.world import plan as planning
 
@@ -202,9 +225,10 @@ def _plan_to_image(used, goal: Path, episodes: int, budget: int, cfg: CEMConfig,
     images = planning.check_goal_images(world, image, episodes)
     _describe(used)
     starts, _ = planning.draw_problems(world, episodes, seed)
-    result = planning.run_episodes("model", world, starts, None, model=model, frameskip=model.frameskip, budget=budget,
-                                   cfg=cfg, seed=seed, goal_images=images, record=save_video is not None)
-    report = {"episodes": episodes, "budget": budget, "goal": str(goal), "success_rate": None,
+    result = planning.run_episodes("model", world, starts, None, model=model, frameskip=model.frameskip,
+                                   budget=settings.budget, cfg=search(settings, model.frameskip), seed=seed,
+                                   goal_images=images, record=save_video is not None)
+    report = {"episodes": episodes, "budget": settings.budget, "goal": str(goal), "success_rate": None,
               "seconds_per_decision": result["seconds_per_decision"],
               "final_latent_distance": float(result["final_cost"].mean())}
     console.print(f"{episodes} episodes towards {goal}: mean final squared latent distance "
@@ -287,15 +311,17 @@ def stress_cmd(
     run: Run,
     episodes: Episodes = 20,
     plan_episodes: Annotated[int, typer.Option(min=0, max=500, help="Planning episodes per row (0: no planning); planning is what costs.")] = 4,
-    candidates: Candidates = CEMConfig.candidates,
-    iterations: Iterations = CEMConfig.iterations,
-    elites: Elites = CEMConfig.elites,
-    horizon: Horizon = CEMConfig.horizon,
-    cost: Cost = CEMConfig.cost,
-    noise_beta: NoiseBeta = CEMConfig.noise_beta,
+    planner: Planner = None,
+    candidates: Candidates = None,
+    iterations: Iterations = None,
+    elites: Elites = None,
+    horizon: Horizon = None,
+    cost: Cost = None,
+    noise_beta: NoiseBeta = None,
     condition: Annotated[Optional[list[str]], typer.Option("--condition", "-c", help="Only this condition (repeatable), e.g. 'pixel noise'.")] = None,
     steps: Steps = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: the three figures against each condition's level.")] = None,
+    device: Device = "auto",
     seed: Seed = 0,
     sets: Sets = None,
     world_name: WorldName = None,
@@ -310,15 +336,16 @@ def stress_cmd(
 
     started = time.perf_counter()
     _check_output(plot, "--plot", overwrite, PLOT_SUFFIXES)
-    used, source = _episodes(run, json_file, sets, world_name, data, seed, "stress", overwrite)
-    cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
+    used, source = _episodes(run, json_file, sets, world_name, data, seed, "stress", overwrite, device)
+    settings = _settings(used, planner, candidates=candidates, iterations=iterations, elites=elites, horizon=horizon,
+                         cost=cost, noise_beta=noise_beta)
     check_conditions(condition)
     steps = source.resolve_steps(steps)
     probe.require_full_history(used.model, steps)
     surprise.require_event_frames(used.model, steps)
     adapter = _adapter(used.source, adapt, seed) if adapt else None
     _describe(used, source)
-    report = stress(used.model, source, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, cfg=cfg,
+    report = stress(used.model, source, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, settings=settings,
                     conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False),
                     adapt=adapter)
     if report.get("needs_simulator"):

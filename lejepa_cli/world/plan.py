@@ -3,6 +3,7 @@
     from lejepa_cli.world.plan import plan
     report = plan(model, world, episodes=20)          # model = load_world_model(...), world = make_world(...)
     report["success_rate"], report["random_success_rate"], report["oracle_success_rate"]
+    plan(model, world, settings=PlanConfig(horizon=25))   # settings: a run's `plan:` section (lejepa_cli.config)
 
 The planner knows only a cost of an action sequence. With the world model the cost is the
 squared distance between the predicted final latent (encode the last H window frames, roll the
@@ -10,8 +11,10 @@ predictor out over the candidate's blocks) and the goal image's latent; with cos
 smallest such distance after any of the candidate's blocks. With the simulator's
 true dynamics (`oracle`) it is the squared distance of the simulated final state to the goal
 state: the same planner with perfect dynamics, the ceiling of what this planner can do. A
-random policy is the floor. Receding horizon: plan `horizon` blocks of `frameskip` steps,
-execute the first block, observe, replan, until the goal is reached or `budget` steps are spent.
+random policy is the floor. Receding horizon: plan `horizon` environment steps as
+ceil(horizon / frameskip) blocks of `frameskip` steps, execute the first block, observe, replan,
+until the goal is reached or `budget` steps are spent. Every tensor of the search lives on the
+model's device (its latents' device); the sampling noise is drawn on the CPU and moved there.
 Episodes are planned together as one batch (their candidates are independent rows).
 """
 
@@ -25,7 +28,8 @@ import torch
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
-from lejepa_cli.world.plan_settings import COSTS, GOAL_OFFSET, CEMConfig  # noqa: F401  (re-exported: the planner's settings)
+from lejepa_cli.config import PlanConfig
+from lejepa_cli.world.plan_settings import COSTS, GOAL_OFFSET, CEMConfig, describe, search  # noqa: F401  (re-exported: the planner's settings)
 from lejepa_cli.world.sim import World, observe
 
 PLANNERS = ("model", "random", "oracle")
@@ -56,13 +60,14 @@ def cem(cost: Callable[[torch.Tensor], torch.Tensor], batch: int, dim: int, cfg:
 
     cost: candidates (B, C, horizon, dim) -> (B, C). Each iteration samples C candidates from a
     Gaussian per problem, step and dimension, keeps the `elites` cheapest and refits the Gaussian
-    to them. Returns the final mean (B, horizon, dim).
+    to them. Returns the final mean (B, horizon, dim), on init_mean's device (the CPU without one):
+    the noise is drawn on the CPU from `generator` and moved there, so every device draws the same.
     """
     shape = (batch, cfg.horizon, dim)
     mean = torch.zeros(shape) if init_mean is None else init_mean.clone()
-    std = torch.full(shape, cfg.init_std)
+    std = torch.full_like(mean, cfg.init_std)
     for _ in range(cfg.iterations):
-        noise = coloured_noise((batch, cfg.candidates, cfg.horizon, dim), cfg.noise_beta, generator)
+        noise = coloured_noise((batch, cfg.candidates, cfg.horizon, dim), cfg.noise_beta, generator).to(mean)
         samples = (mean[:, None] + std[:, None] * noise).clamp(-1.0, 1.0)  # (B, C, K, A)
         samples[:, 0] = mean  # the current mean competes too, so a good plan is never lost
         costs = cost(samples)  # (B, C)
@@ -88,14 +93,14 @@ def oracle_cost(world: World, state: np.ndarray, goal: np.ndarray, frameskip: in
 
     def cost(samples: torch.Tensor) -> torch.Tensor:
         b, c, k, _ = samples.shape
-        acts = samples.numpy().reshape(b * c, k * frameskip, world.action_dim)  # blocks -> steps
+        acts = samples.cpu().numpy().reshape(b * c, k * frameskip, world.action_dim)  # blocks -> steps
         s, goals = np.repeat(state, c, axis=0), np.repeat(goal, c, axis=0)  # (B*C, S)
         d = np.empty((b * c, k))
         for t in range(k * frameskip):
             s = world.step(s, acts[:, t])  # rng=None: no random pushes in the planner's model
             if (t + 1) % frameskip == 0:
                 d[:, t // frameskip] = world.goal_distance(s, goals) ** 2
-        return reduce_cost(torch.from_numpy(d).float().view(b, c, k), how)
+        return reduce_cost(torch.from_numpy(d).float().view(b, c, k), how).to(samples)
 
     return cost
 
@@ -135,12 +140,13 @@ def run_episodes(kind: str, world: World, starts: np.ndarray, goals: np.ndarray 
     steps = np.full(n, -1)
     frame = observe(world, world.render(state), None, rng)
     recorded = [frame[0]] if record else []
+    like = torch.zeros(0)  # the planner's tensors follow the model's latents (its device); the CPU without a model
     if kind == "model":
-        z_goal = model.encode(goal_images)  # (N, D)
+        z_goal = like = model.encode(goal_images)  # (N, D)
         z_hist = model.encode(frame)[:, None]  # (N, 1, D)
-        b_hist = torch.zeros(n, 0, frameskip * a)
+        b_hist = like.new_zeros(n, 0, frameskip * a)
     plan_seconds, decisions, t = 0.0, 0, 0
-    mean = torch.zeros(n, cfg.horizon, frameskip * a)  # warm start: last plan shifted by one block
+    mean = like.new_zeros(n, cfg.horizon, frameskip * a)  # warm start: last plan shifted by one block
     while t < budget and not (goals is not None and done.all()):
         live = np.flatnonzero(~done)
         tic = time.perf_counter()
@@ -154,9 +160,9 @@ def run_episodes(kind: str, world: World, starts: np.ndarray, goals: np.ndarray 
             plan_ = cem(cost, len(live), frameskip * a, cfg, gen, init_mean=mean[live])
             block = plan_[:, 0]  # (n_live, fs * A)
             mean[live] = torch.cat([plan_[:, 1:], torch.zeros_like(plan_[:, :1])], dim=1)
+        acts = block.cpu().numpy().reshape(len(live), frameskip, a).astype(np.float64)  # waits for the device
         plan_seconds += time.perf_counter() - tic
         decisions += len(live)
-        acts = block.numpy().reshape(len(live), frameskip, a).astype(np.float64)
         for j in range(frameskip):
             if t >= budget:
                 break
@@ -171,13 +177,13 @@ def run_episodes(kind: str, world: World, starts: np.ndarray, goals: np.ndarray 
                 recorded.append(frame[0])
         if kind == "model":
             z_hist = torch.cat([z_hist, model.encode(frame)[:, None]], dim=1)[:, -model.history:]
-            full = torch.zeros(n, frameskip * a)
+            full = like.new_zeros(n, frameskip * a)
             full[live] = block
             b_hist = torch.cat([b_hist, full[:, None]], dim=1)
             b_hist = b_hist[:, b_hist.shape[1] - (z_hist.shape[1] - 1):]  # the blocks between the kept latents
     out = {"success": done, "steps": steps, "seconds_per_decision": plan_seconds / decisions if decisions else 0.0}
     if kind == "model":
-        out["final_cost"] = ((model.encode(frame) - z_goal) ** 2).sum(-1).numpy()
+        out["final_cost"] = ((model.encode(frame) - z_goal) ** 2).sum(-1).cpu().numpy()
     if record:
         out["frames"] = np.stack(recorded)
         out["goal_image"] = goal_images[0]
@@ -218,23 +224,25 @@ def draw_problems(world: World, episodes: int, seed: int, goal_offset: int = 0) 
     return starts, goals
 
 
-def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: int = 50, seed: int = 0,
-         cfg: CEMConfig = CEMConfig(), planners: tuple[str, ...] = PLANNERS, record: bool = False,
-         goal_offset: int = GOAL_OFFSET) -> dict:
+def plan(model: WorldModelExport, world: World, *, episodes: int = 20, seed: int = 0, settings: PlanConfig | None = None,
+         planners: tuple[str, ...] = PLANNERS, record: bool = False) -> dict:
     """Plan towards goal images of held-out goal states with each planner; the report of issue 20's `plan`.
 
-    Keys: success_rate, random_success_rate, oracle_success_rate (fractions of `episodes`),
-    seconds_per_decision (the world model's), mean_steps / random_mean_steps / oracle_mean_steps
-    (steps to success of the successful episodes), random_ / oracle_seconds_per_decision, and
-    `video` (frames of episode 0 and its goal image) with record.
+    settings: a `plan:` section (candidates, iterations, elites, horizon in environment steps, cost,
+    noise_beta, budget, goal_offset); None: the library's defaults. `plan_settings.saved_settings`
+    reads a run's own. Keys: success_rate, random_success_rate, oracle_success_rate (fractions of
+    `episodes`), seconds_per_decision (the world model's), mean_steps / random_mean_steps /
+    oracle_mean_steps (steps to success of the successful episodes), random_ / oracle_seconds_per_decision,
+    `cem` (the settings, with horizon_blocks) and `video` (frames of episode 0 and its goal image) with record.
     """
+    settings = settings or PlanConfig()
+    budget, goal_offset = settings.budget, settings.goal_offset
     if episodes < 1 or budget < 1:
         raise UserError(f"--episodes and --budget must be >= 1, got {episodes} and {budget}")
+    cfg = search(settings, model.frameskip)
     starts, goals = draw_problems(world, episodes, seed, goal_offset)
     report: dict = {"episodes": episodes, "budget": budget, "world": world.name, "frameskip": model.frameskip,
-                    "goal_offset": goal_offset,
-                    "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites,
-                            "horizon": cfg.horizon, "cost": cfg.cost, "noise_beta": cfg.noise_beta}}
+                    "goal_offset": goal_offset, "cem": describe(settings, model.frameskip)}
     for kind in planners:
         result = run_episodes(kind, world, starts, goals, model=model, frameskip=model.frameskip, budget=budget,
                               cfg=cfg, seed=seed, record=record and kind == "model")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
+from lejepa_cli.config import PlanConfig
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,7 @@ class WorldRecipe:
     probe_history: int | None = None  # window frames of the history features (None: the predictor's H)
     probe_steps: int = 60  # steps per probe episode
     surprise_episodes: int = 30
-    plan_episodes: int = 20  # 0: no planning (a world without actions)
-    goal_offset: int = GOAL_OFFSET  # goals this many exploration steps after the start (world/plan.py)
-    cem: CEMConfig = CEMConfig()  # the planner: candidates, iterations, elites, horizon, cost, noise colour
+    plan_episodes: int = 20  # 0: no planning (a world without actions); the planner: the preset's `plan:` section
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -49,8 +47,9 @@ def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
     return str(out)
 
 
-def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
-    """The recipe's figures for the newest checkpoint in `run_dir`, and the full reports they come from."""
+def measure(run_dir: Path, recipe: WorldRecipe, settings: PlanConfig, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
+    """The recipe's figures for the newest checkpoint in `run_dir`, and the full reports they come from;
+    `settings`: the planner's (the recipe's config's `plan:` section, its preset's)."""
     from lejepa_cli.world.plan import plan
     from lejepa_cli.world.probe import probe_world
     from lejepa_cli.world.surprise import surprise
@@ -71,8 +70,7 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
     measured["teleport_auroc"] = events["auroc"]["teleport"]
     reports: dict[str, Any] = {"probe": probe, "surprise": events, "world_note": used.note}
     if recipe.plan_episodes:
-        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, cfg=recipe.cem,
-                       goal_offset=recipe.goal_offset)
+        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, settings=settings)
         for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
             measured[key] = planned[key]
         reports["plan"] = planned

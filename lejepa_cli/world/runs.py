@@ -6,6 +6,7 @@
     used.note         # how the world was found, e.g. "default options (the training data is not reachable)"
     source = used.episode_source(data=None)   # where probe / surprise / stress episodes come from:
                       # the simulator, else the stored trajectories the run trained on (world/episodes.py)
+    used.plan         # the run's `plan:` section (PlanConfig; the library's defaults for a run older than it)
 
 Also the helpers that turn a simulated episode into window frames and action blocks, and the
 one-step surprise ||p_t - z_{t+1}||^2 of the model along such episodes.
@@ -14,7 +15,7 @@ one-step surprise ||p_t - z_{t+1}||^2 of the model along such episodes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,11 @@ import numpy as np
 import torch
 
 from lejepa_cli import dist
+from lejepa_cli.config import PlanConfig
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.catalog import make_world, parse_sets, world_class
+from lejepa_cli.world.plan_settings import saved_settings
 from lejepa_cli.world.sim import World
 
 
@@ -34,6 +37,7 @@ class LoadedWorld:
     world: World | None
     note: str
     source: Path
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def require_world(self, what: str) -> World:
         if self.world is None:
@@ -94,8 +98,8 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, wor
     """The world model at `path` and its simulator (from the training data's world name and options,
     or the built-in world named by `world`: for a run trained on a file recorded in it).
 
-    `device` as `dist.select_device` reads it; the CPU by default, since the simulators, probes and
-    planners around the model read its latents as numpy arrays.
+    `device` as `dist.select_device` reads it (its errors name --device); the CPU by default. The
+    simulators, probes and planners around the model move its latents to the CPU to read them as numpy.
     """
     from lejepa_cli.world.export import load_world_model
 
@@ -106,16 +110,17 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, wor
         raise UserError(f"{path} is an image-encoder export, not a world model (no world.safetensors); "
                         "give a world run folder or the export of one")
     model = load_world_model(path, dist.select_device(device))
+    info = model.model.backbone.lejepa_info
+    settings = saved_settings(info.get("config"))  # the config a checkpoint or an export carries
     name = world or model.spec.get("world")
     if not name:
         if world_sets:
             raise UserError(f"--set changes a built-in world's options, and {path} was trained on data without a "
                             f"simulator; name the world with --world NAME")
-        return LoadedWorld(model, None, "its data names no built-in world", path)
+        return LoadedWorld(model, None, "its data names no built-in world", path, settings)
     cls = world_class(name)  # UserError for an unknown world
     if cls.action_dim != int(model.spec["action_dim"]):
         raise UserError(f"world {name} has {cls.action_dim}-D actions; {path} was trained on {model.spec['action_dim']}-D ones")
-    info = model.model.backbone.lejepa_info
     index = _training_index(info)
     data = info.get("data") or {}
     if world and world != model.spec.get("world"):
@@ -131,7 +136,7 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, wor
     sim = make_world(name, size=size, **options)
     if world_sets:
         note += f", with {', '.join(world_sets)}"
-    return LoadedWorld(model, sim, note, path)
+    return LoadedWorld(model, sim, note, path, settings)
 
 
 def window_count(steps: int, frameskip: int) -> int:
@@ -160,10 +165,10 @@ def window_frames(frames: np.ndarray, frameskip: int) -> np.ndarray:
 
 @torch.no_grad()
 def encode_episodes(model: WorldModelExport, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """uint8 frames (N, T, R, R, 3) -> latents (N, T, D), encoded a few hundred frames at a time."""
+    """uint8 frames (N, T, R, R, 3) -> latents (N, T, D) on the CPU, encoded a few hundred frames at a time."""
     n, t = frames.shape[:2]
     flat = frames.reshape(n * t, *frames.shape[2:])
-    out = [model.encode(flat[i : i + batch]) for i in range(0, len(flat), batch)]  # each (b, D)
+    out = [model.encode(flat[i : i + batch]).cpu() for i in range(0, len(flat), batch)]  # each (b, D), read on the CPU
     return torch.cat(out).view(n, t, -1)
 
 

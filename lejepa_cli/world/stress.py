@@ -33,7 +33,9 @@ import numpy as np
 
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport
-from lejepa_cli.world.plan import CEMConfig, plan
+from lejepa_cli.config import PlanConfig
+from lejepa_cli.world.plan import plan
+from lejepa_cli.world.plan_settings import describe
 from lejepa_cli.probes import r2_score, ridge_cv
 from lejepa_cli.world.probe import features
 from lejepa_cli.world.catalog import make_world
@@ -106,7 +108,7 @@ def probe_r2(train: dict[str, np.ndarray], test: dict[str, np.ndarray], cols: li
 
 
 def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes: int = 4,
-           steps: int | None = None, seed: int = 0, cfg: CEMConfig = CEMConfig(), budget: int = 50,
+           steps: int | None = None, seed: int = 0, settings: PlanConfig | None = None,
            conditions: list[str] | None = None, progress: Callable[[str], None] | None = None,
            adapt: Callable[[World], tuple[WorldModelExport, float]] | None = None) -> dict:
     """The clean row, then every applicable condition at each level; see the module docstring.
@@ -115,9 +117,11 @@ def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes:
     conditions edit the stored frames (frame_edits.py) and the rest is listed under needs_simulator.
     Planning is what costs (a few seconds per decision and episode on a CPU with the default CEM),
     so it runs on `plan_episodes` episodes per row (0: none), the probe and surprise on `episodes`.
+    `settings` is the planner's `plan:` section (None: the library's defaults, as `plan()`).
     `adapt(changed_world) -> (adapted model, seconds)`: each changed row also gets the figures of
     the model adapted to that world without labels (world/adapt.py), under "adapted".
     """
+    settings = settings or PlanConfig()
     source = as_source(world)
     chosen = check_conditions(conditions)
     if episodes < 1 or plan_episodes < 0:
@@ -140,7 +144,7 @@ def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes:
                "surprise_auroc": surprise(used, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
                "plan_success": None}
         if w.action_dim > 0 and plan_episodes > 0:
-            row["plan_success"] = plan(used, w, episodes=plan_episodes, budget=budget, seed=seed, cfg=cfg,
+            row["plan_success"] = plan(used, w, episodes=plan_episodes, seed=seed, settings=settings,
                                        planners=("model",))["success_rate"]
         return row
 
@@ -161,9 +165,8 @@ def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes:
                 adapted_fit = features(adapted, fit.frames, fit.states)
                 row["adapted"] = {**evaluate(adapted, stressed, adapted_fit), "adapt_seconds": round(seconds, 1)}
             rows.append(row)
-    return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps, "budget": budget,
-            "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites, "horizon": cfg.horizon},
-            "conditions": rows}
+    return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps,
+            "budget": settings.budget, "cem": describe(settings, model.frameskip), "conditions": rows}
 
 
 def _stored_stress(model: WorldModelExport, source, episodes: int, steps: int, seed: int, chosen: list[str],
