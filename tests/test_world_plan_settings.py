@@ -202,6 +202,12 @@ class OtherDeviceModel(CentroidModel):
         self.rollouts += 1
         return super().rollout(latents, actions, future)
 
+    def rollout_candidates(self, latents, past, candidates):  # what plan.py calls (world/rollout.py)
+        for name, t in (("latents", latents), ("past actions", past), ("candidates", candidates)):
+            assert isinstance(t, OnOtherDevice), f"{name} given to the model from {type(t).__name__}, not its device"
+        self.rollouts += 1
+        return super().rollout_candidates(latents, past, candidates)
+
 
 def test_every_tensor_of_a_plan_follows_the_model_to_its_device():
     world = make_world("two-room", size=32)
