@@ -52,7 +52,7 @@ def list_worlds() -> None:
 
 @app.command()
 def simulate(
-    name: Annotated[str, typer.Argument(help="World name: two-room, push or balls (see `lejepa world list`).")],
+    name: Annotated[str, typer.Argument(help="World name: two-room, push or balls (see `lejepa world list`), or gym:ENV_ID for a Gymnasium environment (extra [gym]).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the trajectory dataset to.")],
     episodes: Annotated[int, typer.Option(help="Training episodes.")] = 400,
     steps: Annotated[int, typer.Option(help="Frames (and actions) per episode.")] = 100,
@@ -60,14 +60,16 @@ def simulate(
     size: Annotated[int, typer.Option(help="Frame side in pixels (RGB).")] = 64,
     seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, options and counts give the same data.")] = 0,
     sets: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="World option key=value (repeatable), e.g. noise=0.05.")] = None,
+    env_kwargs: Annotated[Optional[list[str]], typer.Option("--env-kwargs", help="gym: worlds: keyword arguments of gymnasium.make, one JSON object or key=value (repeatable; values read as JSON).")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="gym: worlds: the data-collection policy, module:function called as function(observation, env, rng) -> action in the env's units (default: smooth random exploration; Push-T: a pushing policy).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
-    """Simulate a built-in world with a smooth random exploration policy into a trajectory dataset."""
+    """Simulate a world with a smooth random exploration policy into a trajectory dataset."""
     from lejepa_cli.world.prepare import simulate_dataset
 
     s = simulate_dataset(name, out, episodes=episodes, steps=steps, val_episodes=val_episodes, size=size, seed=seed,
-                         sets=sets, overwrite=overwrite, progress=not no_progress)
+                         sets=sets, overwrite=overwrite, progress=not no_progress, env_kwargs=env_kwargs, policy=policy)
     counts = ", ".join(f"{split} {e['episodes']} episodes x {e['steps'] // max(e['episodes'], 1)} steps" for split, e in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else f"done in {s['seconds']:.1f} s"
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
@@ -143,6 +145,7 @@ def plan_cmd(
 
     started = time.perf_counter()
     used, world = _open(run, json_file, sets, "plan")
+    world.require_state_setting("world plan")
     cfg = _cem_config(candidates, iterations, elites, horizon, cost, noise_beta)
     _check_output(save_video, "--save-video")
     if goal is not None:

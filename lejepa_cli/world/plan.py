@@ -234,6 +234,7 @@ def plan(model: WorldModelExport, world: World, *, episodes: int = 20, budget: i
     """
     if episodes < 1 or budget < 1:
         raise UserError(f"--episodes and --budget must be >= 1, got {episodes} and {budget}")
+    world.require_state_setting("world plan")
     starts, goals = draw_problems(world, episodes, seed, goal_offset)
     report: dict = {"episodes": episodes, "budget": budget, "world": world.name, "frameskip": model.frameskip,
                     "goal_offset": goal_offset,

@@ -15,7 +15,8 @@ condition at a time (the first row is the clean world itself):
 Figures per row: `probe_r2`, the mean held-out R^2 over the position variables of a linear probe
 fitted on the clean world's episodes (a deployed read-out, scored where the world has drifted);
 `surprise_auroc`, the teleport AUROC within the changed world; `plan_success`, the world-model
-planner's success rate in the changed world (None for a world without actions).
+planner's success rate in the changed world (None for a world without actions, and both None for a
+Gymnasium world whose states cannot be set).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.plan import CEMConfig, plan
 from lejepa_cli.probes import r2_score, ridge_cv
 from lejepa_cli.world.probe import TEST_STREAM, TRAIN_STREAM, features, simulated_split
-from lejepa_cli.world.catalog import make_world
 from lejepa_cli.world.sim import World
 from lejepa_cli.world.surprise import surprise
 
@@ -79,7 +79,9 @@ def check_conditions(names: list[str] | None) -> list[str]:
 
 
 def position_columns(world: World) -> list[int]:
-    return [i for i, n in enumerate(world.state_names) if n.endswith(("_x", "_y"))]
+    """The x / y columns, or (a world without them, e.g. Pendulum's theta) every column that is no velocity."""
+    xy = [i for i, n in enumerate(world.state_names) if n.endswith(("_x", "_y"))]
+    return xy or [i for i, n in enumerate(world.state_names) if not n.endswith(("_dot", "velocity"))] or list(range(world.state_dim))
 
 
 def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_episodes: int = 4,
@@ -99,10 +101,10 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
     def evaluate(w: World) -> dict:
         test = features(model, *simulated_split(w, episodes, steps, seed, TEST_STREAM))
         r2 = r2_score(test["state"][:, cols], ridge_cv(train["frame"], train["state"][:, cols], test["frame"], train["episode"]))
-        row = {"probe_r2": float(np.mean(r2)),
-               "surprise_auroc": surprise(model, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
-               "plan_success": None}
-        if w.action_dim > 0 and plan_episodes > 0:
+        row = {"probe_r2": float(np.mean(r2)), "surprise_auroc": None, "plan_success": None}
+        if w.surprise_object:  # teleports need a world whose states can be set
+            row["surprise_auroc"] = surprise(model, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"]
+        if w.action_dim > 0 and plan_episodes > 0 and w.settable:
             row["plan_success"] = plan(model, w, episodes=plan_episodes, budget=budget, seed=seed, cfg=cfg,
                                        planners=("model",))["success_rate"]
         return row
@@ -115,7 +117,7 @@ def stress(model: WorldModelExport, world: World, *, episodes: int = 20, plan_ep
             if progress:
                 progress(f"{cond.name} {level:g}")
             changes = cond.options(world, level)
-            stressed = make_world(world.name, size=world.size, **{**world.options, **changes})
+            stressed = world.with_options(**changes)
             rows.append({"condition": cond.name, "level": float(level), "options": changes, **evaluate(stressed)})
     return {"world": world.name, "episodes": episodes, "plan_episodes": plan_episodes, "steps": steps, "budget": budget,
             "cem": {"candidates": cfg.candidates, "iterations": cfg.iterations, "elites": cfg.elites, "horizon": cfg.horizon},
