@@ -209,3 +209,79 @@ def test_pendulum_end_to_end_at_toy_size(tmp_path, capsys):
     rows = json.loads(report.read_text())["conditions"]
     assert [r["condition"] for r in rows] == ["clean"] + ["pixel noise"] * 3
     assert all(np.isfinite(r["probe_r2"]) and np.isfinite(r["surprise_auroc"]) for r in rows)
+
+
+# ---- Push-T ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pusht():
+    pytest.importorskip("gym_pusht")
+    return make_world("gym:gym_pusht/PushT-v0", size=32)
+
+
+def test_pusht_states_are_written_exactly_and_stepping_is_pure(pusht):
+    rng = np.random.default_rng(0)
+    start = pusht.reset(rng, 2)
+    actions = rng.uniform(-1, 1, (5, 2, 2))
+    state, path = start, []
+    for a in actions:  # along the environments' own trajectory
+        state = pusht.step(state, a)
+        path.append(state)
+    pusht.reset(rng, 2)  # the environments are elsewhere now
+    state = start.copy()
+    for a, expected in zip(actions, path):  # the same steps from written states
+        state = pusht.step(state, a)
+        np.testing.assert_allclose(state[:, :5], expected[:, :5], atol=1e-6)
+    goal = start.copy()
+    near, far = start.copy(), start.copy()
+    near[:, 2] += 19.0
+    far[:, 2] += 21.0
+    assert pusht.success(near, goal).all() and not pusht.success(far, goal).any()
+    turned = start.copy()
+    turned[:, 4] += np.pi / 9 + 0.01
+    assert not pusht.success(turned, goal).any()
+    np.testing.assert_allclose(pusht.scores(start, goal)["coverage"], 1.0)
+    assert (pusht.scores(far, goal)["coverage"] < 1.0).all()
+
+
+def test_pusht_exploration_pushes_the_block_far_more_than_random_actions(pusht):
+    from lejepa_cli.world.pusht import contact_stats
+    from lejepa_cli.world.sim import World, simulate
+
+    pushed = np.concatenate([c.state.reshape(c.episodes, 40, -1) for c in simulate(pusht, 6, 40, 0)])
+    random_world = pusht.with_options()
+    random_world.explore_init = lambda rng, s: World.explore_init(random_world, rng, s)
+    random_world.explore = lambda s, m, rng: World.explore(random_world, s, m, rng)
+    rand = np.concatenate([c.state.reshape(c.episodes, 40, -1) for c in simulate(random_world, 6, 40, 0)])
+    ours, theirs = contact_stats(pushed), contact_stats(rand)
+    assert ours["contact_share"] > 2 * theirs["contact_share"] and ours["moved_share"] > 0.15
+
+
+def test_the_pusht_recipe_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
+    """`lejepa reproduce world-pusht` shrunk: data, training, probe, surprise, the three planners and coverage."""
+    pytest.importorskip("gym_pusht")
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from lejepa_cli.cli import app
+    from lejepa_cli.reproduce import RECIPES
+    from test_world_train import TINY_WORLD
+
+    recipe = RECIPES["world-pusht"]
+    tiny_cem = dataclasses.replace(recipe.world.cem, candidates=8, iterations=2, elites=2, horizon=2)
+    small = dataclasses.replace(recipe.world, episodes=4, val_episodes=2, steps=30, size=16, probe_episodes=2,
+                                probe_steps=30, surprise_episodes=2, plan_episodes=2, cem=tiny_cem, oracle_episodes=1,
+                                oracle_cem=tiny_cem)
+    monkeypatch.setitem(RECIPES, "world-pusht", dataclasses.replace(recipe, world=small))
+    result = CliRunner().invoke(app, ["reproduce", "world-pusht", "--out", str(tmp_path), "--no-progress",
+                                      *[a for o in TINY_WORLD for a in ("--set", o)], "--set", "world.frameskip=5"])
+    report = json.loads((tmp_path / "reproduce.json").read_text())
+    assert result.exit_code == (1 if report["verdict"] == "FAIL" else 0), result.output
+    measured = report["measured"]
+    assert set(recipe.expected) <= set(measured)
+    for key in ("success_rate", "random_success_rate", "oracle_success_rate", "coverage", "random_coverage",
+                "oracle_coverage", "position_r2", "teleport_auroc"):
+        assert np.isfinite(measured[key]), key
+    assert report["probe"]["plan"]["oracle_episodes"] == 1 and report["probe"]["plan"]["episodes"] == 2

@@ -20,14 +20,12 @@ from __future__ import annotations
 import numpy as np
 
 from lejepa_cli.errors import UserError
+from lejepa_cli.world.pusht import PUSHT_AGENT_RADIUS, PUSHT_ANGLE, PUSHT_POSITION, coverage
 
 KNOWN_NAMES = {
     "Pendulum": ["theta", "theta_dot"],
     "MountainCarContinuous": ["position", "velocity"],
 }
-PUSHT_POSITION = 20.0  # LeWM's Push-T success: block position within 20 (of 512) ...
-PUSHT_ANGLE = np.pi / 9  # ... and angle within pi/9 of the goal pose
-PUSHT_AGENT_RADIUS = 15.0  # gym-pusht's agent disc
 
 
 def _is_velocity(name: str) -> bool:
@@ -72,6 +70,9 @@ class StateAccess:
         return self.goal_distance(state, goal) < self.success_radius
 
     def default_kwargs(self, size: int) -> dict:
+        return {}
+
+    def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
 
@@ -135,6 +136,10 @@ class PushTAccess(StateAccess):
     def success(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         pos = np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1)
         return (pos < PUSHT_POSITION) & (np.abs(_wrap(state[:, 4] - goal[:, 4])) < PUSHT_ANGLE)
+
+    def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
+        """gym-pusht's coverage score (the share of the goal pose's T the block covers), against each goal pose."""
+        return {"coverage": coverage(state, goal)}
 
     def default_kwargs(self, size: int) -> dict:
         # Pixel observations at the world's size: frames without the action marker render() draws.

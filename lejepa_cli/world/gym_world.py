@@ -111,10 +111,12 @@ class GymWorld(World):
 
     def _grow(self) -> None:
         env, _ = gym_env.open_env(self.env_id, self._kwargs)
+        obs, _ = env.reset(seed=0)  # a reset builds the simulation (gym-pusht's bodies) and allows stepping
         self._envs.append(env)
         self._current.append(None)
         self._obs.append(None)
         self._frame.append(None)
+        self._track(len(self._envs) - 1, obs)
 
     def _track(self, k: int, obs) -> np.ndarray:
         state = self.access.read(self._envs[k], obs)
@@ -214,6 +216,9 @@ class GymWorld(World):
 
     def success(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         return self.access.success(np.asarray(state, np.float64), np.asarray(goal, np.float64))
+
+    def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
+        return self.access.scores(np.asarray(state, np.float64), np.asarray(goal, np.float64))
 
     # -- exploration ------------------------------------------------------------------------
 

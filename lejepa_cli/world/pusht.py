@@ -18,11 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from lejepa_cli.world.gym_env import from_env
-from lejepa_cli.world.gym_state import PUSHT_AGENT_RADIUS
 from lejepa_cli.world.sim import ou_step
 
+PUSHT_POSITION = 20.0  # LeWM's Push-T success: block position within 20 (of 512) ...
+PUSHT_ANGLE = np.pi / 9  # ... and angle within pi/9 of the goal pose
+PUSHT_AGENT_RADIUS = 15.0  # gym-pusht's agent disc
 BOXES = np.array([[-60.0, 0.0, 60.0, 30.0], [-15.0, 30.0, 15.0, 120.0]])  # x0, y0, x1, y1 in the block's frame
-CENTRE = np.array([0.0, 41.25])  # the block's centre of gravity in its frame
+CENTRE = np.array([0.0, 45.0])  # the block's centre of gravity in its frame
 TARGET_LOW, TARGET_HIGH = 120.0, 392.0  # where targets are drawn (the table is 512; walls at 5 and 506)
 BEHIND = 80.0  # the push point lies this far behind the centre (the T reaches ~70 from it)
 MAX_STEP = 40.0  # px between the agent and its commanded target per step
@@ -69,12 +71,14 @@ def explore(state: np.ndarray, memory: dict, rng: np.random.Generator, low: np.n
     side_axis = np.stack([-d[:, 1], d[:, 0]], 1)
     behind = centre - d * BEHIND + side_axis * memory["offset"][:, None]
     rel = agent - centre
+    along, across = np.sum(rel * d, 1), np.sum(rel * side_axis, 1)
+    # Behind the block and in line with the push point: push through towards the target.
+    aligned = (along < -20.0) & (np.abs(across - memory["offset"]) < 30.0)
     # On the target's side of the block: go round it, by the side the agent is on, before getting behind.
-    wrong_side = np.sum(rel * d, 1) > -40.0
-    side = np.where(np.sum(rel * side_axis, 1) >= 0, 1.0, -1.0)[:, None]
-    detour = centre + side * side_axis * 100.0 - d * 30.0
-    far = np.linalg.norm(agent - behind, axis=1) > 25.0
-    aim = np.where(wrong_side[:, None] & far[:, None], detour, np.where(far[:, None], behind, agent + d * MAX_STEP))
+    side = np.where(across >= 0, 1.0, -1.0)[:, None]
+    detour = centre + side * side_axis * 100.0 - d * 60.0  # beside the block, already behind its centre
+    wrong_side = (along > -40.0)[:, None]
+    aim = np.where(aligned[:, None], agent + d * MAX_STEP, np.where(wrong_side, detour, behind))
     move = aim - agent
     move *= np.minimum(1.0, MAX_STEP / np.maximum(np.linalg.norm(move, axis=1, keepdims=True), 1e-9))
     command = agent + move + NOISE * ou_step(memory["ou"], rng)
@@ -107,3 +111,24 @@ def contact_stats(states: np.ndarray, grid: int = 8) -> dict:
         "cells_visited": float(len({tuple(c) for c in cells}) / grid**2),
         "mean_block_travel": float(np.linalg.norm(centre[:, -1] - centre[:, 0], axis=-1).mean()),
     }
+
+
+def t_polygon(state: np.ndarray):
+    """The T of one stored state (S,) as a shapely polygon on the table."""
+    from shapely.geometry import Polygon
+    from shapely.ops import unary_union
+
+    parts = []
+    for x0, y0, x1, y1 in BOXES:
+        corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
+        parts.append(Polygon(state[2:4] + _rotate(corners, np.full(4, state[4]))))
+    return unary_union(parts)
+
+
+def coverage(state: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """(B,) gym-pusht's coverage score: area of the block's T inside the goal pose's T over the goal T's area."""
+    out = np.empty(len(state))
+    for i in range(len(state)):
+        g = t_polygon(goal[i])
+        out[i] = t_polygon(state[i]).intersection(g).area / g.area
+    return out

@@ -9,6 +9,7 @@ figures `measure` returns are the ones a world recipe can pin:
     <param>_r2_history     ... and from the predictor's history window (`probe_history` frames)
     teleport_auroc         surprise detection of teleports
     success_rate, random_success_rate, oracle_success_rate, seconds_per_decision   planning
+    coverage, random_coverage, oracle_coverage     a world's own score of the final states (Push-T's coverage)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lejepa_cli.world.plan_settings import GOAL_OFFSET, CEMConfig
 
 @dataclass(frozen=True)
 class WorldRecipe:
-    world: str  # a built-in world: two-room, push, balls
+    world: str  # a built-in world (two-room, push, balls) or gym:ENV_ID
     sets: tuple[str, ...] = ()  # world options of the simulated data (`lejepa world simulate --set`)
     episodes: int = 400  # training episodes simulated
     val_episodes: int = 40  # held-out episodes (the training loop's rollout evaluation)
@@ -37,6 +38,10 @@ class WorldRecipe:
     plan_episodes: int = 20  # 0: no planning (a world without actions)
     goal_offset: int = GOAL_OFFSET  # goals this many exploration steps after the start (world/plan.py)
     cem: CEMConfig = CEMConfig()  # the planner: candidates, iterations, elites, horizon, cost, noise colour
+    # The true-dynamics ceiling on its own problems and planner settings (None: on the plan problems with `cem`);
+    # a simulator stepped per candidate (Push-T's pymunk) cannot afford LeWM's CEM on every problem.
+    oracle_episodes: int | None = None
+    oracle_cem: CEMConfig | None = None
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -51,7 +56,6 @@ def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
 
 def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
     """The recipe's figures for the newest checkpoint in `run_dir`, and the full reports they come from."""
-    from lejepa_cli.world.plan import plan
     from lejepa_cli.world.probe import probe_world
     from lejepa_cli.world.surprise import surprise
     from lejepa_cli.world.runs import open_world_run
@@ -71,9 +75,25 @@ def measure(run_dir: Path, recipe: WorldRecipe, seed: int = 0) -> tuple[dict[str
     measured["teleport_auroc"] = events["auroc"]["teleport"]
     reports: dict[str, Any] = {"probe": probe, "surprise": events, "world_note": used.note}
     if recipe.plan_episodes:
-        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, cfg=recipe.cem,
-                       goal_offset=recipe.goal_offset)
-        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
-            measured[key] = planned[key]
-        reports["plan"] = planned
+        reports["plan"] = planned = _plan_figures(model, world, recipe, seed)
+        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision",
+                    "coverage", "random_coverage", "oracle_coverage"):
+            if key in planned:
+                measured[key] = planned[key]
     return measured, reports
+
+
+def _plan_figures(model, world, recipe: WorldRecipe, seed: int) -> dict[str, Any]:
+    """The world-model and random planners on `plan_episodes` problems; the true-dynamics ceiling beside them."""
+    from lejepa_cli.world.plan import PLANNERS, plan
+
+    if recipe.oracle_episodes is None:
+        return plan(model, world, episodes=recipe.plan_episodes, seed=seed, cfg=recipe.cem, goal_offset=recipe.goal_offset)
+    planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, cfg=recipe.cem,
+                   goal_offset=recipe.goal_offset, planners=tuple(p for p in PLANNERS if p != "oracle"))
+    if recipe.oracle_episodes > 0:
+        ceiling = plan(model, world, episodes=recipe.oracle_episodes, seed=seed, cfg=recipe.oracle_cem or recipe.cem,
+                       goal_offset=recipe.goal_offset, planners=("oracle",))
+        planned.update({k: v for k, v in ceiling.items() if k.startswith("oracle_")})
+        planned["oracle_episodes"] = recipe.oracle_episodes
+    return planned

@@ -158,6 +158,10 @@ class World(ABC):
         """The same world with some options changed (a stressed or recoloured copy)."""
         return type(self)(size=self.size, **{**self.options, **changes})
 
+    def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
+        """The world's own per-episode scores of final states against goals (Push-T: coverage); none by default."""
+        return {}
+
     def metadata(self) -> dict:
         """Extra facts a simulated dataset's index.json records about the world (source.world_metadata)."""
         return {}
