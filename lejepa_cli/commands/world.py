@@ -48,6 +48,8 @@ def list_worlds() -> None:
         console.print(table)
         console.print(f"  actions: {cls.action_dim}-D in [-1, 1]; state: {', '.join(world.state_names)}; "
                       f"goal reached within {cls.success_radius}", highlight=False)
+    console.print("gym:ENV_ID: any Gymnasium environment with rgb_array frames and Box actions, e.g. gym:Pendulum-v1, "
+                  "gym:gym_pusht/PushT-v0 (extra [gym]; docs/world-use.md)", highlight=False)
 
 
 @app.command()

@@ -36,7 +36,7 @@ class LoadedWorld:
     def require_world(self, what: str) -> World:
         if self.world is None:
             raise UserError(f"{self.source} was trained on data without a simulator ({self.note}); "
-                            f"`lejepa world {what}` needs a built-in world (two-room, push, balls)")
+                            f"`lejepa world {what}` needs a simulator (two-room, push, balls or gym:ENV_ID)")
         return self.world
 
 
