@@ -11,6 +11,7 @@ are expected to land in. The verdict compares the measured linear and kNN top-1 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -44,6 +45,16 @@ class Recipe:
     source_of_expected: str = ""
     budget: str = ""  # what running it costs, as measured or as the paper states
 
+
+# Push-T under LeWM's protocol (stable-worldmodel scripts/plan/config/pusht.yaml, solver/cem.yaml): 50 problems, the
+# start a held-out episode's first state set in the simulator, the goal its state 25 steps later, budget 50 steps,
+# CEM 300 x 30, top 30, horizon 5 blocks of 5 actions; success: block within 20 px and pi/9 of the goal pose. The
+# held-out episodes are our pushing policy's (LeWM's expert set cannot be downloaded here). The true-dynamics ceiling
+# steps pymunk once per candidate and step, so it runs on 4 problems with a smaller CEM.
+PUSHT = WorldRecipe("gym:gym_pusht/PushT-v0", episodes=400, val_episodes=40, steps=100, size=64,
+                    position=("agent_x", "agent_y", "block_x", "block_y"), probe_episodes=20, probe_steps=60,
+                    surprise_episodes=20, plan_episodes=50,  # planner: the preset's plan section (LeWM's CEM)
+                    oracle_episodes=4, oracle_search=(("candidates", 64), ("iterations", 5), ("elites", 8)))
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe(
@@ -123,6 +134,30 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                             "train.seed=1: positions 0.985, mass 0.09 / 0.58, planning 5 % / 0 % / 100 %"),
         budget=("11.4 min end to end on a 2-core CPU beside other runs (2026-12-04: data 0.1, training 8.8, "
                 "evaluation 2.5 with probes on 1200 episodes): PASS; world model planning 0 %"),
+    ),
+    Recipe(
+        "world-pusht", "world-pusht",
+        "a LeWM world model of Push-T (gym-pusht) under LeWM's protocol: 50 problems, goal 25 steps ahead, budget 50",
+        world=PUSHT,
+        # Floors under rung A of docs/world-use.md (20 problems); the world model's success (5 %) and the
+        # coverage scores are reported, not pinned: the issue's >= 50 % is not reached at this size.
+        expected={"position_r2": (0.45, 1.0), "teleport_auroc": (0.95, 1.0), "random_success_rate": (0.0, 0.10),
+                  "oracle_success_rate": (0.5, 1.0)},
+        source_of_expected=("measured here (2-core AMD EPYC shared with ~8 jobs, 2026-12-05) on the preset's run, with 20 "
+                            "plan problems instead of 50: position R^2 0.56 (agent_y; block x / y 0.79 / 0.75, angle -0.13), "
+                            "teleport AUROC 0.999, planning 5 % (world model), 0 % (random), 75 % (true dynamics, 3 / 4); "
+                            "coverage 0.18 / 0.11 / 0.58"),
+        budget=("measured here beside ~8 other jobs: data 4.8 min, training 9.3 min, evaluation 38 min on 20 problems "
+                "(7.8 s per decision); 50 problems take about 2.5x that evaluation"),
+    ),
+    Recipe(
+        "world-pusht-gpu", "world-pusht-gpu",
+        "Push-T at LeWM's sizes (224 px, ViT-Tiny/14, 6-block predictor) on one GPU; the same protocol",
+        world=dataclasses.replace(PUSHT, size=224),
+        source_of_expected=("expected, not yet measured here (no GPU lent): LeWM reports 96 % on Push-T at budget 50 "
+                            "(stable-worldmodel baselines page; 224 px, expert demonstrations, hours on a GPU); this "
+                            "recipe trains on the pushing policy's data instead, so no range is pinned"),
+        budget="unmeasured: ~45k frames at 224 px simulated on the CPU, 25k steps of batch 128 on one GPU",
     ),
     Recipe(
         "imagenette-vit-s", "vit-s", "ViT-S/16 on ImageNette (10 classes, 224 px); one GPU",

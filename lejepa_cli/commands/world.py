@@ -67,11 +67,13 @@ def list_worlds() -> None:
         console.print(table)
         console.print(f"  actions: {cls.action_dim}-D in [-1, 1]; state: {', '.join(world.state_names)}; "
                       f"goal reached within {cls.success_radius}", highlight=False)
+    console.print("gym:ENV_ID: any Gymnasium environment with rgb_array frames and Box actions, e.g. gym:Pendulum-v1, "
+                  "gym:gym_pusht/PushT-v0 (extra [gym]; docs/world-use.md)", highlight=False)
 
 
 @app.command()
 def simulate(
-    name: Annotated[str, typer.Argument(help="World name: two-room, push or balls (see `lejepa world list`).")],
+    name: Annotated[str, typer.Argument(help="World name: two-room, push or balls (see `lejepa world list`), or gym:ENV_ID for a Gymnasium environment (extra [gym]).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the trajectory dataset to.")],
     episodes: Annotated[int, typer.Option(help="Training episodes.")] = 400,
     steps: Annotated[int, typer.Option(help="Frames (and actions) per episode.")] = 100,
@@ -79,14 +81,16 @@ def simulate(
     size: Annotated[int, typer.Option(help="Frame side in pixels (RGB).")] = 64,
     seed: Annotated[int, typer.Option(min=0, help="Seed: the same seed, options and counts give the same data.")] = 0,
     sets: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="World option key=value (repeatable), e.g. noise=0.05.")] = None,
+    env_kwargs: Annotated[Optional[list[str]], typer.Option("--env-kwargs", help="gym: worlds: keyword arguments of gymnasium.make, one JSON object or key=value (repeatable; values read as JSON).")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="gym: worlds: the data-collection policy, module:function called as function(observation, env, rng) -> action in the env's units (default: smooth random exploration; Push-T: a pushing policy).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
-    """Simulate a built-in world with a smooth random exploration policy into a trajectory dataset."""
+    """Simulate a world with a smooth random exploration policy into a trajectory dataset."""
     from lejepa_cli.world.prepare import simulate_dataset
 
     s = simulate_dataset(name, out, episodes=episodes, steps=steps, val_episodes=val_episodes, size=size, seed=seed,
-                         sets=sets, overwrite=overwrite, progress=not no_progress)
+                         sets=sets, overwrite=overwrite, progress=not no_progress, env_kwargs=env_kwargs, policy=policy)
     counts = ", ".join(f"{split} {e['episodes']} episodes x {e['steps'] // max(e['episodes'], 1)} steps" for split, e in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else f"done in {s['seconds']:.1f} s"
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)
@@ -188,6 +192,7 @@ def plan_cmd(
     started = time.perf_counter()
     _check_output(save_video, "--save-video", overwrite, STRIP_SUFFIXES)
     used, world = _open(run, json_file, sets, "plan", overwrite, world_name, device)
+    world.require_state_setting("world plan")
     settings = _settings(used, planner, candidates=candidates, iterations=iterations, elites=elites, horizon=horizon,
                          cost=cost, noise_beta=noise_beta, budget=budget, goal_offset=goal_offset)
     if goal is not None:

@@ -31,6 +31,7 @@ class Balls(World):
     name = "balls"
     description = "bouncing balls with hidden masses and elastic collisions; no actions"
     action_dim = 0
+    surprise_object = ("ball0_x", "ball0_y")
     success_radius = 0.05
     options_spec = (
         Option("balls", 3, f"number of balls (1 to {MAX_BALLS})", 1, MAX_BALLS),

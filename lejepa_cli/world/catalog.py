@@ -1,4 +1,5 @@
-"""The built-in worlds by name: `make_world("two-room", size=64, sets=["noise=0.1"])`.
+"""The worlds by name: `make_world("two-room", size=64, sets=["noise=0.1"])`, and `gym:ENV_ID` for any
+Gymnasium environment (world/gym_world.py; gymnasium is imported only when such a name is used).
 
 Kept apart from sim.py (the World base class and the simulation loop), which every world imports:
 the registry imports every world, so sim.py importing it back would close a cycle.
@@ -19,10 +20,17 @@ def world_names() -> list[str]:
     return list(_registry())
 
 
+GYM_PREFIX = "gym:"
+
+
 def world_class(name: str) -> type[World]:
+    if name.startswith(GYM_PREFIX):
+        from lejepa_cli.world.gym_world import gym_world_class
+
+        return gym_world_class(name[len(GYM_PREFIX):])
     worlds = _registry()
     if name not in worlds:
-        raise UserError(f"unknown world '{name}' (choose from {', '.join(worlds)})")
+        raise UserError(f"unknown world '{name}' (choose from {', '.join(worlds)}, or gym:ENV_ID for a Gymnasium environment)")
     return worlds[name]
 
 

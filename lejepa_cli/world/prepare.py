@@ -26,8 +26,10 @@ FILE_CHUNK_BYTES = 64 << 20  # frames read from a source file at a time
 def simulate_dataset(
     name: str, out: Path, *, episodes: int, steps: int, val_episodes: int = 0, size: int = 64, seed: int = 0,
     sets: list[str] | None = None, overwrite: bool = False, progress: bool = True,
+    env_kwargs: list[str] | str | dict | None = None, policy: str | None = None,
 ) -> dict:
-    """Simulate a built-in world into a trajectory folder; returns a summary dict."""
+    """Simulate a world (built-in, or `gym:ENV_ID` with `env_kwargs` and a `policy` module:function)
+    into a trajectory folder; returns a summary dict."""
     from lejepa_cli.world.catalog import make_world
     from lejepa_cli.world.sim import simulate
 
@@ -38,7 +40,10 @@ def simulate_dataset(
         raise UserError(f"--steps must be in [1, 100000], got {steps}")
     if not 0 <= seed < 2**63:
         raise UserError(f"--seed must be in [0, 2**63), got {seed}")
-    world = make_world(name, size=size, sets=sets)
+    extra = {k: v for k, v in (("env_kwargs", env_kwargs), ("policy", policy)) if v}
+    if extra and not name.startswith("gym:"):
+        raise UserError(f"--{next(iter(extra)).replace('_', '-')} applies to gym:ENV_ID worlds, not to {name}")
+    world = make_world(name, size=size, sets=sets, **extra)
     out = Path(out).expanduser().resolve()
     plan = {"world": name, "options": world.options, "size": size, "episodes": episodes, "steps": steps,
             "val_episodes": val_episodes, "seed": seed}
@@ -58,6 +63,8 @@ def simulate_dataset(
                 writer.add(chunk.frames, chunk.actions, chunk.state, [steps] * chunk.episodes)
                 bar.advance(task, chunk.episodes)
     source = {"path": f"world:{name}", "kind": "world", "fingerprint": "", "plan": plan}
+    if world.metadata():
+        source["world_metadata"] = world.metadata()
     writer.finish(source, world=name, world_options=dict(world.options))
     return _summary(out, time.perf_counter() - t0, up_to_date=False)
 

@@ -34,6 +34,7 @@ class Push(World):
     name = "push"
     description = "agent disc pushes a block with hidden mass and friction; 2-D velocity actions"
     action_dim = 2
+    surprise_object = ("block_x", "block_y")
     success_radius = 0.06
     options_spec = (
         Option("speed", 0.03, "agent speed per step at full action (arena side = 1)", 0.001, 0.1),

@@ -9,6 +9,7 @@ figures `measure` returns are the ones a world recipe can pin:
     <param>_r2_history     ... and from the predictor's history window (`probe_history` frames)
     teleport_auroc         surprise detection of teleports
     success_rate, random_success_rate, oracle_success_rate, seconds_per_decision   planning
+    coverage, random_coverage, oracle_coverage     a world's own score of the final states (Push-T's coverage)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lejepa_cli.config import PlanConfig
 
 @dataclass(frozen=True)
 class WorldRecipe:
-    world: str  # a built-in world: two-room, push, balls
+    world: str  # a built-in world (two-room, push, balls) or gym:ENV_ID
     sets: tuple[str, ...] = ()  # world options of the simulated data (`lejepa world simulate --set`)
     episodes: int = 400  # training episodes simulated
     val_episodes: int = 40  # held-out episodes (the training loop's rollout evaluation)
@@ -35,6 +36,10 @@ class WorldRecipe:
     probe_steps: int = 60  # steps per probe episode
     surprise_episodes: int = 30
     plan_episodes: int = 20  # 0: no planning (a world without actions); the planner: the preset's `plan:` section
+    # The true-dynamics ceiling on its own problems and a smaller search (None: on the plan problems with the same
+    # settings); a simulator stepped per candidate (Push-T's pymunk) cannot afford LeWM's CEM on every problem.
+    oracle_episodes: int | None = None
+    oracle_search: tuple[tuple[str, Any], ...] = ()  # plan-section keys the ceiling overrides, e.g. (("candidates", 64),)
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -50,7 +55,6 @@ def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
 def measure(run_dir: Path, recipe: WorldRecipe, settings: PlanConfig, seed: int = 0) -> tuple[dict[str, float], dict[str, Any]]:
     """The recipe's figures for the newest checkpoint in `run_dir`, and the full reports they come from;
     `settings`: the planner's (the recipe's config's `plan:` section, its preset's)."""
-    from lejepa_cli.world.plan import plan
     from lejepa_cli.world.probe import probe_world
     from lejepa_cli.world.surprise import surprise
     from lejepa_cli.world.runs import open_world_run
@@ -70,8 +74,27 @@ def measure(run_dir: Path, recipe: WorldRecipe, settings: PlanConfig, seed: int 
     measured["teleport_auroc"] = events["auroc"]["teleport"]
     reports: dict[str, Any] = {"probe": probe, "surprise": events, "world_note": used.note}
     if recipe.plan_episodes:
-        planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, settings=settings)
-        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision"):
-            measured[key] = planned[key]
-        reports["plan"] = planned
+        reports["plan"] = planned = _plan_figures(model, world, recipe, settings, seed)
+        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision",
+                    "coverage", "random_coverage", "oracle_coverage"):
+            if key in planned:
+                measured[key] = planned[key]
     return measured, reports
+
+
+def _plan_figures(model, world, recipe: WorldRecipe, settings: PlanConfig, seed: int) -> dict[str, Any]:
+    """The world-model and random planners on `plan_episodes` problems; the true-dynamics ceiling beside them."""
+    from dataclasses import replace
+
+    from lejepa_cli.world.plan import PLANNERS, plan
+
+    if recipe.oracle_episodes is None:
+        return plan(model, world, episodes=recipe.plan_episodes, seed=seed, settings=settings)
+    planned = plan(model, world, episodes=recipe.plan_episodes, seed=seed, settings=settings,
+                   planners=tuple(p for p in PLANNERS if p != "oracle"))
+    if recipe.oracle_episodes > 0:
+        ceiling = plan(model, world, episodes=recipe.oracle_episodes, seed=seed,
+                       settings=replace(settings, **dict(recipe.oracle_search)), planners=("oracle",))
+        planned.update({k: v for k, v in ceiling.items() if k.startswith("oracle_")})
+        planned["oracle_episodes"] = recipe.oracle_episodes
+    return planned

@@ -42,7 +42,7 @@ class LoadedWorld:
     def require_world(self, what: str) -> World:
         if self.world is None:
             raise UserError(f"{self.source} was trained on data without a simulator ({self.note}); `lejepa world {what}` "
-                            f"needs a world to act in: add --world NAME (two-room, push, balls) when the data was "
+                            f"needs a world to act in: add --world NAME (two-room, push, balls or gym:ENV_ID) when the data was "
                             f"recorded in a built-in world")
         return self.world
 

@@ -73,6 +73,9 @@ class World(ABC):
     action_dim: int = 0
     options_spec: tuple[Option, ...] = ()
     success_radius: float = 0.05  # goal reached when goal_distance < this (arena side = 1)
+    surprise_object: tuple[str, ...] = ()  # the state columns a teleport event moves (empty: no teleports)
+    teleport_jump: float = 0.3  # a teleport moves the object at least this far (in the columns' units)
+    settable: bool = True  # set_state gives a state the simulator can step on from (gym: some cannot)
 
     def __init__(self, size: int = 64, **options: Any):
         if not 8 <= int(size) <= 1024:
@@ -147,6 +150,21 @@ class World(ABC):
         if vector.ndim != 2 or vector.shape[1] != self.state_dim:
             raise UserError(f"world {self.name} states have shape (B, {self.state_dim}), got {vector.shape}")
         return vector.copy()
+
+    def require_state_setting(self, what: str) -> None:
+        """A UserError when `what` (e.g. "world plan") cannot run because states cannot be set; built-ins can."""
+
+    def with_options(self, **changes: Any) -> "World":
+        """The same world with some options changed (a stressed or recoloured copy)."""
+        return type(self)(size=self.size, **{**self.options, **changes})
+
+    def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
+        """The world's own per-episode scores of final states against goals (Push-T: coverage); none by default."""
+        return {}
+
+    def metadata(self) -> dict:
+        """Extra facts a simulated dataset's index.json records about the world (source.world_metadata)."""
+        return {}
 
     def success(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
         """(B,) bool: the goal is reached, i.e. goal_distance < success_radius."""

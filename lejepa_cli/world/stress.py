@@ -15,7 +15,8 @@ condition at a time (the first row is the clean world itself):
 Figures per row: `probe_r2`, the mean held-out R^2 over the position variables of a linear probe
 fitted on the clean world's episodes (a deployed read-out, scored where the world has drifted);
 `surprise_auroc`, the teleport AUROC within the changed world; `plan_success`, the world-model
-planner's success rate in the changed world (None for a world without actions).
+planner's success rate in the changed world (None for a world without actions, and both None for a
+Gymnasium world whose states cannot be set).
 
 On stored trajectories (a run trained on a file, or `--data FILE`; world/episodes.py) the camera
 conditions are applied to the held-out episodes' frames (frame_edits.camera); the probe reads the
@@ -38,7 +39,6 @@ from lejepa_cli.world.plan import plan
 from lejepa_cli.world.plan_settings import describe
 from lejepa_cli.probes import r2_score, ridge_cv
 from lejepa_cli.world.probe import features
-from lejepa_cli.world.catalog import make_world
 from lejepa_cli.world.episodes import SimulatedEpisodes, as_source
 from lejepa_cli.world.frame_edits import camera, data_events
 from lejepa_cli.world.sim import World
@@ -96,9 +96,11 @@ def check_conditions(names: list[str] | None) -> list[str]:
 
 def position_columns(names: list[str]) -> list[int]:
     """The state columns the stress probe reads: positions (names ending _x / _y), else stable-worldmodel's
-    `proprio` columns (its worlds' agent position), else every column."""
+    `proprio` columns (its worlds' agent position), else every column that is no velocity (e.g. Pendulum's
+    theta), else every column."""
     found = [i for i, n in enumerate(names) if n.endswith(("_x", "_y"))]
-    return found or [i for i, n in enumerate(names) if n.startswith("proprio_")] or list(range(len(names)))
+    return (found or [i for i, n in enumerate(names) if n.startswith("proprio_")]
+            or [i for i, n in enumerate(names) if not n.endswith(("_dot", "velocity"))] or list(range(len(names))))
 
 
 def probe_r2(train: dict[str, np.ndarray], test: dict[str, np.ndarray], cols: list[int]) -> float:
@@ -141,9 +143,10 @@ def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes:
         # `train`: the read-out's fit, on the clean world's episodes, in the latent space of the model used
         test = SimulatedEpisodes(w).episodes("test", episodes, steps, seed)
         row = {"probe_r2": probe_r2(train, features(used, test.frames, test.states), cols),
-               "surprise_auroc": surprise(used, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"],
-               "plan_success": None}
-        if w.action_dim > 0 and plan_episodes > 0:
+               "surprise_auroc": None, "plan_success": None}
+        if w.surprise_object:  # teleports need a world whose states can be set
+            row["surprise_auroc"] = surprise(used, w, episodes=episodes, steps=steps, seed=seed, kinds=("teleport",))["auroc"]["teleport"]
+        if w.action_dim > 0 and plan_episodes > 0 and w.settable:
             row["plan_success"] = plan(used, w, episodes=plan_episodes, seed=seed, settings=settings,
                                        planners=("model",))["success_rate"]
         return row
@@ -156,7 +159,7 @@ def stress(model: WorldModelExport, world, *, episodes: int = 20, plan_episodes:
             if progress:
                 progress(f"{cond.name} {level:g}")
             changes = cond.options(world, level)
-            stressed = make_world(world.name, size=world.size, **{**world.options, **changes})
+            stressed = world.with_options(**changes)
             row = {"condition": cond.name, "level": float(level), "options": changes, **evaluate(model, stressed, clean_fit)}
             if adapt is not None:
                 if progress:

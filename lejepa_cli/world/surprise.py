@@ -7,8 +7,9 @@
 Held-out episodes are simulated with the exploration policy, then replayed twice with the same
 actions and the same random draws: once clean, once with one impossible event at a known window
 frame k (chosen per episode, after a full history):
-- `teleport`: the world's main object (two-room's agent, push's block, balls' first ball) jumps
-  to a random free position at least 0.3 away, and moves on from there;
+- `teleport`: the world's main object (`world.surprise_object`: two-room's agent, push's block,
+  balls' first ball, Push-T's block) jumps to a random free position at least `world.teleport_jump`
+  away (0.3 of the arena), and moves on from there (only where the world's states can be set);
 - `colour`: frame k alone is rendered with every colour's hue rotated by 120 degrees;
 - `pass_through` (two-room): the agent crosses the wall away from the door, x -> 1 - x.
 Surprise of frame t + 1 = ||p_t - z_{t+1}||^2, the predictor's error from the history ending at t.
@@ -36,7 +37,6 @@ from lejepa_cli.world.sim import World, observe, simulate
 from lejepa_cli.world.runs import blocks, encode_episodes, one_step_surprise, require_window_frames, window_count, window_frames
 
 EVENT_STREAM = 103  # seed stream of the held-out episodes (apart from the dataset's 0 and 1)
-MIN_JUMP = 0.3  # a teleport moves the object at least this far (arena side = 1)
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -49,26 +49,23 @@ def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
 
 
 def event_kinds(world: World) -> tuple[str, ...]:
-    return ("teleport", "colour", "pass_through") if world.name == "two-room" else ("teleport", "colour")
-
-
-def _object_columns(world: World) -> tuple[int, int]:
-    name = {"two-room": "agent", "push": "block", "balls": "ball0"}.get(world.name)
-    if name is None:
-        raise UserError(f"no surprise events are defined for world {world.name}")
-    return world.column(f"{name}_x"), world.column(f"{name}_y")
+    if world.name == "two-room":
+        return ("teleport", "colour", "pass_through")
+    return ("teleport", "colour") if world.surprise_object else ("colour",)
 
 
 def teleport(world: World, state: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Move the main object of each row to a fresh free position at least MIN_JUMP away (the farthest of 16 draws)."""
-    cx, cy = _object_columns(world)
-    old = state[:, [cx, cy]]
-    draws = np.stack([world.reset(rng, len(state))[:, [cx, cy]] for _ in range(16)], axis=1)  # (B, 16, 2)
+    """Move the main object of each row to a fresh free position at least `world.teleport_jump` away (the farthest of 16 draws)."""
+    cols = [world.column(name) for name in world.surprise_object]
+    if not cols:
+        raise UserError(f"no teleport events are defined for world {world.name}")
+    old = state[:, cols]
+    draws = np.stack([world.reset(rng, len(state))[:, cols] for _ in range(16)], axis=1)  # (B, 16, C)
     far = np.linalg.norm(draws - old[:, None], axis=-1)  # (B, 16)
-    ok = far >= MIN_JUMP
+    ok = far >= world.teleport_jump
     pick = np.where(ok.any(1), ok.argmax(1), far.argmax(1))  # first far-enough draw, else the farthest
     out = state.copy()
-    out[:, [cx, cy]] = draws[np.arange(len(state)), pick]
+    out[:, cols] = draws[np.arange(len(state)), pick]
     return out
 
 
@@ -95,7 +92,7 @@ def replay(world: World, starts: np.ndarray, actions: np.ndarray, seed: int, kin
     """
     n, steps = actions.shape[:2]
     rng, event_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
-    recolour = type(world)(size=world.size, **{**world.options, "hue_shift": (world.options["hue_shift"] + HUE_EVENT) % 360})
+    recolour = world.with_options(hue_shift=(world.options["hue_shift"] + HUE_EVENT) % 360)
     state = world.set_state(starts)
     frames = np.empty((n, steps, world.size, world.size, 3), np.uint8)
     states = np.empty((n, steps, world.state_dim))

@@ -26,6 +26,7 @@ class TwoRoom(World):
     name = "two-room"
     description = "point agent, two rooms joined by a door; 2-D velocity actions"
     action_dim = 2
+    surprise_object = ("agent_x", "agent_y")
     success_radius = 0.05
     options_spec = (
         Option("speed", 0.04, "distance moved per step at full action (arena side = 1)", 0.001, 0.2),
