@@ -270,13 +270,14 @@ def test_the_pusht_recipe_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     from test_world_train import TINY_WORLD
 
     recipe = RECIPES["world-pusht"]
-    tiny_cem = dataclasses.replace(recipe.world.cem, candidates=8, iterations=2, elites=2, horizon=2)
+    tiny_search = (("candidates", 8), ("iterations", 2), ("elites", 2), ("horizon", 10))  # the planner: --set plan.*
     small = dataclasses.replace(recipe.world, episodes=4, val_episodes=2, steps=30, size=16, probe_episodes=2,
-                                probe_steps=25, surprise_episodes=2, plan_episodes=1, cem=tiny_cem, oracle_episodes=1,
-                                oracle_cem=tiny_cem)
+                                probe_steps=25, surprise_episodes=2, plan_episodes=1, oracle_episodes=1,
+                                oracle_search=tiny_search)
     monkeypatch.setitem(RECIPES, "world-pusht", dataclasses.replace(recipe, world=small))
     result = CliRunner().invoke(app, ["reproduce", "world-pusht", "--out", str(tmp_path), "--no-progress",
-                                      *[a for o in TINY_WORLD for a in ("--set", o)], "--set", "world.frameskip=5"])
+                                      *[a for o in TINY_WORLD for a in ("--set", o)], "--set", "world.frameskip=5",
+                                      *[a for k, v in tiny_search for a in ("--set", f"plan.{k}={v}")]])
     report = json.loads((tmp_path / "reproduce.json").read_text())
     assert result.exit_code == (1 if report["verdict"] == "FAIL" else 0), result.output
     measured = report["measured"]

@@ -42,7 +42,7 @@ class LoadedWorld:
     def require_world(self, what: str) -> World:
         if self.world is None:
             raise UserError(f"{self.source} was trained on data without a simulator ({self.note}); `lejepa world {what}` "
-                            f"needs a world to act in: add --world NAME (two-room, push, balls or gym:ENV_ID) when the data was "
+                            f"needs a world to act in: add --world NAME (two-room, push, balls) or gym:ENV_ID when the data was "
                             f"recorded in a built-in world")
         return self.world
 
@@ -119,8 +119,6 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, wor
                             f"simulator; name the world with --world NAME")
         return LoadedWorld(model, None, "its data names no built-in world", path, settings)
     cls = world_class(name)  # UserError for an unknown world
-    if cls.action_dim != int(model.spec["action_dim"]):
-        raise UserError(f"world {name} has {cls.action_dim}-D actions; {path} was trained on {model.spec['action_dim']}-D ones")
     index = _training_index(info)
     data = info.get("data") or {}
     if world and world != model.spec.get("world"):
@@ -134,6 +132,8 @@ def open_world_run(path: str | Path, *, world_sets: list[str] | None = None, wor
         note = f"{name} with default options (the training data's index.json is not reachable)"
     options.update(parse_sets(cls, world_sets))  # --set at evaluation wins over the training data's options
     sim = make_world(name, size=size, **options)
+    if sim.action_dim != int(model.spec["action_dim"]):  # the instance: a gym: world's actions are its environment's
+        raise UserError(f"world {name} has {sim.action_dim}-D actions; {path} was trained on {model.spec['action_dim']}-D ones")
     if world_sets:
         note += f", with {', '.join(world_sets)}"
     return LoadedWorld(model, sim, note, path, settings)
