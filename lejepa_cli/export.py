@@ -58,7 +58,7 @@ from torch import nn
 
 from lejepa_cli._version import __version__
 from lejepa_cli.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from lejepa_cli.checkpoint import check_header, list_checkpoints, load_checkpoint, read_metadata, split_prefix
+from lejepa_cli.checkpoint import list_checkpoints, load_checkpoint, read_metadata, split_prefix
 from lejepa_cli.data.disk import require_space, tree_bytes
 from lejepa_cli.data.inputs import load_json, load_safetensors, reading
 from lejepa_cli.errors import UserError

@@ -17,6 +17,7 @@ training did.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
