@@ -367,6 +367,12 @@ class _Loop:
         run = self.run
         train_s = round(time.perf_counter() - self.started, 1)
         checkpoint = self.ckpt_dir / checkpoint_name(self.last_saved)
+        if not checkpoint.is_file():  # resumed from a checkpoint elsewhere with no step left: the run folder gets its own
+            self.save(self.last_good_step)
+            checkpoint = self.ckpt_dir / checkpoint_name(self.last_saved)
+        if not checkpoint.is_file():  # resumed from a checkpoint elsewhere with no step left: the run folder gets its own
+            self.save(self.last_good_step)
+            checkpoint = self.ckpt_dir / checkpoint_name(self.last_saved)
         scores = {**run.final_scores(checkpoint), **run.evaluate()}
         summary = {"step": self.last_good_step, "train_s": train_s,
                    "checkpoint": str(checkpoint), **scores,
