@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lejepa_cli.checkpoint import load_checkpoint
+from lejepa_cli.checkpoint import read_metadata
 from lejepa_cli.config import apply_overrides, config_from_dict
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport, _checkpoint_of, load_world_model
@@ -39,7 +39,7 @@ def check_adaptable(source: str | Path) -> tuple[Path, dict[str, Any]]:
         raise UserError(f"{source} is not a run folder (no checkpoints/): adapt a world run folder or one of its "
                         f"checkpoints (an export holds no training state)")
     ckpt = _checkpoint_of(source)
-    _, meta = load_checkpoint(ckpt)
+    meta = read_metadata(ckpt)  # the config only: the tensors load once, in train()
     if meta.get("config", {}).get("objective") != "world":
         raise UserError(f"{source} is not a world run (image encoders adapt with `lejepa adapt` on images)")
     return ckpt, meta

@@ -18,20 +18,16 @@ Every draw comes from `generator`, so a training step's copies are a pure functi
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
+
+from lejepa_cli.world.render import hue_matrix
 
 
 def hue_rotation(degrees: torch.Tensor) -> torch.Tensor:
-    """(B,) angles in degrees -> (B, 3, 3) rotations of RGB about the grey axis (Rodrigues)."""
-    a = torch.deg2rad(degrees)
-    c, s = torch.cos(a), torch.sin(a)
-    k = 1.0 / 3.0
-    w = math.sqrt(k) * s
-    d, o = c + k * (1 - c), k * (1 - c)
-    rows = [torch.stack([d, o - w, o + w], -1), torch.stack([o + w, d, o - w], -1), torch.stack([o - w, o + w, d], -1)]
-    return torch.stack(rows, -2)
+    """(B,) angles in degrees -> (B, 3, 3) rotations of RGB about the grey axis (the worlds' `hue_shift`)."""
+    matrices = np.stack([hue_matrix(a) for a in degrees.tolist()]) if len(degrees) else np.zeros((0, 3, 3))
+    return torch.as_tensor(matrices, dtype=torch.float32, device=degrees.device)
 
 
 def camera_copy(frames: torch.Tensor, *, noise: float, hue: float, colour: float,

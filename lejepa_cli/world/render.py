@@ -16,23 +16,26 @@ import numpy as np
 PAD = 8  # pixels of margin around each canvas
 
 
-def rotate_hue(rgb: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate colours (..., 3) in [0, 1] about the grey axis by `degrees` (keeps brightness)."""
-    if degrees == 0:
-        return rgb
+def hue_matrix(degrees: float) -> np.ndarray:
+    """(3, 3) rotation of RGB about the grey axis by `degrees` (Rodrigues' formula about (1, 1, 1) / sqrt(3))."""
     a = math.radians(degrees)
     c, s = math.cos(a), math.sin(a)
     k = 1.0 / 3.0
-    # Rodrigues' rotation about the unit vector (1, 1, 1) / sqrt(3).
     w = math.sqrt(k) * s
-    m = np.array(
+    return np.array(
         [
             [c + k * (1 - c), k * (1 - c) - w, k * (1 - c) + w],
             [k * (1 - c) + w, c + k * (1 - c), k * (1 - c) - w],
             [k * (1 - c) - w, k * (1 - c) + w, c + k * (1 - c)],
         ]
     )
-    return np.clip(rgb @ m.T, 0.0, 1.0)
+
+
+def rotate_hue(rgb: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate colours (..., 3) in [0, 1] about the grey axis by `degrees` (keeps brightness)."""
+    if degrees == 0:
+        return rgb
+    return np.clip(rgb @ hue_matrix(degrees).T, 0.0, 1.0)
 
 
 def blank(batch: int, resolution: int, background: np.ndarray) -> np.ndarray:
