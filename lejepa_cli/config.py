@@ -138,6 +138,7 @@ class WorldConfig:
     latent_dim: int = 128  # latent width D: SIGReg's dimension and the predictor's token width (LeWM: 192)
     history: int = 3  # H: latents the predictor sees (its context; LeWM: 3)
     num_preds: int = 1  # each history position predicts the latent this many window frames ahead
+    rollout_steps: int = 1  # open-loop steps in the loss: predictions fed back as context, as the planner does (1: LeWM's)
     frameskip: int = 5  # simulator steps between window frames; the actions in one skip are concatenated
     depth: int = 6  # predictor transformer blocks (LeWM: 6)
     heads: int = 16  # attention heads per block (LeWM: 16)
@@ -244,7 +245,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     **{key: (lambda v: v >= 1, "an integer >= 1") for key in (
         "views.global_views", "model.patch_size", "model.proj_hidden", "model.proj_dim", "loss.num_slices", "train.steps",
         "train.grad_accum", "train.save_every", "train.keep_last", "log.every", "data.builtin_val",
-        "world.latent_dim", "world.history", "world.num_preds", "world.frameskip", "world.depth", "world.heads",
+        "world.latent_dim", "world.history", "world.num_preds", "world.rollout_steps", "world.frameskip", "world.depth", "world.heads",
         "world.head_dim", "world.mlp_dim", "world.eval_horizon", "plan.candidates", "plan.iterations", "plan.elites",
         "plan.horizon", "plan.budget")},
     "world.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -283,6 +284,9 @@ def validate(cfg: Config) -> Config:
                         f"it needs a ResNet model.arch (set it to 0 for a ViT)")
     if cfg.objective == "world" and (cfg.train.fsdp or cfg.train.grad_accum > 1):
         raise UserError("objective 'world' trains with DDP and one micro-batch: set train.fsdp=false and train.grad_accum=1")
+    if cfg.world.rollout_steps > 1 and cfg.world.num_preds != 1:
+        raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} feeds each prediction back as the "
+                        f"next latent, which needs world.num_preds 1 (got {cfg.world.num_preds})")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")

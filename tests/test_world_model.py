@@ -60,6 +60,27 @@ def test_rollout_feeds_predictions_back_over_a_sliding_history():
     assert torch.allclose(out, torch.cat(expected, 1), atol=1e-6)
 
 
+def test_training_rollout_feeds_predictions_back_like_the_planner_and_trains_through_them():
+    model = tiny_model(history=3).eval()
+    with torch.no_grad():
+        for p in model.predictor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    frames, actions = torch.randn(2, 6, 3, 16, 16), torch.randn(2, 6, 4)
+    z, p = model(frames, actions, 3, rollout_steps=3)
+    assert z.shape == (2, 6, 16) and p.shape == (2, 5, 16)  # H teacher-forced + R - 1 open-loop predictions
+    z1, p1 = model(frames, actions, 3)
+    assert torch.equal(p1, p[:, :3]) and torch.equal(z1, z)  # rollout_steps 1: today's forward
+    # Predictions 3 and 4 are the planner's rollout (WorldModel.rollout) from the first 3 true latents.
+    with torch.no_grad():
+        planned = model.rollout(z[:, :3], actions[:, :3], actions[:, 3:5])
+    assert torch.allclose(p[:, 2:], planned, atol=1e-6)
+    # The open-loop loss reaches the encoder through the fed-back predictions and the targets.
+    loss = world_loss(z, p, num_preds=1, lamb=0.1, step=0, num_slices=32)["pred"]
+    loss.backward()
+    assert all(q.grad is not None for q in model.predictor.parameters() if q.requires_grad)
+    assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
 def test_passive_world_has_no_action_weights_and_still_predicts():
     model = tiny_model(action_dim=0)
     assert not any(n.startswith("action_encoder") for n, _ in model.named_parameters())

@@ -215,6 +215,18 @@ def test_episodes_shorter_than_one_window_are_one_line(two_room, tmp_path, capsy
     assert code == 2 and err.count("\n") == 1 and "window" in err, err
 
 
+def test_open_loop_training_reads_longer_windows_and_refuses_num_preds_above_one(two_room, tmp_path, capsys):
+    cfg = world_config(two_room, extra=("train.steps=2", "train.eval_every=0", "world.rollout_steps=3"))
+    run = build_run(cfg, torch.device("cpu"))
+    assert run.train_data.num_frames == 3 + 1 + 2  # history + num_preds + rollout_steps - 1
+    summary = train(cfg, tmp_path / "r3", progress=False)
+    assert summary["step"] == 2 and np.isfinite(summary["one_step_err"])
+    capsys.readouterr()  # the run's own header
+    code, err = run_cli(["train", "--preset", "world-tworoom", "--data", str(two_room), "--out", str(tmp_path / "r"),
+                         "--no-progress", "--set", "world.rollout_steps=2", "--set", "world.num_preds=2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "rollout_steps" in err, err
+
+
 def test_gradient_clipping_bounds_the_update_and_is_off_by_default(two_room, tmp_path):
     runs = {}
     for name, clip in (("off", "0.0"), ("loose", "1e9"), ("tight", "1e-6")):

@@ -145,10 +145,24 @@ class WorldModel(nn.Module):
         (last_only: only the prediction from the newest position, (B, 1, D))."""
         return self.predictor(z, self.action_encoder(actions), last_only)
 
-    def forward(self, frames: torch.Tensor, actions: torch.Tensor, history: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training forward: latents of every frame (B, T, D) and predictions from the first `history` (B, H, D)."""
+    def forward(self, frames: torch.Tensor, actions: torch.Tensor, history: int,
+                rollout_steps: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward: latents of every frame (B, T, D) and next-latent predictions (B, H + R - 1, D).
+
+        The first H predictions come from the first `history` true latents (teacher forcing), each
+        predicting its successor; with rollout_steps R > 1, R - 1 more follow open loop: the newest
+        prediction joins the context in place of the true latent, as in a planner's rollout, so
+        prediction j (0-based) is always the guess of latent j + 1.
+        """
         z = self.encode(frames)
-        return z, self.predict(z[:, :history], actions[:, :history])
+        preds = self.predict(z[:, :history], actions[:, :history])
+        context, newest = z[:, :history], preds[:, -1:]
+        rolled = [preds]
+        for r in range(1, rollout_steps):
+            context = torch.cat([context[:, 1:], newest], dim=1)
+            newest = self.predict(context, actions[:, r : r + history], last_only=True)
+            rolled.append(newest)
+        return z, torch.cat(rolled, dim=1) if rollout_steps > 1 else preds
 
     @torch.no_grad()
     def rollout(self, z: torch.Tensor, actions: torch.Tensor, future_actions: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class WorldRun:
                       for _ in range(w.camera_views)]
             frames, actions = torch.cat([frames, *copies]), actions.repeat(w.camera_views + 1, 1, 1)
         with autocast:
-            z, p = self.trainer(self.frames_in(frames), actions, w.history)  # (B, T, D), (B, H, D)
+            z, p = self.trainer(self.frames_in(frames), actions, w.history, w.rollout_steps)  # (B, T, D), (B, H + R - 1, D)
         parts = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
                            t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
         if w.camera_views:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
@@ -138,7 +138,7 @@ class WorldRun:
     def describe(self) -> str:
         d, w = self.train_data.data, self.cfg.world
         return (f"world model ({self.cfg.model.arch}) on {d.name} ({d.num_episodes} episodes, {len(self.train_data)} "
-                f"windows of {w.history}+{w.num_preds} frames every {w.frameskip} steps)")
+                f"windows of {w.history}+{w.num_preds + w.rollout_steps - 1} frames every {w.frameskip} steps)")
 
 
 def build_world_model(cfg: Config, channels: int, action_dim: int) -> WorldModel:
@@ -152,7 +152,7 @@ def build_world_run(cfg: Config, device: torch.device) -> WorldRun:
                         "or `lejepa data prepare`), not the built-in image set")
     w = cfg.world
     train = load_trajectories(cfg.data.source, cfg.data.train_split, val_fraction=cfg.data.val_fraction)
-    num_frames = w.history + w.num_preds
+    num_frames = w.history + w.num_preds + w.rollout_steps - 1
     require_windows(train, num_frames, w.frameskip)
     try:
         val = load_trajectories(cfg.data.source, cfg.data.eval_split, val_fraction=cfg.data.val_fraction)
