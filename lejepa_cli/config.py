@@ -152,6 +152,7 @@ class WorldConfig:
     camera_hue: float = 0.0  # hue rotation of a copy, drawn in [-this, this] degrees per window
     camera_colour: float = 0.0  # brightness offset and per-channel gain change of a copy, each in [-this, this]
     camera_invariance: float = 1.0  # weight of the term pulling every copy's latents to the copies' mean
+    freeze_dynamics: bool = False  # keep the predictor and action encoder fixed: only the encoder learns (adaptation)
 
 PLAN_COSTS = ("final", "min")
 

@@ -42,6 +42,20 @@ def test_adaptation_starts_from_the_run_and_writes_a_run_folder(source, tmp_path
     assert load_world_model(tmp_path / "moved").history == 3
 
 
+def test_adaptation_keeps_the_dynamics_fixed_unless_told_to_train_them(source, tmp_path):
+    before = weights(source / "run")
+
+    def moved(run) -> set[str]:  # modules whose learned weights changed (BatchNorm statistics follow the target anyway)
+        after = weights(run)
+        return {k.split(".")[1] for k in before if k.startswith("model.") and "running" not in k
+                and "num_batches" not in k and not torch.equal(before[k], after[k])}
+
+    adapt_world(source / "run", source / "noisy", tmp_path / "frozen", steps=3, lr=1e-3)
+    assert moved(tmp_path / "frozen") == {"backbone", "projector"}
+    adapt_world(source / "run", source / "noisy", tmp_path / "all", steps=3, lr=1e-3, freeze_dynamics=False)
+    assert {"predictor", "action_encoder"} <= moved(tmp_path / "all")
+
+
 def test_adapt_command_takes_a_world_run_and_refuses_zero_steps(source, tmp_path, capsys):
     args = ["adapt", str(source / "run"), "--data", str(source / "noisy"), "--out", str(tmp_path / "a")]
     with pytest.raises(SystemExit) as info:

@@ -25,12 +25,13 @@ def adapt(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seeds the fine-tuning's batches, views and fresh projector.")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is in --out.")] = False,
+    freeze_dynamics: Annotated[bool, typer.Option("--freeze-dynamics/--train-dynamics", help="World runs: keep the predictor and action encoder fixed so the target's latents must follow the learned dynamics (default), or let every module learn.")] = True,
 ) -> None:
     """Adapt an encoder to new images without labels (BatchNorm statistics, optional LeJEPA fine-tuning); write an export. A world run adapts on target trajectories with its own loss (--steps N) into a run folder."""
     from lejepa_cli.world.export import is_world_checkpoint
 
     if is_world_checkpoint(source):
-        return _adapt_world(source, data, out, steps, lr, seed, device, overwrite)
+        return _adapt_world(source, data, out, steps, lr, seed, device, overwrite, freeze_dynamics)
     from lejepa_cli.image.adapt import AdaptOptions, adapt_encoder
     from lejepa_cli.world.export import refuse_world_model
 
@@ -49,10 +50,12 @@ def adapt(
                       f"{'; '.join(done)} in {s['seconds']:.1f} s -> {result.export.out}", highlight=False, soft_wrap=True)
 
 
-def _adapt_world(source: Path, data: str, out: Path, steps: int, lr: float, seed: int, device: str, overwrite: bool) -> None:
+def _adapt_world(source: Path, data: str, out: Path, steps: int, lr: float, seed: int, device: str, overwrite: bool,
+                 freeze_dynamics: bool) -> None:
     from lejepa_cli.world.adapt import adapt_world
 
-    summary = adapt_world(source, data, out, steps=steps, lr=lr, seed=seed, device=device, overwrite=overwrite, progress=True)
+    summary = adapt_world(source, data, out, steps=steps, lr=lr, seed=seed, device=device, freeze_dynamics=freeze_dynamics,
+                          overwrite=overwrite, progress=True)
     err_console.print(f"[green]adapted[/] world run {source} to {data}: {summary['step']} steps of its own loss "
                       f"in {summary['train_s']:.1f} s -> run folder {out} (use it with `lejepa world ...` or `lejepa export`)",
                       highlight=False, soft_wrap=True)

@@ -12,6 +12,13 @@ are normalised with the target's own channel statistics, and the result is an or
 (checkpoint, metrics, summary) that `lejepa world probe | surprise | plan | stress` and
 `lejepa export` take as they take any run.
 
+By default the dynamics stay fixed (`freeze_dynamics`: predictor and action encoder keep the
+source's weights, only the encoder and its projector learn). The target's latents must then obey
+the dynamics learned on the source camera, which ties them to the same state: a read-out fitted
+on the clean camera keeps working behind the new one. Measured on two-room (200 steps, a position
+read-out fitted on the clean world before adaptation): colour shift 90 degrees R^2 0.93 frozen vs
+0.86 with every module learning (-200 unadapted), background shift 0.4 0.87 vs 0.86 (-1004).
+
 `adapted_in_world(run, world, ...)` is what `lejepa world stress --adapt` does per condition:
 simulate unlabelled target trajectories in the changed world, adapt, and load the result.
 """
@@ -46,9 +53,12 @@ def check_adaptable(source: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def adapt_world(source: str | Path, data: str | Path, out: str | Path, *, steps: int, lr: float = 1e-4,
-                seed: int = 0, device: str = "cpu", overwrite: bool = False, progress: bool = False) -> dict[str, Any]:
+                seed: int = 0, device: str = "cpu", freeze_dynamics: bool = True, overwrite: bool = False,
+                progress: bool = False) -> dict[str, Any]:
     """Continue the world run at `source` (run folder or checkpoint) on the trajectories at `data`
-    for `steps` steps at learning rate `lr`; writes a run folder at `out` and returns its summary."""
+    for `steps` steps at learning rate `lr`; writes a run folder at `out` and returns its summary.
+    freeze_dynamics: only the encoder (and its projector) learns; the predictor and action encoder
+    keep the source's dynamics, which the target's latents must then follow."""
     from lejepa_cli.train import train  # the one training loop
 
     if not 1 <= steps <= MAX_ADAPT_STEPS:
@@ -59,12 +69,12 @@ def adapt_world(source: str | Path, data: str | Path, out: str | Path, *, steps:
     cfg = config_from_dict(meta["config"])
     apply_overrides(cfg, [f"data.source={data}", f"train.steps={steps}", f"train.save_every={steps}",
                           "train.eval_every=0", f"train.seed={seed}", f"train.device={device}", f"optim.lr={lr}",
-                          "optim.warmup_steps=1", "optim.min_lr_ratio=1.0"])  # a constant rate from the first step
+                          "optim.warmup_steps=1", "optim.min_lr_ratio=1.0", f"world.freeze_dynamics={freeze_dynamics}"])  # a constant rate from the first step
     return train(cfg, Path(out), overwrite=overwrite, progress=progress, init_from=ckpt)
 
 
 def adapted_in_world(source: str | Path, world: World, *, steps: int, episodes: int = 40, episode_steps: int = 60,
-                     seed: int = 0) -> tuple[WorldModelExport, float]:
+                     seed: int = 0, freeze_dynamics: bool = True) -> tuple[WorldModelExport, float]:
     """The run at `source` adapted to `world` (its options as they are: the changed camera or
     dynamics) on freshly simulated unlabelled trajectories; returns the model and the seconds spent
     (simulation + adaptation)."""
@@ -75,6 +85,7 @@ def adapted_in_world(source: str | Path, world: World, *, steps: int, episodes: 
         sets = [f"{k}={v}" for k, v in world.options.items()]
         simulate_dataset(world.name, Path(tmp) / "target", episodes=episodes, steps=episode_steps, size=world.size,
                          seed=seed + 1, sets=sets, progress=False)
-        adapt_world(source, Path(tmp) / "target", Path(tmp) / "run", steps=steps, seed=seed)
+        adapt_world(source, Path(tmp) / "target", Path(tmp) / "run", steps=steps, seed=seed,
+                    freeze_dynamics=freeze_dynamics)
         model = load_world_model(Path(tmp) / "run")
     return model, time.perf_counter() - started

@@ -163,6 +163,9 @@ def build_world_run(cfg: Config, device: torch.device) -> WorldRun:
             console.print(note, style="yellow", markup=False, highlight=False, soft_wrap=True)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_world_model(cfg, train.channels, train.action_dim).to(device)
+    if w.freeze_dynamics:  # the encoder must fit the dynamics the model already knows (adaptation to a new camera)
+        model.predictor.requires_grad_(False)
+        model.action_encoder.requires_grad_(False)
     model = dist.global_batchnorm(model, device)  # BatchNorm over the global batch in a process group
     optimizer = adamw(param_groups(model, cfg.optim.weight_decay), cfg, device)
     return WorldRun(cfg, device, autocast_dtype(cfg, device), Windows(train, num_frames, w.frameskip), val, model,
