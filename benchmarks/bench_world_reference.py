@@ -2,6 +2,7 @@
 
     /tmp/swm-venv/bin/python -m benchmarks.bench_world_reference --threads 1 --threads 2   # about 10 minutes
     python -m benchmarks.bench_world --reference ...                                      # the same, inside bench_world
+    /tmp/swm-venv/bin/python -m benchmarks.bench_world_reference --profile --threads 1    # both train steps profiled
 
 The reference is stable-worldmodel 0.1.1's `LeWM`, `Predictor`, `Embedder`, `MLP`, `SIGReg` and
 `CEMSolver`, with HF transformers' ViT as LeWM's encoder (what stable-pretraining's `vit_hf("tiny",
@@ -65,6 +66,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from benchmarks.bench_world import world_train_step
 from benchmarks.machine import describe
@@ -139,11 +141,14 @@ def reference_train_step(ref, model: nn.Module, cfg) -> Callable[[torch.Tensor, 
         out = model.encode({"pixels": frames, "action": actions})
         emb, act_emb = out["emb"], out["act_emb"]
         pred = model.predict(emb[:, :h], act_emb[:, :h])
-        loss = (pred - emb[:, n:]).pow(2).mean() + LEWM_SIGREG_WEIGHT * sigreg(emb.transpose(0, 1))
+        with record_function("sigreg"):  # the profile's labels, as in world_train_step
+            loss = (pred - emb[:, n:]).pow(2).mean() + LEWM_SIGREG_WEIGHT * sigreg(emb.transpose(0, 1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("clip"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        with record_function("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
 
@@ -286,6 +291,27 @@ def measure_decision(ref, models: dict[str, nn.Module], cfg, iterations: int, re
     return out
 
 
+def profile_train(steps: int = 2, warmup: int = 1, batch: int = 16, overrides: tuple[str, ...] = ()) -> dict:
+    """Both train steps under torch.profiler (profile_world_step's accounting): the share of each op kind."""
+    from benchmarks.profile_world_step import profile_steps
+
+    ref, why = load_reference()
+    cfg = load_config(PRESET, list(overrides))
+    models = _models(ref, cfg)
+    w = cfg.world
+    t, r = w.history + w.num_preds, w.frame_size
+    frames, actions = torch.randn(batch, t, 3, r, r), torch.randn(batch, t, w.frameskip * ACTION_DIM)
+    steps_of = {"ours": our_train_step(models["ours"], cfg)}
+    if ref is not None:
+        steps_of["reference"] = reference_train_step(ref, models["reference"], cfg)
+    out = {"threads": torch.get_num_threads(), "batch_windows": batch, "inputs": "normalised float frames (no data path)"}
+    for side, step in steps_of.items():
+        out[side] = profile_steps(lambda step=step: step(frames, actions), steps, warmup)
+    if ref is None:
+        out["reference"] = {"available": False, "reason": why}
+    return out
+
+
 def run(threads: list[int] | None = None, batch: int = 16, iterations: int = 3, repeats: int = 3,
         overrides: tuple[str, ...] = ()) -> dict:
     """The side by side at each thread count; ours only, saying why, without stable_worldmodel.
@@ -325,8 +351,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="training windows per step (default 16)")
     parser.add_argument("--iterations", type=int, default=3, help="CEM iterations timed per decision, scaled to 30")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="instead: profile both train steps (op kinds' shares)")
     args = parser.parse_args()
-    print(json.dumps(run(args.threads, args.batch, args.iterations, args.repeats), indent=2))
+    if args.profile:
+        torch.set_num_threads((args.threads or [1])[0])
+        doc = {"benchmark": "world_reference_profile", "machine": describe(torch.device("cpu")),
+               "profile": profile_train(batch=args.batch)}
+    else:
+        doc = run(args.threads, args.batch, args.iterations, args.repeats)
+    print(json.dumps(doc, indent=2))
 
 
 if __name__ == "__main__":

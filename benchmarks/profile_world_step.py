@@ -11,11 +11,12 @@ backward), the gradient clip of optim.grad_clip and AdamW. After --warmup steps,
 are profiled on the CPU (one thread unless --threads says otherwise).
 
 Each op's self CPU time goes to one kind: the region it runs in when that region is labelled
-(data: drawing the windows and making tensors, and the resize + normalise; SIGReg: its forward,
-and its backward kernel _ECFBackward; clip; optimizer: AdamW's step), else by the op's name:
+(data: drawing the windows and making tensors, and the resize + normalise; SIGReg; clip;
+optimizer: AdamW's step), in backward the region whose forward op made its autograd node, else by
+the op's name:
 GEMM / linear (mm, addmm, bmm, ...), conv / patch embed, attention (SDPA kernels, forward and
 backward), layernorm, batchnorm, and the rest (elementwise: GELU, adds, copies, ...). The
-shares add up to 1. SIGReg's projection z @ directions backward (one small mm) counts as GEMM.
+shares add up to 1. bench_world_reference --profile uses the same accounting for both sides.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from benchmarks.machine import describe
 
 LABELS = {"data": "data gather + resize", "sigreg": "SIGReg", "clip": "gradient clip", "optimizer": "optimizer (AdamW)"}
-_ECF_BACKWARD = "_ECFBackward"
 GEMM = {"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "linear", "dot", "_addmm_activation"}
 
 
@@ -55,28 +55,51 @@ def op_kind(name: str) -> str:
     return "elementwise / other"
 
 
-def kind_of(event) -> str:
-    """The kind an event's self time counts to: its innermost labelled region, else its name's."""
+def _labelled(event) -> str | None:
     node = event
     while node is not None:
         if node.name in LABELS:
             return LABELS[node.name]
-        if _ECF_BACKWARD in node.name:
-            return LABELS["sigreg"]
         node = node.cpu_parent
-    return op_kind(event.name)
+    return None
 
 
 def shares(events) -> tuple[dict[str, float], float]:
-    """Fractions of the profiled self CPU time per kind (largest first) and the total seconds."""
+    """Fractions of the profiled self CPU time per kind (largest first) and the total seconds.
+
+    An op counts to its innermost labelled region, or, in backward, to the region whose forward op
+    created its autograd node (matched by sequence number); else to its name's kind."""
+    cpu = [e for e in events if e.device_type.name == "CPU"]
+    forward_label = {e.sequence_nr: label for e in cpu if e.sequence_nr >= 0 and not e.name.startswith("autograd::")
+                     and (label := _labelled(e)) is not None}
     totals: dict[str, float] = {}
-    for e in events:
-        if e.device_type.name != "CPU":
-            continue
-        k = kind_of(e)
-        totals[k] = totals.get(k, 0.0) + e.self_cpu_time_total
+    for e in cpu:
+        kind, node = _labelled(e), e
+        while kind is None and node is not None:
+            if node.name.startswith("autograd::engine::evaluate_function"):
+                kind = forward_label.get(node.sequence_nr)
+                break
+            node = node.cpu_parent
+        kind = kind or op_kind(e.name)
+        totals[kind] = totals.get(kind, 0.0) + e.self_cpu_time_total
     total = sum(totals.values())
     return {k: round(v / total, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}, total / 1e6
+
+
+def profile_steps(step, steps: int, warmup: int, table: bool = False) -> dict:
+    """Run `step()` warmup times, then profile `steps` calls: wall ms per step, self CPU s per step, shares."""
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    wall = (time.perf_counter() - t0) / steps
+    if table:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
+    kinds, total = shares(prof.events())
+    return {"profiled_steps": steps, "warmup_steps": warmup, "step_ms_profiled": round(1e3 * wall, 1),
+            "self_cpu_s_per_step": round(total / steps, 3), "shares": kinds}
 
 
 def _world_run(preset: str, batch: int, folder: Path):
@@ -127,21 +150,12 @@ def profile_step(preset: str, batch: int | None = None, steps: int = 3, warmup: 
 
         run.frames_in = labelled_frames_in
         rng = np.random.default_rng(0)
-        for s in range(warmup):
-            _labelled_step(run, cfg, s, rng)
-        t0 = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for s in range(warmup, warmup + steps):
-                _labelled_step(run, cfg, s, rng)
-        wall = (time.perf_counter() - t0) / steps
-    if table:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
-    kinds, total = shares(prof.events())
+        counter = iter(range(1 << 30))
+        result = profile_steps(lambda: _labelled_step(run, cfg, next(counter), rng), steps, warmup, table)
     w = cfg.world
     return {"preset": preset, "encoder": f"{cfg.model.arch}/{cfg.model.patch_size} at {w.frame_size} px",
             "batch_windows": batch, "frames_per_window": w.history + w.num_preds, "threads": torch.get_num_threads(),
-            "profiled_steps": steps, "warmup_steps": warmup, "step_ms_profiled": round(1e3 * wall, 1),
-            "self_cpu_s_per_step": round(total / steps, 3), "shares": kinds}
+            **result}
 
 
 def main() -> None:

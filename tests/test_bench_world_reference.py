@@ -79,3 +79,18 @@ def test_reference_side_by_side_at_lewm_sizes():
     (case,) = doc["cases"]
     assert case["train_step_ms"]["ratio_ref_over_ours"] > 0
     assert set(case["cem_decision"]["ratio_ref_over_ours"]) == {"ours_context1", "ours_context3"}
+
+
+def test_the_train_step_profile_gives_each_op_kind_its_share():
+    """profile_world_step's accounting on our step: shares add up to 1, labelled regions (SIGReg with
+    its backward, clip, AdamW) and op kinds (GEMM, attention) each get theirs."""
+    doc = ref_bench.profile_train(steps=1, warmup=1, batch=2, overrides=(*TINY, "optim.grad_clip=1.0"))
+    shares = doc["ours"]["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0, abs=0.01)
+    for kind in ("GEMM / linear", "attention (SDPA)", "SIGReg", "gradient clip", "optimizer (AdamW)"):
+        assert shares.get(kind, 0) > 0, (kind, shares)
+    assert doc["ours"]["step_ms_profiled"] > 0
+    if not HAVE_REFERENCE:
+        assert doc["reference"]["available"] is False
+    else:
+        assert sum(doc["reference"]["shares"].values()) == pytest.approx(1.0, abs=0.01)
