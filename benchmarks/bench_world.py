@@ -5,7 +5,7 @@
     python -m benchmarks.bench_world --preset lewm --batch 16   # LeWM's sizes (slow on a CPU; its batch needs a GPU)
 
 training: one optimizer step of the preset's world model (encode every window frame, predict,
-world loss, backward, AdamW) on random uint8 windows at the simulator's 64 px, resized as
+world loss, backward, gradient clip where the preset clips, AdamW) on random uint8 windows at the simulator's 64 px, resized as
 training resizes them; frames/s counts every encoded frame (batch x (history + num_preds)).
 rollout: what a CEM planner asks of the model per iteration (LeWM's CEM: 300 candidate action
 sequences, horizon 5 skip-blocks, from one encoded history), two ways side by side: `plain`, the
@@ -24,6 +24,7 @@ import statistics
 import time
 
 import torch
+from torch.profiler import record_function
 
 from benchmarks.machine import default_device, describe, sync
 from lejepa_cli.config import load_config
@@ -50,6 +51,25 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def world_train_step(model, optimizer: torch.optim.Optimizer, cfg, frames: torch.Tensor, actions: torch.Tensor,
+                     step: int = 0) -> torch.Tensor:
+    """One optimizer step as `lejepa train` takes it (WorldRun.step, then the loop's update): forward
+    on normalised frames (B, T, C, R, R), world loss, backward, gradient clip (optim.grad_clip > 0), AdamW."""
+    w, loss_cfg = cfg.world, cfg.loss
+    z, p = model(frames, actions, w.history)
+    with record_function("sigreg"):  # the profile's label (profile_world_step); the prediction MSE beside it is tiny
+        loss = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
+                          t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)["loss"]
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        with record_function("clip"):
+            torch.nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], cfg.optim.grad_clip)
+    with record_function("optimizer"):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 64, batch: int | None = None) -> dict:
     cfg = load_config(preset)
     w = cfg.world
@@ -63,10 +83,7 @@ def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 6
 
     def train_step() -> None:
         x = eval_transform(frames.flatten(0, 1), w.frame_size, (0.5,) * 3, (0.25,) * 3).view(b, t, 3, *(w.frame_size,) * 2)
-        z, p = model(x, actions, w.history)
-        world_loss(z, p, num_preds=w.num_preds, lamb=cfg.loss.lamb, step=0, num_slices=cfg.loss.num_slices)["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        world_train_step(model, optimizer, cfg, x, actions)
 
     step_s = _median_seconds(train_step, repeats, device)
     model.eval()
@@ -97,14 +114,22 @@ def measure(preset: str, repeats: int, device: torch.device, frame_side: int = 6
 
 
 def run(quick: bool = False, threads: int | list[int] | None = None, presets: tuple[str, ...] = PRESETS,
-        batch: int | None = None) -> dict:
+        batch: int | None = None, reference: bool = False) -> dict:
+    """The presets' cases at each thread count; with `reference`, also LeWM's own code beside ours at
+    the lewm preset's sizes (bench_world_reference: ours only, saying why, without stable_worldmodel)."""
     device = default_device()
     repeats = 3 if quick else 10
     cases = []
-    for n in ([threads] if isinstance(threads, int) else threads) or [torch.get_num_threads()]:
+    thread_counts = ([threads] if isinstance(threads, int) else threads) or [torch.get_num_threads()]
+    for n in thread_counts:
         torch.set_num_threads(n)
         cases += [measure(p, repeats, device, batch=batch) for p in presets]
-    return {"benchmark": "world", "machine": describe(device), "repeats": repeats, "cases": cases}
+    doc = {"benchmark": "world", "machine": describe(device), "repeats": repeats, "cases": cases}
+    if reference:
+        from benchmarks import bench_world_reference  # it imports this module's world_train_step
+
+        doc["reference"] = bench_world_reference.run(thread_counts, batch or 16, repeats=1 if quick else 3)
+    return doc
 
 
 def main() -> None:
@@ -113,8 +138,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, action="append", help="CPU threads (repeatable: each case at each)")
     parser.add_argument("--batch", type=int, help="training windows per step (default: the preset's batch_size)")
     parser.add_argument("--preset", action="append", help="world preset(s) to measure (default: the CPU ones)")
+    parser.add_argument("--reference", action="store_true",
+                        help="also time stable-worldmodel's LeWM and CEM beside ours at LeWM's sizes (bench_world_reference)")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, args.threads, tuple(args.preset or PRESETS), args.batch), indent=2))
+    print(json.dumps(run(args.quick, args.threads, tuple(args.preset or PRESETS), args.batch, args.reference), indent=2))
 
 
 if __name__ == "__main__":

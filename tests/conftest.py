@@ -50,3 +50,14 @@ def artefacts(tmp_path_factory):
     paths["preset"] = root / "my-preset.yaml"
     paths["preset"].write_text(preset_path("demo").read_text())
     return paths
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a busy CI machine, multi-threaded small ops mostly wait on parked threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -28,13 +28,7 @@ from lejepa_cli.data.loader import BatchLoader, StepSampler
 TINY = ("model.proj_hidden=64", "model.proj_dim=16", "loss.num_slices=32")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a busy CI machine, multi-threaded small ops mostly wait on parked threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_machine_description_names_the_hardware():
