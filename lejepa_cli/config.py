@@ -152,6 +152,8 @@ class WorldConfig:
     camera_hue: float = 0.0  # hue rotation of a copy, drawn in [-this, this] degrees per window
     camera_colour: float = 0.0  # brightness offset and per-channel gain change of a copy, each in [-this, this]
     camera_invariance: float = 1.0  # weight of the term pulling every copy's latents to the copies' mean
+    camera_target: str = "clean"  # clean: prediction and SIGReg on the clean windows only | all: on every copy too
+    camera_from_step: int = 0  # training step the copies join at (before it: clean windows only)
     freeze_dynamics: bool = False  # keep the predictor and action encoder fixed: only the encoder learns (adaptation)
 
 PLAN_COSTS = ("final", "min")
@@ -250,8 +252,9 @@ _RULES: dict[str, tuple[Any, str]] = {
         "world.head_dim", "world.mlp_dim", "world.eval_horizon", "plan.candidates", "plan.iterations", "plan.elites",
         "plan.horizon", "plan.budget")},
     "world.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    **{key: (lambda v: v >= 0, "a number >= 0") for key in ("world.camera_views", "world.camera_invariance")},
+    **{key: (lambda v: v >= 0, "a number >= 0") for key in ("world.camera_views", "world.camera_invariance", "world.camera_from_step")},
     "world.camera_hue": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
+    "world.camera_target": (lambda v: v in ("clean", "all"), "clean or all"),
     "world.eval_windows": (lambda v: v >= 0, "an integer >= 0 (0: every held-out window)"),
     "plan.cost": (lambda v: v in PLAN_COSTS, "one of " + ", ".join(PLAN_COSTS)),
     "plan.noise_beta": (lambda v: 0 <= v <= 4, "a number in [0, 4] (0: white noise, 2: about a random walk)"),
@@ -286,8 +289,7 @@ def validate(cfg: Config) -> Config:
     if cfg.objective == "world" and (cfg.train.fsdp or cfg.train.grad_accum > 1):
         raise UserError("objective 'world' trains with DDP and one micro-batch: set train.fsdp=false and train.grad_accum=1")
     if cfg.world.rollout_steps > 1 and cfg.world.num_preds != 1:
-        raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} feeds each prediction back as the "
-                        f"next latent, which needs world.num_preds 1 (got {cfg.world.num_preds})")
+        raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} feeds predictions back: it needs world.num_preds 1")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")
@@ -296,9 +298,8 @@ def validate(cfg: Config) -> Config:
 
 # ---- a world's keys under their old names ----------------------------------------------------------
 
-# Before world.frame_size and world.latent_dim existed, a world config gave its frame size and
-# latent width with image pretraining's keys. Old presets, user YAML, --set and the configs saved in
-# checkpoints still do; `read_world_renames` reads them. New key -> its old name.
+# Older world configs (presets, user YAML, --set, configs saved in checkpoints) give the frame size and
+# latent width with image pretraining's keys; `read_world_renames` reads them. New key -> its old name.
 WORLD_RENAMES = {"world.frame_size": "views.global_size", "world.latent_dim": "model.proj_dim"}
 _noted: set[str] = set()  # old names already reported by this process
 

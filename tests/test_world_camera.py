@@ -78,3 +78,38 @@ def test_camera_settings_do_nothing_while_camera_views_is_0(two_room, tmp_path):
     a, b = weights(tmp_path / "clean"), weights(tmp_path / "off")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "clean" / "metrics.jsonl").read_text().count("invariance") == 0
+
+
+
+@pytest.mark.parametrize("target,scored", [("clean", 1), ("all", 3)])
+def test_the_camera_target_says_which_windows_the_dynamics_and_sigreg_score(two_room, monkeypatch, target, scored):
+    """camera_target=clean: the copies enter the loss only through the invariance term; all: the
+    predictor and SIGReg score every copy too (2 copies: 3 x the batch)."""
+    import lejepa_cli.world.objective as objective
+
+    seen = []
+    real = objective.world_loss
+    monkeypatch.setattr(objective, "world_loss", lambda z, p, **kw: seen.append((len(z), len(p))) or real(z, p, **kw))
+    cfg = world_config(two_room, extra=(*CAMERA, f"world.camera_target={target}"))
+    run = objective.build_world_run(cfg, torch.device("cpu"))
+    frames, actions = run.train_data.batch(np.arange(8))
+    parts = run.step([torch.as_tensor(frames).permute(0, 1, 4, 2, 3)], [torch.as_tensor(actions)], step=1, seeds=[5])
+    assert seen == [(8 * scored, 8 * scored)]
+    assert parts["invariance"] > 0
+    assert parts["loss"] == pytest.approx(float(parts["pred"] + 0.1 * parts["sigreg"] + parts["invariance"]), rel=1e-5)
+
+
+def test_copies_join_at_camera_from_step_and_not_before(two_room, tmp_path):
+    """Before world.camera_from_step the run trains on the clean windows alone, bit for bit (the
+    invariance logged as 0); from it on the copies change the weights."""
+    import json
+
+    train(world_config(two_room), tmp_path / "clean", progress=False)
+    train(world_config(two_room, extra=(*CAMERA, "world.camera_from_step=6")), tmp_path / "never", progress=False)
+    train(world_config(two_room, extra=(*CAMERA, "world.camera_from_step=5")), tmp_path / "last", progress=False)
+    clean, never, last = (weights(tmp_path / name) for name in ("clean", "never", "last"))
+    assert all(torch.equal(clean[k], never[k]) for k in clean)
+    assert not all(torch.equal(clean[k], last[k]) for k in clean)
+    logged = [json.loads(x) for x in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
+    invariance = [x["invariance"] for x in logged if "invariance" in x]
+    assert invariance[:5] == [0.0] * 5 and invariance[5] > 0  # six steps, the copies in the last

@@ -81,6 +81,25 @@ def test_training_rollout_feeds_predictions_back_like_the_planner_and_trains_thr
     assert model.backbone.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_camera_copies_are_normalised_with_the_clean_windows_statistics_and_leave_them_alone():
+    """views=2: the clean half is encoded and predicted exactly as alone (BatchNorm statistics of the
+    clean windows only, running statistics moved by them only); the copies use the running statistics."""
+    torch.manual_seed(1)
+    frames, actions = torch.randn(4, 4, 3, 16, 16), torch.randn(4, 4, 4)
+    copies = frames + 0.5 * torch.randn_like(frames)
+    alone, grouped = tiny_model().train(), tiny_model().train()
+    z, p = alone(frames, actions, history=3)
+    zg, pg = grouped(torch.cat([frames, copies]), actions.repeat(2, 1, 1), history=3, views=2, predicted_views=1)
+    assert torch.equal(zg[:4], z) and torch.equal(pg, p) and pg.shape[0] == 4
+    assert all(torch.equal(a, b) for a, b in zip(alone.buffers(), grouped.buffers()))  # running statistics
+    reference = tiny_model().train()
+    reference.load_state_dict(grouped.state_dict())  # the copies' latents: what deployment (eval) would give
+    assert torch.allclose(zg[4:], reference.eval().encode(copies), atol=1e-6)
+    _, p_all = grouped(torch.cat([frames, copies]), actions.repeat(2, 1, 1), history=3, views=2)
+    assert p_all.shape[0] == 8
+    assert grouped.projector.net[1].training  # the training mode is back after the copies
+
+
 def test_passive_world_has_no_action_weights_and_still_predicts():
     model = tiny_model(action_dim=0)
     assert not any(n.startswith("action_encoder") for n, _ in model.named_parameters())

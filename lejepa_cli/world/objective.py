@@ -104,19 +104,26 @@ class WorldRun:
         torch.manual_seed(seeds[0])  # dropout and drop-path draws: a pure function of the step
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
         frames, actions = micro_inputs[0], micro_targets[0]
-        if w.camera_views:  # the window and its camera copies, one batch: (V + 1) x B windows
+        copies = []
+        if w.camera_views and step >= w.camera_from_step:  # the window and its camera copies, one batch of (V + 1) x B
             gen = torch.Generator(self.device).manual_seed(seeds[0])
             copies = [camera_copy(frames, noise=w.camera_noise, hue=w.camera_hue, colour=w.camera_colour, generator=gen)
                       for _ in range(w.camera_views)]
-            frames, actions = torch.cat([frames, *copies]), actions.repeat(w.camera_views + 1, 1, 1)
+            frames, actions = torch.cat([frames, *copies]), actions.repeat(len(copies) + 1, 1, 1)
         with autocast:
-            z, p = self.trainer(self.frames_in(frames), actions, w.history, w.rollout_steps)  # (B, T, D), (B, H + R - 1, D)
+            # z: (V + 1) x (B, T, D), the clean windows first; p: (B, H + R - 1, D), and the copies' for target 'all'
+            z, p = self.trainer(self.frames_in(frames), actions, w.history, w.rollout_steps, views=len(copies) + 1,
+                                predicted_views=1 if w.camera_target == "clean" else None)
+        views = z.float().view(len(copies) + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
+        if w.camera_target == "clean":  # the dynamics and SIGReg see the clean camera only
+            z = z[: views.shape[1]]
         parts = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
                            t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
-        if w.camera_views:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
-            views = z.float().view(w.camera_views + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
+        if copies:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
             parts["invariance"] = (views - views.mean(0)).square().mean()
             parts["loss"] = parts["loss"] + w.camera_invariance * parts["invariance"]
+        elif w.camera_views:  # logged as 0 before the copies join; outside the graph, so those steps are the clean run's
+            parts["invariance"] = torch.zeros((), device=z.device)
         parts["loss"].backward()
         return {k: v.detach() for k, v in parts.items()}
 
