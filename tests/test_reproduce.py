@@ -31,8 +31,8 @@ def test_recipes_name_shipped_presets_and_say_where_their_figures_come_from():
     for recipe in RECIPES.values():
         assert recipe.preset in presets, recipe.name
         assert recipe.source_of_expected and recipe.budget, recipe.name
-        for low, high in recipe.expected.values():  # fractions; drops and R^2 may go below 0
-            assert -1.0 <= low < high <= 1.0
+        for metric, (low, high) in recipe.expected.items():  # fractions (drops and R^2 may go below 0), or seconds
+            assert (0.0 <= low < high) if metric.endswith("_seconds") else (-1.0 <= low < high <= 1.0), metric
     assert RECIPES["demo"].expected and RECIPES["fashion-mnist"].expected  # the CPU recipes are pinned
 
 
@@ -98,6 +98,40 @@ def test_a_world_recipe_simulates_trains_and_measures_its_figures(tmp_path, monk
     assert {"probe", "surprise", "plan"} <= set(report["probe"]) and report["probe"]["plan"]["cem"]["cost"] == "min"
     assert report["probe"]["plan"]["cem"]["candidates"] == 8 and report["probe"]["plan"]["cem"]["horizon_blocks"] == 2
     assert 0.0 <= report["measured"]["teleport_auroc"] <= 1.0 and report["config"]["objective"] == "world"
+
+
+def test_the_robust_world_recipe_trains_a_second_phase_and_pins_stress_rows(tmp_path, monkeypatch):
+    """world-tworoom-robust at toy sizes: the robustness phase starts from the first run's weights in its own
+    folder, and the stress rows (as deployed, planned, adapted) become figures."""
+    import dataclasses
+
+    from safetensors import safe_open
+
+    from lejepa_cli.checkpoint import list_checkpoints
+    from test_world_train import TINY_WORLD
+
+    recipe = RECIPES["world-tworoom-robust"]
+    small = dataclasses.replace(recipe.world, episodes=6, val_episodes=2, steps=16, size=16, probe_episodes=2,
+                                probe_steps=16, surprise_episodes=2, plan_episodes=1, stress_plan_episodes=1, adapt_steps=2)
+    then = [o for o in recipe.then if not o.startswith("train.steps")] + ["train.steps=8"]
+    monkeypatch.setitem(RECIPES, "world-tworoom-robust", dataclasses.replace(recipe, world=small, then=tuple(then)))
+    small_plan = ["plan.candidates=8", "plan.iterations=2", "plan.elites=2", "plan.horizon=4", "plan.budget=4"]
+    result = CliRunner().invoke(app, ["reproduce", "world-tworoom-robust", "--out", str(tmp_path), "--no-progress",
+                                      *[a for o in [*TINY_WORLD, *small_plan] for a in ("--set", o)]])
+    report = json.loads((tmp_path / "reproduce.json").read_text())
+    assert result.exit_code == (0 if report["verdict"] == "PASS" else 1), result.output
+    assert set(recipe.expected) <= set(report["measured"])
+    for level in ("0.05", "0.1", "0.2"):
+        assert {f"pixel_noise_{level}_{k}" for k in ("position_r2", "teleport_auroc", "plan_success")} <= set(report["measured"])
+    for cond in ("colour_shift_90", "background_shift_0.4"):
+        assert {f"{cond}_{k}" for k in ("position_r2", "adapted_position_r2", "adapted_teleport_auroc",
+                                        "adapted_adapt_seconds")} <= set(report["measured"])
+    assert report["config"]["world"]["camera_views"] == 1 and report["config"]["world"]["freeze_dynamics"]
+    first, robust = (list_checkpoints(tmp_path / d / "checkpoints")[-1] for d in ("run", "run-robust"))
+    with safe_open(str(first), "pt") as a, safe_open(str(robust), "pt") as b:  # the dynamics came from the first run
+        key = next(k for k in a.keys() if k.startswith("model.predictor."))
+        assert a.get_tensor(key).equal(b.get_tensor(key))
+    assert "step-000000008" in robust.name
 
 
 def test_report_records_the_cpu_kernel_path(monkeypatch):

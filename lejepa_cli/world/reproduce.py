@@ -10,6 +10,11 @@ figures `measure` returns are the ones a world recipe can pin:
     teleport_auroc         surprise detection of teleports
     success_rate, random_success_rate, oracle_success_rate, seconds_per_decision   planning
     coverage, random_coverage, oracle_coverage     a world's own score of the final states (Push-T's coverage)
+    <condition>_<level>_position_r2 | _teleport_auroc | _plan_success    a `world stress` row (world/stress.py)
+    clean_position_r2 | clean_teleport_auroc | clean_plan_success     its clean row, the rows' reference
+    <condition>_<level>_adapted_position_r2 | ... | _adapt_seconds      the same after label-free adaptation
+
+Condition names are stress's with '_' for spaces: pixel_noise_0.1_position_r2, colour_shift_90_adapted_teleport_auroc.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ class WorldRecipe:
     # settings); a simulator stepped per candidate (Push-T's pymunk) cannot afford LeWM's CEM on every problem.
     oracle_episodes: int | None = None
     oracle_search: tuple[tuple[str, Any], ...] = ()  # plan-section keys the ceiling overrides, e.g. (("candidates", 64),)
+    # `world stress` rows pinned beside the clean figures: conditions measured as deployed, with planning on
+    # `stress_plan_episodes` problems per row, and conditions measured again after `adapt_steps` of label-free
+    # adaptation to each (world/adapt.py; the read-out stays the one fitted on the clean world).
+    stress: tuple[str, ...] = ()
+    stress_plan_episodes: int = 0
+    stress_adapt: tuple[str, ...] = ()
+    adapt_steps: int = 200
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -79,7 +91,37 @@ def measure(run_dir: Path, recipe: WorldRecipe, settings: PlanConfig, seed: int 
                     "coverage", "random_coverage", "oracle_coverage"):
             if key in planned:
                 measured[key] = planned[key]
+    if recipe.stress or recipe.stress_adapt:
+        reports["stress"] = _stress_figures(used.source, model, world, recipe, settings, seed, measured)
     return measured, reports
+
+
+def _stress_figures(source: Path, model, world, recipe: WorldRecipe, settings: PlanConfig, seed: int,
+                    measured: dict[str, float]) -> list[dict[str, Any]]:
+    """The recipe's stress rows (and adapted rows) as figures in `measured`; returns the stress reports."""
+    from lejepa_cli.world.adapt import adapted_in_world
+    from lejepa_cli.world.stress import stress
+
+    def adapt(changed):
+        return adapted_in_world(source, changed, steps=recipe.adapt_steps, seed=seed)
+
+    reports = []
+    for conditions, plan_episodes, adapter in ((recipe.stress, recipe.stress_plan_episodes, None),
+                                               (recipe.stress_adapt, 0, adapt)):
+        if not conditions:
+            continue
+        report = stress(model, world, episodes=recipe.probe_episodes, plan_episodes=plan_episodes, steps=recipe.probe_steps,
+                        seed=seed, settings=settings, conditions=list(conditions), adapt=adapter)
+        for row in report["conditions"][bool(adapter):]:  # an adapted report's clean row repeats the first's
+            # the clean row as 'clean_*': stress's figures (mean R^2 over the positions), which the rows compare with
+            name = "clean" if row["condition"] == "clean" else f"{row['condition'].replace(' ', '_')}_{row['level']:g}"
+            for tag, figures in (("", row), ("_adapted", row.get("adapted"))):
+                for key, figure in (figures or {}).items():
+                    label = {"probe_r2": "position_r2", "surprise_auroc": "teleport_auroc"}.get(key, key)
+                    if label in ("position_r2", "teleport_auroc", "plan_success", "adapt_seconds") and figure is not None:
+                        measured[f"{name}{tag}_{label}"] = figure
+        reports.append(report)
+    return reports
 
 
 def _plan_figures(model, world, recipe: WorldRecipe, settings: PlanConfig, seed: int) -> dict[str, Any]:
