@@ -135,25 +135,24 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
         then=("world.camera_views=1", "world.camera_noise=0.2", "world.camera_invariance=1", "world.freeze_dynamics=true",
               "train.steps=3000", "optim.lr=1e-3", "optim.warmup_steps=1", "optim.min_lr_ratio=1.0"),
         then_dir="run-robust",
-        # Issue 29's targets, except the adapted R^2: clean within 0.02 of world-tworoom (stress's clean row 0.975 /
-        # 1.000, planning 90 %), noise 0.1 R^2 >= 0.90 and AUROC >= 0.95, noise 0.2 R^2 >= 0.75, planning under noise
-        # 0.1 >= 80 %, adaptation <= 5 minutes with AUROC >= 0.90. The adapted R^2 is pinned where it lands (0.80),
-        # below the issue's 0.85: adapting the robust run moves even colour shift 30 from 0.95 to 0.82.
+        # Issue 29's targets: clean within 0.02 of world-tworoom (stress's clean row 0.975 / 1.000, planning 90 %),
+        # noise 0.1 R^2 >= 0.90 and AUROC >= 0.95, noise 0.2 R^2 >= 0.75, planning under noise 0.1 >= 80 %, and after
+        # <= 5 minutes of label-free adaptation (160 target episodes) colour 90 / background 0.4 R^2 >= 0.85, AUROC >= 0.90.
         expected={"clean_position_r2": (0.955, 1.0), "clean_teleport_auroc": (0.98, 1.0), "clean_plan_success": (0.85, 1.0),
                   "pixel_noise_0.1_position_r2": (0.90, 1.0), "pixel_noise_0.1_teleport_auroc": (0.95, 1.0),
                   "pixel_noise_0.2_position_r2": (0.75, 1.0), "pixel_noise_0.1_plan_success": (0.80, 1.0),
                   "random_success_rate": (0.0, 0.10),
                   **{f"{row}_adapted_{k}": r for row in ("colour_shift_90", "background_shift_0.4")
-                     for k, r in (("position_r2", (0.75, 1.0)), ("teleport_auroc", (0.90, 1.0)),
+                     for k, r in (("position_r2", (0.85, 1.0)), ("teleport_auroc", (0.90, 1.0)),
                                   ("adapt_seconds", (0.0, 300.0)))}},
         source_of_expected=("measured here (2-core AMD EPYC with AVX-512, 2026-12-06, 2 threads beside other jobs) on "
                             "the recipe's runs: stress clean row R^2 0.968, AUROC 1.000, planning 95 %; pixel noise "
                             "0.05 / 0.1 / 0.2 R^2 0.962 / 0.954 / 0.921, AUROC 1.000 each, planning 95 / 100 / 95 % "
-                            "(random 5 %, true dynamics 100 %); adapted in 200 steps (41-44 s): colour shift 90 R^2 "
-                            "0.802, background shift 0.4 0.807, AUROC 1.000 (issue 29 asks 0.85); before this phase: "
-                            "noise 0.1 / 0.2 R^2 -8.6 / -140"),
+                            "(random 5 %, true dynamics 100 %); adapted in 200 steps on 160 target episodes (36 s): colour "
+                            "shift 90 R^2 0.869, background shift 0.4 0.857 (thin margin), AUROC 1.000 (on 40 episodes: "
+                            "0.80 / 0.81); before this phase: noise 0.1 / 0.2 R^2 -8.6 / -140"),
         budget=("47 min end to end on a 2-core CPU beside another training run and tests (2026-12-06: data 0.1, "
-                "training 36.4 = 4000 clean steps + 3000 robust steps, evaluation 10.6)"),
+                "training 36.4 = 4000 clean steps + 3000 robust steps, evaluation 10.6; 9.4 with 160 target episodes)"),
     ),
     Recipe(
         "world-push", "world-push",

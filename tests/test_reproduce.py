@@ -112,7 +112,8 @@ def test_the_robust_world_recipe_trains_a_second_phase_and_pins_stress_rows(tmp_
 
     recipe = RECIPES["world-tworoom-robust"]
     small = dataclasses.replace(recipe.world, episodes=6, val_episodes=2, steps=16, size=16, probe_episodes=2,
-                                probe_steps=16, surprise_episodes=2, plan_episodes=1, stress_plan_episodes=1, adapt_steps=2)
+                                probe_steps=16, surprise_episodes=2, plan_episodes=1, stress_plan_episodes=1, adapt_steps=2,
+                                adapt_episodes=4)
     then = [o for o in recipe.then if not o.startswith("train.steps")] + ["train.steps=8"]
     monkeypatch.setitem(RECIPES, "world-tworoom-robust", dataclasses.replace(recipe, world=small, then=tuple(then)))
     small_plan = ["plan.candidates=8", "plan.iterations=2", "plan.elites=2", "plan.horizon=4", "plan.budget=4"]

@@ -89,7 +89,7 @@ def test_stress_reports_each_changed_row_after_adaptation(source):
 def test_world_stress_adapt_through_the_cli(source, tmp_path, capsys):
     report = tmp_path / "stress.json"
     args = ["world", "stress", str(source / "run"), "--condition", "pixel noise", "--episodes", "2",
-            "--plan-episodes", "0", "--steps", "16", "--adapt", "2", "--json", str(report)]
+            "--plan-episodes", "0", "--steps", "16", "--adapt", "2", "--adapt-episodes", "4", "--json", str(report)]
     with pytest.raises(SystemExit) as info:
         main(args)
     out = capsys.readouterr()

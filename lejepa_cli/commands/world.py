@@ -334,6 +334,7 @@ def stress_cmd(
     json_file: JsonFile = None,
     overwrite: Overwrite = False,
     adapt: Annotated[int, typer.Option("--adapt", min=0, max=100_000, help="Also adapt the run to each changed world without labels, this many training steps on simulated target trajectories (0: off); needs a run folder or checkpoint.")] = 0,
+    adapt_episodes: Annotated[int, typer.Option("--adapt-episodes", min=1, max=100_000, help="Unlabelled target episodes (60 steps each) simulated for each --adapt.")] = 160,
 ) -> None:
     """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world (--adapt N: and after label-free adaptation)."""
     from lejepa_cli.world import probe, surprise
@@ -348,7 +349,7 @@ def stress_cmd(
     steps = source.resolve_steps(steps)
     probe.require_full_history(used.model, steps)
     surprise.require_event_frames(used.model, steps)
-    adapter = _adapter(used.source, adapt, seed) if adapt else None
+    adapter = _adapter(used.source, adapt, seed, adapt_episodes) if adapt else None
     _describe(used, source)
     report = stress(used.model, source, episodes=episodes, plan_episodes=plan_episodes, steps=steps, seed=seed, settings=settings,
                     conditions=condition, progress=lambda text: err_console.print(f"  {text} ...", highlight=False),
@@ -373,14 +374,14 @@ def stress_cmd(
         err_console.print(f"plot written to {plot}", highlight=False)
     _finish(report, json_file, started, used, "stress", source)
 
-def _adapter(source: Path, steps: int, seed: int):
-    """stress()'s adapt hook: the run at `source` adapted to a changed world in `steps` steps."""
+def _adapter(source: Path, steps: int, seed: int, episodes: int):
+    """stress()'s adapt hook: the run at `source` adapted to a changed world in `steps` steps on `episodes` episodes."""
     from lejepa_cli.world.adapt import adapted_in_world, check_adaptable
 
     check_adaptable(source)  # before the clean row's minutes, not after
 
     def adapt(world):
-        return adapted_in_world(source, world, steps=steps, seed=seed)
+        return adapted_in_world(source, world, steps=steps, episodes=episodes, seed=seed)
 
     return adapt
 
