@@ -289,7 +289,7 @@ def validate(cfg: Config) -> Config:
     if cfg.objective == "world" and (cfg.train.fsdp or cfg.train.grad_accum > 1):
         raise UserError("objective 'world' trains with DDP and one micro-batch: set train.fsdp=false and train.grad_accum=1")
     if cfg.world.rollout_steps > 1 and cfg.world.num_preds != 1:
-        raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} feeds predictions back: it needs world.num_preds 1")
+        raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} needs world.num_preds 1, not {cfg.world.num_preds}")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")

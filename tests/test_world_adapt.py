@@ -97,3 +97,13 @@ def test_world_stress_adapt_through_the_cli(source, tmp_path, capsys):
     assert "adapted R^2" in out.out
     rows = json.loads(report.read_text())["conditions"]
     assert [("adapted" in r) for r in rows] == [False, True, True, True]
+
+
+def test_stress_cli_adapts_on_as_many_target_episodes_as_the_library_by_default():
+    import inspect
+
+    from lejepa_cli.commands.world import stress_cmd
+    from lejepa_cli.world.adapt import ADAPT_EPISODES
+
+    assert inspect.signature(stress_cmd).parameters["adapt_episodes"].default == ADAPT_EPISODES
+    assert inspect.signature(adapted_in_world).parameters["episodes"].default == ADAPT_EPISODES

@@ -80,7 +80,6 @@ def test_camera_settings_do_nothing_while_camera_views_is_0(two_room, tmp_path):
     assert (tmp_path / "clean" / "metrics.jsonl").read_text().count("invariance") == 0
 
 
-
 @pytest.mark.parametrize("target,scored", [("clean", 1), ("all", 3)])
 def test_the_camera_target_says_which_windows_the_dynamics_and_sigreg_score(two_room, monkeypatch, target, scored):
     """camera_target=clean: the copies enter the loss only through the invariance term; all: the

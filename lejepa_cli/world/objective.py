@@ -114,12 +114,11 @@ class WorldRun:
             # z: (V + 1) x (B, T, D), the clean windows first; p: (B, H + R - 1, D), and the copies' for target 'all'
             z, p = self.trainer(self.frames_in(frames), actions, w.history, w.rollout_steps, views=len(copies) + 1,
                                 predicted_views=1 if w.camera_target == "clean" else None)
-        views = z.float().view(len(copies) + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
-        if w.camera_target == "clean":  # the dynamics and SIGReg see the clean camera only
-            z = z[: views.shape[1]]
-        parts = world_loss(z, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
+        scored = z[: len(p)] if w.camera_target == "clean" else z  # 'clean': the dynamics and SIGReg see the clean camera only
+        parts = world_loss(scored, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
                            t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
         if copies:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
+            views = z.float().view(len(copies) + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
             parts["invariance"] = (views - views.mean(0)).square().mean()
             parts["loss"] = parts["loss"] + w.camera_invariance * parts["invariance"]
         elif w.camera_views:  # logged as 0 before the copies join; outside the graph, so those steps are the clean run's
