@@ -6,7 +6,7 @@
 The model is the world-tworoom preset's (ViT-Nano/8 at 32 px, 3-block predictor, frameskip 2) at
 random init: a decision costs the same whatever the weights. A decision is what `lejepa world
 plan` times: one CEM search per episode, the episodes planned together as one batch (its default
-20), seconds divided by the episodes; the process CPU seconds beside them. Settings: the `default` profile (PlanConfig: 100 x 10, horizon
+20), seconds divided by the episodes; the process CPU seconds beside them. Settings: the `default` profile (PlanConfig: 150 x 5, horizon
 40 steps = 20 blocks here) and the `lewm` profile (300 x 30, horizon 25 steps = 13 blocks here),
 both as `--planner` gives them. Medians over repeats; the machine's load average beside them.
 """

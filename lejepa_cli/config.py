@@ -164,9 +164,9 @@ class PlanConfig:
     """A world model's planner, CEM in latent space (`lejepa world plan | stress`, the world recipes read
     the run's): the best setting measured on two-room; LeWM's CEM is the `lewm` profile (world/plan_settings.py)."""
 
-    candidates: int = 100  # action sequences sampled per CEM iteration (LeWM: 300)
-    iterations: int = 10  # CEM iterations per decision (LeWM: 30)
-    elites: int = 10  # cheapest candidates each iteration refits to (LeWM: 30)
+    candidates: int = 150  # action sequences sampled per CEM iteration (LeWM: 300)
+    iterations: int = 5  # CEM iterations per decision (LeWM: 30); the plan is warm-started from the last one
+    elites: int = 15  # cheapest candidates each iteration refits to (LeWM: 30)
     horizon: int = 40  # ENVIRONMENT steps planned ahead: ceil(horizon / world.frameskip) action blocks (LeWM: 25)
     cost: str = "min"  # final: latent distance to the goal after the last block (LeWM's) | min: the nearest any block gets
     noise_beta: float = 2.0  # temporal colour of the sampling noise: 0 white (LeWM's), 2 about a random walk (iCEM)

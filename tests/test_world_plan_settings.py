@@ -121,11 +121,11 @@ def test_profiles_and_presets():
     # The recipes plan with their presets' sections: world-tworoom's 40 steps are its former 20 blocks.
     tworoom, push, lewm = (load_config(p) for p in ("world-tworoom", "world-push", "lewm"))
     assert tworoom.plan == PlanConfig() and search(tworoom.plan, tworoom.world.frameskip) == CEMConfig(
-        candidates=100, iterations=10, elites=10, horizon=20, cost="min", noise_beta=2.0)
+        candidates=150, iterations=5, elites=15, horizon=20, cost="min", noise_beta=2.0)
     assert search(push.plan, push.world.frameskip) == CEMConfig(candidates=300, iterations=10, elites=30, horizon=5, cost="min")
     assert search(lewm.plan, lewm.world.frameskip) == CEMConfig()
     with pytest.raises(UserError, match="plan.elites"):
-        load_config("world-tworoom", ["plan.elites=101"])
+        load_config("world-tworoom", ["plan.elites=151"])
 
 
 def test_steps_and_blocks_plan_bit_for_bit_alike(runs):
