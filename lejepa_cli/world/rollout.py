@@ -52,7 +52,8 @@ def _modulations(model: WorldModel, actions: torch.Tensor) -> list[Modulation]:
     for block in model.predictor.blocks:
         w, b = block.ada[1].weight, block.ada[1].bias
         parts = [F.linear(cond, w[j * dim : (j + 1) * dim], b[j * dim : (j + 1) * dim]) for j in range(6)]
-        parts[1], parts[4] = parts[1].add_(1), parts[4].add_(1)
+        parts[1].add_(1)  # 1 + scale1
+        parts[4].add_(1)  # 1 + scale2
         mods.append(tuple(parts))
     return mods
 
