@@ -329,16 +329,12 @@ def _train_then(recipe: Recipe, overrides: list[str], first: Path, out: Path, pr
     """The recipe's second phase from the first run's last checkpoint; returns its config and folder."""
     from lejepa_cli.checkpoint import list_checkpoints
     from lejepa_cli.config import load_config
-    from lejepa_cli.resume import resume_point
     from lejepa_cli.train import train
 
     cfg = load_config(recipe.preset, [*overrides, *recipe.then])
     run_dir = out / recipe.then_dir
-    point = resume_point(run_dir)
-    if point is None:
-        train(cfg, run_dir, init_from=list_checkpoints(first / "checkpoints")[-1], progress=progress)
-    else:
-        train(cfg, run_dir, resume=str(point[0]), progress=progress)
+    # "auto": continue the phase from its newest good checkpoint; with none, start from the first run's weights
+    train(cfg, run_dir, resume="auto", init_from=list_checkpoints(first / "checkpoints")[-1], progress=progress)
     return cfg, run_dir
 
 

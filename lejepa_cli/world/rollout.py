@@ -154,11 +154,12 @@ def rollout_candidates(model: WorldModel, z: torch.Tensor, past: torch.Tensor, c
     b, h, d = z.shape
     c, k_steps = candidates.shape[1:3]
     history = model.history
-    shared_mods_all = _modulations(model, past) if h > 1 else []  # once per action block
-    own_mods_all = _modulations(model, candidates.flatten(0, 1))  # (K, B*C, dim) per block and kind
+    own_mods_all = _modulations(model, candidates.flatten(0, 1))  # (K, B*C, dim) per block and kind, once per action block
     latents = [z[:, -1].repeat_interleave(c, dim=0)]  # the candidates' own tokens so far (B*C, D): the last context latent
     cache: list[KeysValues | None] = [None] * len(model.predictor.blocks)
+    shared_mods_all: list[Modulation] = []
     if h > 1:  # the growing window starts from the shared context's keys and values
+        shared_mods_all = _modulations(model, past)
         shared_kv = _shared_keys_values(model, z[:, : h - 1].transpose(0, 1) + pos[: h - 1], shared_mods_all)
         cache = [(k.repeat_interleave(c, dim=0), v.repeat_interleave(c, dim=0)) for k, v in shared_kv]
     for step in range(k_steps):
