@@ -156,12 +156,6 @@ class WorldConfig:
     camera_from_step: int = 0  # training step the copies join at (before it: clean windows only)
     freeze_dynamics: bool = False  # keep the predictor and action encoder fixed: only the encoder learns (adaptation)
 
-# Unlabelled target episodes (x 60 steps) that label-free adaptation of a world run simulates
-# (`world stress --adapt`, the robust recipe). More video, not more steps, is what adaptation needs:
-# the two-room robust run adapted in 200 steps reached R^2 0.80 / 0.81 (colour 90 / background 0.4)
-# on 40 episodes and 0.87 / 0.86 on 160, 55-59 s each.
-ADAPT_EPISODES = 160
-
 PLAN_COSTS = ("final", "min")
 
 

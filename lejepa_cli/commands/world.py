@@ -12,7 +12,7 @@ from rich.table import Table
 
 from lejepa_cli.outputs import PLOT_SUFFIXES, STRIP_SUFFIXES
 from lejepa_cli.terminal import make_console
-from lejepa_cli.config import ADAPT_EPISODES, PlanConfig
+from lejepa_cli.config import PlanConfig
 from lejepa_cli.world.plan_settings import PROFILES, choose, horizon_blocks, search
 
 app = typer.Typer(help="Built-in simulated worlds and trained world models: list and simulate worlds; plan, probe, surprise and stress with a world run.", no_args_is_help=True)
@@ -334,7 +334,7 @@ def stress_cmd(
     json_file: JsonFile = None,
     overwrite: Overwrite = False,
     adapt: Annotated[int, typer.Option("--adapt", min=0, max=100_000, help="Also adapt the run to each changed world without labels, this many training steps on simulated target trajectories (0: off); needs a run folder or checkpoint.")] = 0,
-    adapt_episodes: Annotated[int, typer.Option("--adapt-episodes", min=1, max=100_000, help="Unlabelled target episodes (60 steps each) simulated for each --adapt.")] = ADAPT_EPISODES,
+    adapt_episodes: Annotated[int, typer.Option("--adapt-episodes", min=1, max=100_000, help="Unlabelled target episodes (60 steps each) simulated for each --adapt.")] = 160,
 ) -> None:
     """Each deployment condition (noise, dropped frames, colour/background shift, disturbances, stochastic dynamics, out-of-range hidden parameters) at graded levels: probe R^2, surprise AUROC, planning success beside the clean world (--adapt N: and after label-free adaptation)."""
     from lejepa_cli.world import probe, surprise

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from lejepa_cli.checkpoint import read_metadata
-from lejepa_cli.config import ADAPT_EPISODES, apply_overrides, config_from_dict
+from lejepa_cli.config import apply_overrides, config_from_dict
 from lejepa_cli.errors import UserError
 from lejepa_cli.world.export import WorldModelExport, _checkpoint_of, load_world_model
 from lejepa_cli.world.sim import World
@@ -50,6 +50,12 @@ def check_adaptable(source: str | Path) -> tuple[Path, dict[str, Any]]:
     if meta.get("config", {}).get("objective") != "world":
         raise UserError(f"{source} is not a world run (image encoders adapt with `lejepa adapt` on images)")
     return ckpt, meta
+
+
+# Target episodes (x 60 steps) `adapted_in_world` simulates. More video, not more steps, is what adaptation
+# needs: the two-room robust run adapted in 200 steps reached R^2 0.80 / 0.81 (colour 90 / background 0.4) on
+# 40 episodes and 0.87 / 0.86 on 160, 55-59 s each.
+ADAPT_EPISODES = 160
 
 
 def adapt_world(source: str | Path, data: str | Path, out: str | Path, *, steps: int, lr: float = 1e-4,

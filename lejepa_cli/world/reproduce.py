@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lejepa_cli.config import ADAPT_EPISODES, PlanConfig
+from lejepa_cli.config import PlanConfig
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class WorldRecipe:
     stress_plan_episodes: int = 0
     stress_adapt: tuple[str, ...] = ()
     adapt_steps: int = 200
-    adapt_episodes: int = ADAPT_EPISODES  # unlabelled target episodes per adaptation
+    adapt_episodes: int | None = None  # unlabelled target episodes per adaptation (None: world/adapt.py's ADAPT_EPISODES)
 
 
 def simulate_data(recipe: WorldRecipe, work: Path, progress: bool) -> str:
@@ -104,7 +104,8 @@ def _stress_figures(source: Path, model, world, recipe: WorldRecipe, settings: P
     from lejepa_cli.world.stress import stress
 
     def adapt(changed):
-        return adapted_in_world(source, changed, steps=recipe.adapt_steps, episodes=recipe.adapt_episodes, seed=seed)
+        episodes = {} if recipe.adapt_episodes is None else {"episodes": recipe.adapt_episodes}
+        return adapted_in_world(source, changed, steps=recipe.adapt_steps, seed=seed, **episodes)
 
     reports = []
     for conditions, plan_episodes, adapter in ((recipe.stress, recipe.stress_plan_episodes, None),
