@@ -224,3 +224,18 @@ def test_bad_options_are_one_line_errors():
         make_world("push", sets=["mass_min=5", "mass_max=1"])
     with pytest.raises(UserError, match="balls must be an integer"):
         make_world("balls", sets=["balls=2.5"])
+
+
+def test_action_noise_jitters_actions_per_episode_and_is_off_by_default():
+    """action_noise: white noise on the exploration's actions, its std drawn per episode; 0 leaves data bit for bit."""
+    default = collect(make_world("push", size=SMALL), 4, 30, seed=3)
+    off = collect(make_world("push", size=SMALL, action_noise=0.0), 4, 30, seed=3)
+    for a, b in zip(default, off):
+        np.testing.assert_array_equal(a, b)
+    jittered = collect(make_world("push", size=SMALL, action_noise=1.0), 4, 30, seed=3)[1]
+    assert np.all(np.abs(jittered) <= 1.0)
+    rough = lambda a: np.abs(np.diff(a.reshape(4, 30, 2), axis=1)).mean(axis=(1, 2))  # per episode
+    assert rough(jittered).mean() > 1.5 * rough(default[1]).mean()  # steps no longer smooth
+    assert rough(jittered).std() > 0.05  # each episode draws its own std
+    again = collect(make_world("push", size=SMALL, action_noise=1.0), 4, 30, seed=3)[1]
+    np.testing.assert_array_equal(jittered, again)  # seeded

@@ -62,6 +62,7 @@ COMMON_OPTIONS = (
     Option("bg_shift", 0.0, "added to the background brightness (0 = default background)", -1.0, 1.0),
     Option("kick_prob", 0.0, "probability per step of a random push the actions did not cause", 0.0, 1.0),
     Option("kick_strength", 1.0, "size of a random push, in units of the world's top speed", 0.0, 20.0),
+    Option("action_noise", 0.0, "white noise added to the exploration's actions, its std drawn per episode in [0, this]", 0.0, 4.0),
 )
 
 
@@ -241,12 +242,26 @@ def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0
         states = np.empty((b, steps, world.state_dim), dtype=np.float32)
         state = world.reset(rng, b)
         memory = world.explore_init(rng, state)
+        jitter = _episode_jitter(world, rng, b)
         previous = None
         for t in range(steps):
             previous = observe(world, world.render(state), previous, rng)
             frames[:, t] = previous
             states[:, t] = world.state_vector(state)
             action = world.explore(state, memory, rng)
+            if jitter is not None:
+                action = np.clip(action + jitter * rng.standard_normal(action.shape), -1.0, 1.0)
             actions[:, t] = action
             state = world.step(state, action, rng)
         yield Chunk(frames.reshape(b * steps, R, R, 3), actions.reshape(b * steps, -1), states.reshape(b * steps, -1), b)
+
+
+def _episode_jitter(world: World, rng: np.random.Generator, episodes: int) -> np.ndarray | None:
+    """(episodes, 1) std of the white noise on each episode's actions (action_noise), None when off.
+
+    Exploration policies act smoothly; a planner's candidates jitter from step to step. Episodes
+    with jittered actions show the model what such actions do (issue 30: off the data's actions,
+    CEM finds plans the model gets wrong). Off by default, so default data stay bit for bit.
+    """
+    top = world.options["action_noise"]
+    return None if top <= 0 else rng.uniform(0.0, top, (episodes, 1))
