@@ -82,7 +82,7 @@ def run(quick: bool, device: str | None = None, threads: int | None = None, hue:
     if threads:
         torch.set_num_threads(threads)
 
-    dev = torch.device(device) if device else (torch.accelerator.current_accelerator() or torch.device("cpu"))
+    dev = torch.device(device) if device else (torch.accelerator.current_accelerator(check_available=True) or torch.device("cpu"))
     result: dict = {
         "machine": {**describe(dev), "kornia": kornia.__version__},
         "quick": quick,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -226,16 +228,35 @@ def test_bad_options_are_one_line_errors():
         make_world("balls", sets=["balls=2.5"])
 
 
+def collect_jittered(action_noise: float):
+    chunks = list(simulate(make_world("push", size=SMALL), 4, 30, 3, 0, action_noise))
+    return np.concatenate([c.frames for c in chunks]), np.concatenate([c.actions for c in chunks])
+
+
 def test_action_noise_jitters_actions_per_episode_and_is_off_by_default():
-    """action_noise: white noise on the exploration's actions, its std drawn per episode; 0 leaves data bit for bit."""
+    """simulate(action_noise=S): white noise on the exploration's actions, std drawn per episode; 0 = data bit for bit."""
     default = collect(make_world("push", size=SMALL), 4, 30, seed=3)
-    off = collect(make_world("push", size=SMALL, action_noise=0.0), 4, 30, seed=3)
+    off = collect_jittered(0.0)
     for a, b in zip(default, off):
         np.testing.assert_array_equal(a, b)
-    jittered = collect(make_world("push", size=SMALL, action_noise=1.0), 4, 30, seed=3)[1]
+    jittered = collect_jittered(1.0)[1]
     assert np.all(np.abs(jittered) <= 1.0)
     rough = lambda a: np.abs(np.diff(a.reshape(4, 30, 2), axis=1)).mean(axis=(1, 2))  # per episode
     assert rough(jittered).mean() > 1.5 * rough(default[1]).mean()  # steps no longer smooth
     assert rough(jittered).std() > 0.05  # each episode draws its own std
-    again = collect(make_world("push", size=SMALL, action_noise=1.0), 4, 30, seed=3)[1]
-    np.testing.assert_array_equal(jittered, again)  # seeded
+    np.testing.assert_array_equal(jittered, collect_jittered(1.0)[1])  # seeded
+    with pytest.raises(UserError, match="action-noise"):
+        collect_jittered(-0.5)
+
+
+def test_action_noise_is_recorded_with_the_data_not_in_the_world_a_run_rebuilds(tmp_path):
+    """The jitter belongs to the data collection: index.json records it in the source's plan, while
+    world_options (what probe / plan / stress rebuild the world from) do not carry it."""
+    from lejepa_cli.world.prepare import simulate_dataset
+
+    simulate_dataset("push", tmp_path / "w", episodes=2, steps=8, size=SMALL, action_noise=0.5, progress=False)
+    index = json.loads((tmp_path / "w" / "index.json").read_text())
+    assert index["source"]["plan"]["action_noise"] == 0.5
+    assert "action_noise" not in index["world_options"]
+    with pytest.raises(UserError, match="action_noise"):
+        make_world("push", sets=["action_noise=1"])

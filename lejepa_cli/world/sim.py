@@ -62,7 +62,6 @@ COMMON_OPTIONS = (
     Option("bg_shift", 0.0, "added to the background brightness (0 = default background)", -1.0, 1.0),
     Option("kick_prob", 0.0, "probability per step of a random push the actions did not cause", 0.0, 1.0),
     Option("kick_strength", 1.0, "size of a random push, in units of the world's top speed", 0.0, 20.0),
-    Option("action_noise", 0.0, "white noise added to the exploration's actions, its std drawn per episode in [0, this]", 0.0, 4.0),
 )
 
 
@@ -225,14 +224,22 @@ class Chunk:
     episodes: int
 
 
-def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0) -> Iterator[Chunk]:
+MAX_ACTION_NOISE = 4.0  # actions live in [-1, 1]: a std of 4 is already close to uniform random
+
+
+def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0,
+             action_noise: float = 0.0) -> Iterator[Chunk]:
     """Roll out `episodes` episodes of `steps` frames with the exploration policy, in chunks.
 
     Chunk c uses the generator seeded by (seed, stream, c): the data depend only on the seed,
     the stream (0 train, 1 val: disjoint episodes), the options, the episode count and length.
+    `action_noise` > 0 jitters the exploration's actions (see _episode_jitter). It belongs to the
+    data collection, not to the world: evaluation episodes of a run trained on such data stay smooth.
     """
     if episodes < 1 or steps < 1:
         raise UserError(f"--episodes and --steps must be >= 1, got {episodes} and {steps}")
+    if not 0.0 <= action_noise <= MAX_ACTION_NOISE:
+        raise UserError(f"--action-noise must be in [0, {MAX_ACTION_NOISE}], got {action_noise}")
     for c, first in enumerate(range(0, episodes, EPISODE_CHUNK)):
         b = min(EPISODE_CHUNK, episodes - first)
         rng = np.random.default_rng(np.random.SeedSequence([seed, stream, c]))
@@ -242,7 +249,7 @@ def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0
         states = np.empty((b, steps, world.state_dim), dtype=np.float32)
         state = world.reset(rng, b)
         memory = world.explore_init(rng, state)
-        jitter = _episode_jitter(world, rng, b)
+        jitter = _episode_jitter(action_noise, rng, b)
         previous = None
         for t in range(steps):
             previous = observe(world, world.render(state), previous, rng)
@@ -256,12 +263,11 @@ def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0
         yield Chunk(frames.reshape(b * steps, R, R, 3), actions.reshape(b * steps, -1), states.reshape(b * steps, -1), b)
 
 
-def _episode_jitter(world: World, rng: np.random.Generator, episodes: int) -> np.ndarray | None:
-    """(episodes, 1) std of the white noise on each episode's actions (action_noise), None when off.
+def _episode_jitter(top: float, rng: np.random.Generator, episodes: int) -> np.ndarray | None:
+    """(episodes, 1) std of the white noise on each episode's actions, drawn in [0, top]; None when off.
 
     Exploration policies act smoothly; a planner's candidates jitter from step to step. Episodes
     with jittered actions show the model what such actions do (issue 30: off the data's actions,
     CEM finds plans the model gets wrong). Off by default, so default data stay bit for bit.
     """
-    top = world.options["action_noise"]
     return None if top <= 0 else rng.uniform(0.0, top, (episodes, 1))
