@@ -84,6 +84,7 @@ def simulate(
     env_kwargs: Annotated[Optional[list[str]], typer.Option("--env-kwargs", help="gym: worlds: keyword arguments of gymnasium.make, one JSON object or key=value (repeatable; values read as JSON).")] = None,
     policy: Annotated[Optional[str], typer.Option("--policy", help="gym: worlds: the data-collection policy, module:function called as function(observation, env, rng) -> action in the env's units (default: smooth random exploration; Push-T: a pushing policy).")] = None,
     action_noise: Annotated[float, typer.Option("--action-noise", min=0.0, max=4.0, help="White noise on the exploration's actions, its std drawn per episode in [0, this] (0: off). Shows the model the jittery actions a planner tries; the world the run is evaluated in stays smooth.")] = 0.0,
+    wander: Annotated[float, typer.Option("--wander", min=0.0, max=1.0, help="Share of episodes driven by a smooth random walk instead of the exploration policy (0: off). Push's policy keeps the agent at the block; wandering episodes show the agent apart from it, which planning needs.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:
@@ -92,7 +93,7 @@ def simulate(
 
     s = simulate_dataset(name, out, episodes=episodes, steps=steps, val_episodes=val_episodes, size=size, seed=seed,
                          sets=sets, overwrite=overwrite, progress=not no_progress, env_kwargs=env_kwargs, policy=policy,
-                         action_noise=action_noise)
+                         action_noise=action_noise, wander=wander)
     counts = ", ".join(f"{split} {e['episodes']} episodes x {e['steps'] // max(e['episodes'], 1)} steps" for split, e in s["splits"].items())
     state = "already up to date" if s["up_to_date"] else f"done in {s['seconds']:.1f} s"
     err_console.print(f"[green]{state}:[/] {counts} at {s['resolution']}px -> {s['out']}", highlight=False)

@@ -27,10 +27,12 @@ def simulate_dataset(
     name: str, out: Path, *, episodes: int, steps: int, val_episodes: int = 0, size: int = 64, seed: int = 0,
     sets: list[str] | None = None, overwrite: bool = False, progress: bool = True,
     env_kwargs: list[str] | str | dict | None = None, policy: str | None = None, action_noise: float = 0.0,
+    wander: float = 0.0,
 ) -> dict:
     """Simulate a world (built-in, or `gym:ENV_ID` with `env_kwargs` and a `policy` module:function)
-    into a trajectory folder; returns a summary dict. `action_noise` jitters the exploration's
-    actions; it is recorded in the source's plan, not in the world options a run rebuilds."""
+    into a trajectory folder; returns a summary dict. `action_noise` and `wander` change the
+    data-collection policy (world.sim.simulate); they are recorded in the source's plan, not in the
+    world options a run rebuilds."""
     from lejepa_cli.world.catalog import make_world
     from lejepa_cli.world.sim import simulate
 
@@ -48,8 +50,8 @@ def simulate_dataset(
     out = Path(out).expanduser().resolve()
     plan = {"world": name, "options": world.options, "size": size, "episodes": episodes, "steps": steps,
             "val_episodes": val_episodes, "seed": seed}
-    if action_noise:  # only when on, so folders simulated before the option existed stay up to date
-        plan["action_noise"] = action_noise
+    # Recorded only when on, so folders simulated before these settings existed stay up to date.
+    plan.update({k: v for k, v in (("action_noise", action_noise), ("wander", wander)) if v})
     frames = (episodes + val_episodes) * steps
     require_space(out, frames * (world.size * world.size * 3 + 4 * (world.action_dim + len(world.state_names))),
                   f"the trajectory dataset ({frames} frames of {world.size}x{world.size}x3)", replaces=tree_bytes(out))
@@ -62,7 +64,7 @@ def simulate_dataset(
                 continue
             task = bar.add_task(f"simulate {name} ({split})", total=n)
             writer.begin(split)
-            for chunk in simulate(world, n, steps, seed, stream, action_noise):
+            for chunk in simulate(world, n, steps, seed, stream, action_noise, wander):
                 writer.add(chunk.frames, chunk.actions, chunk.state, [steps] * chunk.episodes)
                 bar.advance(task, chunk.episodes)
     source = {"path": f"world:{name}", "kind": "world", "fingerprint": "", "plan": plan}

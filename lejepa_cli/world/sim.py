@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -228,18 +228,21 @@ MAX_ACTION_NOISE = 4.0  # actions live in [-1, 1]: a std of 4 is already close t
 
 
 def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0,
-             action_noise: float = 0.0) -> Iterator[Chunk]:
+             action_noise: float = 0.0, wander: float = 0.0) -> Iterator[Chunk]:
     """Roll out `episodes` episodes of `steps` frames with the exploration policy, in chunks.
 
     Chunk c uses the generator seeded by (seed, stream, c): the data depend only on the seed,
     the stream (0 train, 1 val: disjoint episodes), the options, the episode count and length.
-    `action_noise` > 0 jitters the exploration's actions (see _episode_jitter). It belongs to the
-    data collection, not to the world: evaluation episodes of a run trained on such data stay smooth.
+    `action_noise` and `wander` change the data-collection policy (see _collection_policy). They
+    belong to the data, not to the world: evaluation episodes of a run trained on such data use
+    the world's own exploration.
     """
     if episodes < 1 or steps < 1:
         raise UserError(f"--episodes and --steps must be >= 1, got {episodes} and {steps}")
     if not 0.0 <= action_noise <= MAX_ACTION_NOISE:
         raise UserError(f"--action-noise must be in [0, {MAX_ACTION_NOISE}], got {action_noise}")
+    if not 0.0 <= wander <= 1.0:
+        raise UserError(f"--wander must be a share in [0, 1], got {wander}")
     for c, first in enumerate(range(0, episodes, EPISODE_CHUNK)):
         b = min(EPISODE_CHUNK, episodes - first)
         rng = np.random.default_rng(np.random.SeedSequence([seed, stream, c]))
@@ -249,25 +252,43 @@ def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0
         states = np.empty((b, steps, world.state_dim), dtype=np.float32)
         state = world.reset(rng, b)
         memory = world.explore_init(rng, state)
-        jitter = _episode_jitter(action_noise, rng, b)
+        adjust = _collection_policy(action_noise, wander, rng, b, world.action_dim)
         previous = None
         for t in range(steps):
             previous = observe(world, world.render(state), previous, rng)
             frames[:, t] = previous
             states[:, t] = world.state_vector(state)
             action = world.explore(state, memory, rng)
-            if jitter is not None:
-                action = np.clip(action + jitter * rng.standard_normal(action.shape), -1.0, 1.0)
+            if adjust is not None:
+                action = adjust(action)
             actions[:, t] = action
             state = world.step(state, action, rng)
         yield Chunk(frames.reshape(b * steps, R, R, 3), actions.reshape(b * steps, -1), states.reshape(b * steps, -1), b)
 
 
-def _episode_jitter(top: float, rng: np.random.Generator, episodes: int) -> np.ndarray | None:
-    """(episodes, 1) std of the white noise on each episode's actions, drawn in [0, top]; None when off.
+def _collection_policy(action_noise: float, wander: float, rng: np.random.Generator, episodes: int,
+                       action_dim: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """How one chunk's data collection departs from the world's exploration: action -> action, or
+    None when nothing does (so default data stay bit for bit).
 
-    Exploration policies act smoothly; a planner's candidates jitter from step to step. Episodes
-    with jittered actions show the model what such actions do (issue 30: off the data's actions,
-    CEM finds plans the model gets wrong). Off by default, so default data stay bit for bit.
+    - `wander`: each episode, with this probability, is driven by a smooth random walk (OU actions)
+      instead. Exploration policies that push an object keep the agent beside it; frames of the agent
+      away from the object then never occur, and a planner that moves it there meets a latent that
+      cannot tell agent from object (issue 30, push).
+    - `action_noise`: white noise on the actions, its std drawn per episode in [0, action_noise].
+      Exploration acts smoothly, a planner's candidates jitter from step to step.
     """
-    return None if top <= 0 else rng.uniform(0.0, top, (episodes, 1))
+    jitter = None if action_noise <= 0 else rng.uniform(0.0, action_noise, (episodes, 1))
+    walkers = None if wander <= 0 else rng.random(episodes) < wander
+    if jitter is None and walkers is None:
+        return None
+    walk = np.zeros((episodes, action_dim))
+
+    def adjust(action: np.ndarray) -> np.ndarray:
+        if walkers is not None:
+            action = np.where(walkers[:, None], np.clip(ou_step(walk, rng), -1.0, 1.0), action)
+        if jitter is not None:
+            action = np.clip(action + jitter * rng.standard_normal(action.shape), -1.0, 1.0)
+        return action
+
+    return adjust
