@@ -166,6 +166,7 @@ def test_cli_simulate_then_info(tmp_path, capsys):
     assert cli("world", "simulate", "push", "--out", tmp_path / "y", "--set", "mass_max=-1") == 2
     assert cli("world", "simulate", "push", "--out", tmp_path / "z", "--action-noise", "9") == 2
     assert cli("world", "simulate", "push", "--out", tmp_path / "z", "--wander", "2") == 2
+    assert "--wander must be a share" in capsys.readouterr().err and not (tmp_path / "z").exists()
 
 
 def write_npz(path: Path, lengths=(10, 7, 9, 8), A=3, size=(12, 10), with_state=True, key_frames="frames", **extra) -> dict:

@@ -14,8 +14,8 @@ from lejepa_cli.world.sim import simulate
 SMALL = 16
 
 
-def collect(world, episodes: int, steps: int, seed: int = 0, stream: int = 0):
-    chunks = list(simulate(world, episodes, steps, seed, stream))
+def collect(world, episodes: int, steps: int, seed: int = 0, stream: int = 0, **collection):
+    chunks = list(simulate(world, episodes, steps, seed, stream, **collection))
     return (np.concatenate([c.frames for c in chunks]), np.concatenate([c.actions for c in chunks]),
             np.concatenate([c.state for c in chunks]))
 
@@ -228,43 +228,42 @@ def test_bad_options_are_one_line_errors():
         make_world("balls", sets=["balls=2.5"])
 
 
-def collect_jittered(action_noise: float, wander: float = 0.0, episodes: int = 4, steps: int = 30):
-    chunks = list(simulate(make_world("push", size=SMALL), episodes, steps, 3, 0, action_noise, wander))
-    return tuple(np.concatenate([getattr(c, k) for c in chunks]) for k in ("frames", "actions", "state"))
+def collect_push(action_noise: float, wander: float = 0.0, episodes: int = 4, steps: int = 30):
+    return collect(make_world("push", size=SMALL), episodes, steps, seed=3, action_noise=action_noise, wander=wander)
 
 
 def test_action_noise_jitters_actions_per_episode_and_is_off_by_default():
     """simulate(action_noise=S): white noise on the exploration's actions, std drawn per episode; 0 = data bit for bit."""
     default = collect(make_world("push", size=SMALL), 4, 30, seed=3)
-    off = collect_jittered(0.0, 0.0)
+    off = collect_push(0.0, 0.0)
     for a, b in zip(default, off):
         np.testing.assert_array_equal(a, b)
-    jittered = collect_jittered(1.0)[1]
+    jittered = collect_push(1.0)[1]
     assert np.all(np.abs(jittered) <= 1.0)
     rough = lambda a: np.abs(np.diff(a.reshape(4, 30, 2), axis=1)).mean(axis=(1, 2))  # per episode
     assert rough(jittered).mean() > 1.5 * rough(default[1]).mean()  # steps no longer smooth
     assert rough(jittered).std() > 0.05  # each episode draws its own std
-    np.testing.assert_array_equal(jittered, collect_jittered(1.0)[1])  # seeded
+    np.testing.assert_array_equal(jittered, collect_push(1.0)[1])  # seeded
     with pytest.raises(UserError, match="action-noise"):
-        collect_jittered(-0.5)
+        collect_push(-0.5)
 
 
 def test_wander_takes_the_agent_away_from_the_block():
     """simulate(wander=p): a share p of the episodes follow a smooth random walk, so the data show the
     agent apart from the block, which push's pushing exploration never does; seeded, in [-1, 1]."""
     gap = lambda state: np.linalg.norm(state[:, 0:2] - state[:, 4:6], axis=1)
-    pushing = collect_jittered(0.0, 0.0, episodes=8, steps=60)
-    wandering = collect_jittered(0.0, 1.0, episodes=8, steps=60)
+    pushing = collect_push(0.0, 0.0, episodes=8, steps=60)
+    wandering = collect_push(0.0, 1.0, episodes=8, steps=60)
     assert np.all(np.abs(wandering[1]) <= 1.0)
     assert (gap(pushing[2]) > 0.2).mean() < 0.02 < 0.2 < (gap(wandering[2]) > 0.2).mean()
     smooth = lambda a: np.abs(np.diff(a.reshape(8, 60, 2), axis=1)).mean()
     assert smooth(wandering[1]) < 0.5  # a walk, not white noise (uniform white noise: about 0.67)
-    half = collect_jittered(0.0, 0.5, episodes=8, steps=60)[2].reshape(8, 60, -1)
+    half = collect_push(0.0, 0.5, episodes=8, steps=60)[2].reshape(8, 60, -1)
     away = (gap(half.reshape(480, -1)) > 0.2).reshape(8, 60).mean(1)
     assert 0 < (away > 0.1).sum() < 8  # some episodes wander, some push
-    np.testing.assert_array_equal(half.reshape(480, -1), collect_jittered(0.0, 0.5, episodes=8, steps=60)[2])
+    np.testing.assert_array_equal(half.reshape(480, -1), collect_push(0.0, 0.5, episodes=8, steps=60)[2])
     with pytest.raises(UserError, match="wander"):
-        collect_jittered(0.0, 1.5)
+        collect_push(0.0, 1.5)
 
 
 def test_collection_settings_are_recorded_with_the_data_not_in_the_world_a_run_rebuilds(tmp_path):

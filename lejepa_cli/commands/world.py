@@ -83,8 +83,8 @@ def simulate(
     sets: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="World option key=value (repeatable), e.g. noise=0.05.")] = None,
     env_kwargs: Annotated[Optional[list[str]], typer.Option("--env-kwargs", help="gym: worlds: keyword arguments of gymnasium.make, one JSON object or key=value (repeatable; values read as JSON).")] = None,
     policy: Annotated[Optional[str], typer.Option("--policy", help="gym: worlds: the data-collection policy, module:function called as function(observation, env, rng) -> action in the env's units (default: smooth random exploration; Push-T: a pushing policy).")] = None,
-    action_noise: Annotated[float, typer.Option("--action-noise", min=0.0, max=4.0, help="White noise on the exploration's actions, its std drawn per episode in [0, this] (0: off). Shows the model the jittery actions a planner tries; the world the run is evaluated in stays smooth.")] = 0.0,
-    wander: Annotated[float, typer.Option("--wander", min=0.0, max=1.0, help="Share of episodes driven by a smooth random walk instead of the exploration policy (0: off). Push's policy keeps the agent at the block; wandering episodes show the agent apart from it, which planning needs.")] = 0.0,
+    action_noise: Annotated[float, typer.Option("--action-noise", help="White noise on the exploration's actions, its std drawn per episode in [0, this], at most 4 (0: off). Shows the model the jittery actions a planner tries; the world the run is evaluated in stays smooth.")] = 0.0,
+    wander: Annotated[float, typer.Option("--wander", help="Share of episodes driven by a smooth random walk instead of the exploration policy (0: off). Push's policy keeps the agent at the block; wandering episodes show the agent apart from it, which planning needs.")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a different dataset already in --out.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar.")] = False,
 ) -> None:

@@ -34,7 +34,7 @@ def simulate_dataset(
     data-collection policy (world.sim.simulate); they are recorded in the source's plan, not in the
     world options a run rebuilds."""
     from lejepa_cli.world.catalog import make_world
-    from lejepa_cli.world.sim import simulate
+    from lejepa_cli.world.sim import check_collection, simulate
 
     t0 = time.perf_counter()
     if not 1 <= episodes <= MAX_EPISODES or not 0 <= val_episodes <= MAX_EPISODES:
@@ -43,6 +43,7 @@ def simulate_dataset(
         raise UserError(f"--steps must be in [1, 100000], got {steps}")
     if not 0 <= seed < 2**63:
         raise UserError(f"--seed must be in [0, 2**63), got {seed}")
+    check_collection(action_noise, wander)
     extra = {k: v for k, v in (("env_kwargs", env_kwargs), ("policy", policy)) if v}
     if extra and not name.startswith("gym:"):
         raise UserError(f"--{next(iter(extra)).replace('_', '-')} applies to gym:ENV_ID worlds, not to {name}")

@@ -239,10 +239,7 @@ def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0
     """
     if episodes < 1 or steps < 1:
         raise UserError(f"--episodes and --steps must be >= 1, got {episodes} and {steps}")
-    if not 0.0 <= action_noise <= MAX_ACTION_NOISE:
-        raise UserError(f"--action-noise must be in [0, {MAX_ACTION_NOISE}], got {action_noise}")
-    if not 0.0 <= wander <= 1.0:
-        raise UserError(f"--wander must be a share in [0, 1], got {wander}")
+    check_collection(action_noise, wander)
     for c, first in enumerate(range(0, episodes, EPISODE_CHUNK)):
         b = min(EPISODE_CHUNK, episodes - first)
         rng = np.random.default_rng(np.random.SeedSequence([seed, stream, c]))
@@ -264,6 +261,14 @@ def simulate(world: World, episodes: int, steps: int, seed: int, stream: int = 0
             actions[:, t] = action
             state = world.step(state, action, rng)
         yield Chunk(frames.reshape(b * steps, R, R, 3), actions.reshape(b * steps, -1), states.reshape(b * steps, -1), b)
+
+
+def check_collection(action_noise: float, wander: float) -> None:
+    """The data-collection settings' one bound check (simulate, and simulate_dataset before it writes)."""
+    if not 0.0 <= action_noise <= MAX_ACTION_NOISE:
+        raise UserError(f"--action-noise must be in [0, {MAX_ACTION_NOISE}], got {action_noise}")
+    if not 0.0 <= wander <= 1.0:
+        raise UserError(f"--wander must be a share in [0, 1], got {wander}")
 
 
 def _collection_policy(action_noise: float, wander: float, rng: np.random.Generator, episodes: int,
