@@ -12,6 +12,7 @@ import json
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -252,3 +253,22 @@ def test_plan_bench_times_each_profile_on_one_and_two_threads():
     assert all(c[f"{kind}s_per_decision_{n}"] > 0 for c in r["cases"] for kind in ("", "cpu_")
                for n in ("1_thread", "2_threads"))
     assert r["model"] == "world-tworoom, random init" and "load_average_1_5_15min" in r["machine"]
+
+
+def test_plan_errors_compares_the_model_along_each_sequence_with_the_simulator():
+    from benchmarks import bench_plan, plan_errors
+    from lejepa_cli.config import PlanConfig
+    from lejepa_cli.world.catalog import make_world
+    from test_world_train import TINY_WORLD
+
+    model, world = bench_plan.random_model(tuple(TINY_WORLD)), make_world("two-room", size=64)
+    settings = PlanConfig(candidates=16, iterations=3, elites=4, horizon=8)  # 4 blocks of frameskip 2
+    r = plan_errors.diagnose(model, world, problems=3, seed=0, settings=settings, warm_blocks=2)
+    assert r["horizon_blocks"] == 4 and set(r["sequences"]) == set(plan_errors.SEQUENCES)
+    for figures in r["sequences"].values():
+        assert all(len(v) == 4 and np.isfinite(v).all() for k, v in figures.items() if isinstance(v, list))
+        assert figures["latent_err"][0] > 0 and figures["copy_err"][0] > 0
+    # The true-dynamics planner really heads for the goal; random actions barely move the agent.
+    oracle, random = r["sequences"]["oracle_plan"], r["sequences"]["random"]
+    assert oracle["goal_distance_true"][-1] < r["start_goal_distance"] - 0.05
+    assert oracle["goal_distance_true"][-1] < random["goal_distance_true"][-1]
