@@ -28,6 +28,7 @@ import torch
 
 from benchmarks.machine import describe
 from lejepa_cli.config import PlanConfig
+from lejepa_cli.probes import ridge_probe
 from lejepa_cli.world.export import WorldModelExport
 from lejepa_cli.world.plan import cem, draw_problems, model_cost, oracle_cost
 from lejepa_cli.world.plan_settings import search
@@ -37,14 +38,22 @@ SEQUENCES = ("plan", "oracle_plan", "explore", "random")
 
 
 def fit_state_probe(model: WorldModelExport, world: World, episodes: int = 80, steps: int = 60, seed: int = 5):
-    """A ridge map latent -> full state, fitted on simulated episodes (half of them random walks, so the
-    agent is also seen away from what it pushes). Returns a function latents (..., D) -> states (..., S)."""
+    """The probes' ridge (lejepa_cli.probes.ridge_probe) from latent to full state, fitted on simulated episodes
+    (half of them random walks, so the agent is also seen away from what it pushes). Returns a function
+    latents (..., D) -> states (..., S)."""
     chunks = list(simulate(world, episodes, steps, seed, stream=3, wander=0.5))
-    z = torch.cat([model.encode(c.frames) for c in chunks]).double().cpu()
-    s = torch.from_numpy(np.concatenate([c.state for c in chunks])).double()
-    x = torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64)], 1)
-    w = torch.linalg.solve(x.T @ x + 1e-3 * torch.eye(x.shape[1], dtype=torch.float64), x.T @ s)
-    return lambda lat: (torch.cat([lat.double().cpu(), torch.ones(*lat.shape[:-1], 1, dtype=torch.float64)], -1) @ w).numpy()
+    z = torch.cat([model.encode(c.frames) for c in chunks]).cpu().numpy()
+    s = np.concatenate([c.state for c in chunks])
+    return lambda lat: ridge_probe(z, s, lat.reshape(-1, lat.shape[-1]).cpu().numpy()).reshape(*lat.shape[:-1], -1)
+
+
+def explore(world: World, state: np.ndarray, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """The world's exploration policy run `steps` steps from `state`: its actions (N, steps, A)."""
+    memory, actions = world.explore_init(rng, state), []
+    for _ in range(steps):
+        actions.append(world.explore(state, memory, rng))
+        state = world.step(state, actions[-1])
+    return np.stack(actions, 1)
 
 
 def context(model: WorldModelExport, world: World, starts: np.ndarray, warm_blocks: int, rng: np.random.Generator):
@@ -52,20 +61,14 @@ def context(model: WorldModelExport, world: World, starts: np.ndarray, warm_bloc
     after `warm_blocks` blocks of the exploration policy from the start (0: the start frame alone)."""
     fs, a, n = model.frameskip, world.action_dim, len(starts)
     state = world.set_state(starts)
-    frame = observe(world, world.render(state), None, rng)
-    latents, blocks, memory = [model.encode(frame)], [], world.explore_init(rng, state)
-    for _ in range(warm_blocks):
-        acts = []
-        for _ in range(fs):
-            acts.append(world.explore(state, memory, rng))
-            state = world.step(state, acts[-1])
-        frame = observe(world, world.render(state), frame, rng)
-        latents.append(model.encode(frame))
-        blocks.append(torch.from_numpy(np.stack(acts, 1).reshape(n, fs * a)).float())
-    keep = model.history
-    z = torch.stack(latents[-keep:], 1)
-    b = torch.stack(blocks[-(z.shape[1] - 1):], 1) if z.shape[1] > 1 else z.new_zeros(n, 0, fs * a)
-    return state, z, b.to(z)
+    z = model.encode(observe(world, world.render(state), None, rng))[:, None]
+    b = z.new_zeros(n, 0, fs * a)
+    if warm_blocks:
+        b = torch.from_numpy(explore(world, state, warm_blocks * fs, rng).reshape(n, warm_blocks, fs * a)).float().to(z)
+        latents, states = execute(model, world, state, b, rng)
+        z, state = torch.cat([z, latents], 1), states[:, -1]
+    z = z[:, -model.history:]
+    return state, z, b[:, b.shape[1] - (z.shape[1] - 1):]
 
 
 def execute(model: WorldModelExport, world: World, state: np.ndarray, blocks: torch.Tensor, rng: np.random.Generator):
@@ -90,11 +93,7 @@ def sequences(model, world, state, z_hist, b_hist, z_goal, goals, settings: Plan
     plan = cem(model_cost(model, z_hist, b_hist, z_goal, settings.cost), n, fs * a, cfg,
                torch.Generator().manual_seed(seed), init_mean=z_hist.new_zeros(shape))
     oracle = cem(oracle_cost(world, state, goals, fs, settings.cost), n, fs * a, cfg, torch.Generator().manual_seed(seed))
-    memory, s, explore = world.explore_init(rng, state), state.copy(), []
-    for _ in range(cfg.horizon * fs):
-        explore.append(world.explore(s, memory, rng))
-        s = world.step(s, explore[-1])
-    explore_blocks = torch.from_numpy(np.stack(explore, 1).reshape(shape)).float()
+    explore_blocks = torch.from_numpy(explore(world, state, cfg.horizon * fs, rng).reshape(shape)).float()
     random_blocks = torch.from_numpy(rng.uniform(-1.0, 1.0, shape)).float()
     return dict(zip(SEQUENCES, (plan, oracle, explore_blocks, random_blocks)))
 
