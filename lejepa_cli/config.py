@@ -8,6 +8,7 @@ inside every checkpoint, so a run can always be rebuilt from its artefacts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -154,6 +155,7 @@ class WorldConfig:
     camera_invariance: float = 1.0  # weight of the term pulling every copy's latents to the copies' mean
     camera_target: str = "clean"  # clean: prediction and SIGReg on the clean windows only | all: on every copy too
     camera_from_step: int = 0  # training step the copies join at (before it: clean windows only)
+    camera_frames: int = 0  # frames of each window copied, picked at random (0: every frame; k: k frames, ~k / T the cost)
     freeze_dynamics: bool = False  # keep the predictor and action encoder fixed: only the encoder learns (adaptation)
 
 PLAN_COSTS = ("final", "min")
@@ -252,7 +254,8 @@ _RULES: dict[str, tuple[Any, str]] = {
         "world.head_dim", "world.mlp_dim", "world.eval_horizon", "plan.candidates", "plan.iterations", "plan.elites",
         "plan.horizon", "plan.budget")},
     "world.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    **{key: (lambda v: v >= 0, "a number >= 0") for key in ("world.camera_views", "world.camera_invariance", "world.camera_from_step")},
+    **{key: (lambda v: v >= 0, "a number >= 0") for key in (
+        "world.camera_views", "world.camera_invariance", "world.camera_from_step", "world.camera_frames")},
     "world.camera_hue": (lambda v: 0 <= v <= 180, "a number of degrees in [0, 180]"),
     "world.camera_target": (lambda v: v in ("clean", "all"), "clean or all"),
     "world.eval_windows": (lambda v: v >= 0, "an integer >= 0 (0: every held-out window)"),
@@ -290,6 +293,9 @@ def validate(cfg: Config) -> Config:
         raise UserError("objective 'world' trains with DDP and one micro-batch: set train.fsdp=false and train.grad_accum=1")
     if cfg.world.rollout_steps > 1 and cfg.world.num_preds != 1:
         raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} needs world.num_preds 1, not {cfg.world.num_preds}")
+    if cfg.world.camera_frames and cfg.world.camera_target != "clean":
+        raise UserError(f"config key 'world.camera_frames' = {cfg.world.camera_frames} copies single frames, which the "
+                        f"predictor cannot score: it needs world.camera_target clean (or camera_frames 0)")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")
@@ -315,11 +321,8 @@ def _begin_source(cfg: Config) -> None:
 
 
 def _put(cfg: Config, key: str, value: Any) -> None:
-    *path, last = key.split(".")
-    node: Any = cfg
-    for part in path:
-        node = getattr(node, part)
-    setattr(node, last, value)
+    section, _, last = key.rpartition(".")
+    setattr(get_key(cfg, section) if section else cfg, last, value)
 
 
 def read_world_renames(cfg: Config) -> None:
@@ -427,10 +430,7 @@ def diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[st
 
 
 def get_key(cfg: Config, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+    return functools.reduce(getattr, key.split("."), cfg)
 
 
 def set_key(cfg: Config, key: str, value: Any) -> None:

@@ -112,3 +112,48 @@ def test_copies_join_at_camera_from_step_and_not_before(two_room, tmp_path):
     logged = [json.loads(x) for x in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
     invariance = [x["invariance"] for x in logged if "invariance" in x]
     assert invariance[:5] == [0.0] * 5 and invariance[5] > 0  # six steps, the copies in the last
+
+
+def test_camera_frames_copies_k_random_frames_per_window_pulled_to_their_clean_latents(two_room):
+    """world.camera_frames=1: each window's copies are of one frame picked at random (the encoder sees
+    B x T clean frames + V x B copies, not (V + 1) x B x T), and the invariance term pulls each copy's
+    latent to the mean of it and that frame's clean latent, the copies on the running statistics."""
+    import copy
+
+    import lejepa_cli.world.objective as objective
+    from lejepa_cli.world.model import running_batchnorm
+
+    cfg = world_config(two_room, extra=(*CAMERA, "world.camera_frames=1"))
+    run = objective.build_world_run(cfg, torch.device("cpu"))
+    frames = torch.as_tensor(run.train_data.batch(np.arange(8))[0]).permute(0, 1, 4, 2, 3)
+    actions = torch.as_tensor(run.train_data.batch(np.arange(8))[1])
+    picked, copies = run.camera_copies(frames, step=1, seed=5)
+    assert picked.shape == (8, 1) and copies.shape == (2 * 8, 1, *frames.shape[2:])
+    assert len(set(picked[:, 0].tolist())) > 1  # another frame in another window
+    model = copy.deepcopy(run.model)  # before the step moves the BatchNorm statistics
+    seen = []
+    hook = run.model.backbone.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    parts = run.step([frames], [actions], step=1, seeds=[5])
+    hook.remove()
+    assert seen == [8 * frames.shape[1], 2 * 8]
+    with torch.no_grad():
+        z = model.encode(run.frames_in(frames))
+        with running_batchnorm(model):
+            zc = model.encode(run.frames_in(copies)).view(2, 8, 1, -1)
+    views = torch.cat([z[torch.arange(8)[:, None], picked][None], zc])
+    assert float(parts["invariance"]) == pytest.approx(float((views - views.mean(0)).square().mean()), rel=1e-5)
+
+
+def test_camera_frames_trains_and_resumes_bit_exact_and_needs_the_clean_target(two_room, tmp_path):
+    from lejepa_cli.config import load_config
+    from lejepa_cli.errors import UserError
+
+    extra = (*CAMERA, "world.camera_frames=2")
+    train(world_config(two_room, extra=extra), tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    list_checkpoints(tmp_path / "b" / "checkpoints")[-1].unlink()
+    train(world_config(two_room, extra=extra), tmp_path / "b", resume="auto", progress=False)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UserError, match="camera_frames.*camera_target clean"):
+        load_config("world-tworoom", ["world.camera_frames=1", "world.camera_target=all"])

@@ -161,7 +161,8 @@ class WorldModel(nn.Module):
         return self.predictor(z, self.action_encoder(actions), last_only)
 
     def forward(self, frames: torch.Tensor, actions: torch.Tensor, history: int, rollout_steps: int = 1,
-                views: int = 1, predicted_views: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                views: int = 1, predicted_views: int | None = None, copies: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, ...]:
         """Training forward: latents of every frame (B, T, D) and next-latent predictions (B', H + R - 1, D).
 
         The first H predictions come from the first `history` true latents (teacher forcing), each
@@ -175,6 +176,9 @@ class WorldModel(nn.Module):
         statistics pooled over clean and noisy frames let noise rescale the clean latents: two-room
         then lost the agent's position, R^2 0.98 -> 0.4, even with the invariance term off.)
         Predictions come for the first `predicted_views` groups (all by default): B' = their windows.
+
+        copies: single camera-copy frames (N, C, H, W) (`world.camera_frames`), encoded with the running
+        statistics like copy windows and returned third, (N, D): (z, p, z_copies).
         """
         predicted_views = views if predicted_views is None else predicted_views
         latents, predictions = [], []
@@ -184,9 +188,11 @@ class WorldModel(nn.Module):
                 latents.append(z)
                 if view < predicted_views:
                     predictions.append(self._predict_window(z, a, history, rollout_steps))
-        if views == 1:
-            return latents[0], predictions[0]
-        return torch.cat(latents), torch.cat(predictions)
+        out = (latents[0], predictions[0]) if views == 1 else (torch.cat(latents), torch.cat(predictions))
+        if copies is None:
+            return out
+        with running_batchnorm(self):
+            return *out, self.encode(copies[:, None])[:, 0]
 
     def _predict_window(self, z: torch.Tensor, actions: torch.Tensor, history: int, rollout_steps: int) -> torch.Tensor:
         preds = self.predict(z[:, :history], actions[:, :history])

@@ -104,27 +104,47 @@ class WorldRun:
         torch.manual_seed(seeds[0])  # dropout and drop-path draws: a pure function of the step
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
         frames, actions = micro_inputs[0], micro_targets[0]
-        copies = []
-        if w.camera_views and step >= w.camera_from_step:  # the window and its camera copies, one batch of (V + 1) x B
-            gen = torch.Generator(self.device).manual_seed(seeds[0])
-            copies = [camera_copy(frames, noise=w.camera_noise, hue=w.camera_hue, colour=w.camera_colour, generator=gen)
-                      for _ in range(w.camera_views)]
-            frames, actions = torch.cat([frames, *copies]), actions.repeat(len(copies) + 1, 1, 1)
+        picked, copies = (self.camera_copies(frames, step, seeds[0]) if w.camera_views and step >= w.camera_from_step
+                          else (None, None))
+        single = picked is not None  # copies of a few frames per window (world.camera_frames), not whole windows
+        if copies is not None and not single:  # the window and its camera copies, one batch of (V + 1) x B
+            frames, actions = torch.cat([frames, copies]), actions.repeat(w.camera_views + 1, 1, 1)
         with autocast:
             # z: (V + 1) x (B, T, D), the clean windows first; p: (B, H + R - 1, D), and the copies' for target 'all'
-            z, p = self.trainer(self.frames_in(frames), actions, w.history, w.rollout_steps, views=len(copies) + 1,
-                                predicted_views=1 if w.camera_target == "clean" else None)
+            out = self.trainer(self.frames_in(frames), actions, w.history, w.rollout_steps,
+                               views=1 if single or copies is None else w.camera_views + 1,
+                               predicted_views=1 if w.camera_target == "clean" else None,
+                               copies=self.frames_in(copies).flatten(0, 1) if single else None)
+        z, p = out[:2]
         scored = z[: len(p)] if w.camera_target == "clean" else z  # 'clean': the dynamics and SIGReg see the clean camera only
         parts = world_loss(scored, p, num_preds=w.num_preds, lamb=loss_cfg.lamb, step=step, num_slices=loss_cfg.num_slices,
                            t_max=loss_cfg.t_max, num_knots=loss_cfg.num_knots)
-        if copies:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
-            views = z.float().view(len(copies) + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
+        if copies is not None:  # LeJEPA's invariance: every copy's latents pulled to the copies' mean
+            if single:  # (V + 1, B, k, D): the picked frames' clean latents, then their copies'
+                clean = z[torch.arange(len(z), device=z.device)[:, None], picked]
+                views = torch.cat([clean[None], out[2].view(w.camera_views, *clean.shape)]).float()
+            else:
+                views = z.float().view(w.camera_views + 1, -1, *z.shape[1:])  # (V + 1, B, T, D)
             parts["invariance"] = (views - views.mean(0)).square().mean()
             parts["loss"] = parts["loss"] + w.camera_invariance * parts["invariance"]
         elif w.camera_views:  # logged as 0 before the copies join; outside the graph, so those steps are the clean run's
             parts["invariance"] = torch.zeros((), device=z.device)
         parts["loss"].backward()
         return {k: v.detach() for k, v in parts.items()}
+
+    def camera_copies(self, frames: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The step's camera copies (world/camera.py), drawn from a generator seeded by the step:
+        (None, V copies of every window (V x B, T, C, R, R)) with camera_frames 0; with camera_frames k,
+        (the k frames picked at random in each window (B, k), their V copies (V x B, k, C, R, R))."""
+        w = self.cfg.world
+        gen = torch.Generator(self.device).manual_seed(seed)
+        picked = None
+        if w.camera_frames:  # the copies' encoder cost is k / T of whole windows'
+            picked = torch.rand(frames.shape[:2], generator=gen, device=frames.device).argsort(1)[:, : w.camera_frames]
+            frames = frames[torch.arange(len(frames), device=frames.device)[:, None], picked]
+        copies = torch.cat([camera_copy(frames, noise=w.camera_noise, hue=w.camera_hue, colour=w.camera_colour,
+                                        generator=gen) for _ in range(w.camera_views)])
+        return picked, copies
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
