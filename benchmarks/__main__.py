@@ -1,5 +1,5 @@
 """The whole benchmark suite in one run: SIGReg, views, training step, ResNet stem, memory, data path, world
-model, planning, shard checksums; one JSON document.
+model, its camera-robustness step, planning, shard checksums; one JSON document.
 
     python -m benchmarks                          # default sizes (a few minutes on an idle 2-core CPU)
     python -m benchmarks --quick                  # small sizes, about a minute
@@ -32,7 +32,7 @@ import torch
 
 from benchmarks.machine import default_device, describe
 
-MODULES = ("sigreg", "views", "step", "resnet_stem", "memory", "loader", "world", "plan", "verify")  # benchmarks/bench_<name>.py: run(quick, threads=...) -> dict
+MODULES = ("sigreg", "views", "step", "resnet_stem", "memory", "loader", "world", "world_camera", "plan", "verify")  # benchmarks/bench_<name>.py: run(quick, threads=...) -> dict
 
 
 def choose_threads(threads: int | None) -> tuple[int | None, str]:

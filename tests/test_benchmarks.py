@@ -272,3 +272,12 @@ def test_plan_errors_compares_the_model_along_each_sequence_with_the_simulator()
     oracle, random = r["sequences"]["oracle_plan"], r["sequences"]["random"]
     assert oracle["goal_distance_true"][-1] < r["start_goal_distance"] - 0.05
     assert oracle["goal_distance_true"][-1] < random["goal_distance_true"][-1]
+
+
+def test_bench_world_camera_times_the_clean_step_beside_both_robustness_steps():
+    from benchmarks import bench_world_camera
+
+    r = bench_world_camera.measure("world-tworoom", batch=4, rounds=1, warmup=0)
+    assert set(r["step_ms"]) == {"clean", "whole_windows", "one_frame"} and all(v > 0 for v in r["step_ms"].values())
+    assert set(r["ratio_to_clean"]) == {"whole_windows", "one_frame"} and r["frames_per_window"] == 4
+    assert r["batch"] == 4 and r["machine"]["threads"] == 1
