@@ -175,6 +175,23 @@ def test_linear_probe_on_a_linear_image_of_the_state_has_r2_one():
     assert r2_score(state[400:], ridge_probe(noise[:400], state[:400], noise[400:])).max() < 0.1
 
 
+def test_an_angle_is_also_probed_as_its_cosine_and_sine_which_a_line_reads_across_the_wrap():
+    """A latent holding an orientation as a point on the circle: no line reads the wrapped angle
+    (it jumps by 2 pi at +-pi), a line reads its cosine and sine exactly."""
+    from lejepa_cli.world.probe import with_angle_components
+
+    names = ["agent_x", "block_angle", "block_angular_velocity", "theta", "theta_dot"]
+    rng = np.random.default_rng(0)
+    states = rng.uniform(-np.pi, np.pi, (600, 5))
+    extended, new_names = with_angle_components(states, names)
+    assert new_names == [*names, "block_angle_cos", "theta_cos", "block_angle_sin", "theta_sin"]
+    np.testing.assert_allclose(extended[:, 5:], np.concatenate([np.cos(states[:, [1, 3]]), np.sin(states[:, [1, 3]])], 1))
+    latents = np.stack([np.cos(states[:, 1]), np.sin(states[:, 1])], 1) @ rng.normal(size=(2, 8))
+    r2 = r2_score(extended[400:], ridge_probe(latents[:400], extended[:400], latents[400:], lam=1e-8))
+    assert r2[1] < 0.8 and r2[5] > 0.999 and r2[7] > 0.999  # the angle itself vs its cosine and sine
+    assert with_angle_components(states[:, :1], names[:1])[1] == names[:1]  # no angle: nothing added
+
+
 def brute_force_auroc(pos, neg) -> float:
     wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
     return wins / (len(pos) * len(neg))

@@ -15,6 +15,7 @@ frames (those with a full history). Probes (lejepa_cli.probes): ridge regression
 (penalty chosen by cross-validation over whole training episodes), and a small MLP (one hidden
 layer, full-batch Adam, early-stopped on held-out training episodes). Hidden parameters (mass, friction:
 constant in an episode, invisible in one frame) are "recoverable" from a feature set when a probe reaches R^2 >= 0.5.
+An angle (Push-T's block, a pendulum's theta) is also probed as its cosine and sine (`<name>_cos`, `<name>_sin`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,23 @@ def is_hidden(name: str) -> bool:
     return name.endswith(("mass", "friction"))
 
 
+def is_angle(name: str) -> bool:
+    """An orientation column (not its rate of change)."""
+    return ("angle" in name or "theta" in name) and not name.endswith(("_dot", "velocity"))
+
+
+def with_angle_components(states: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Append the cosine and sine of every angle column as `<name>_cos`, `<name>_sin`. A wrapped angle
+    jumps by 2 pi where the orientation barely turns, so no line reads it from any latent (Push-T's block
+    angle: R^2 -0.1, a random encoder's); its cosine and sine are smooth in the orientation."""
+    angles = [i for i, n in enumerate(names) if is_angle(n)]
+    if not angles:
+        return states, names
+    extra = np.concatenate([np.cos(states[..., angles]), np.sin(states[..., angles])], axis=-1)
+    return (np.concatenate([states, extra], axis=-1),
+            [*names, *(f"{names[i]}_cos" for i in angles), *(f"{names[i]}_sin" for i in angles)])
+
+
 def probe_world(model: WorldModelExport, world, *, episodes: int = 20, train_episodes: int | None = None,
                 steps: int | None = None, seed: int = 0, history: int | None = None) -> dict:
     """Probe every state variable of `world` from the model's latents and from a random-init encoder's.
@@ -104,11 +122,13 @@ def probe_world(model: WorldModelExport, world, *, episodes: int = 20, train_epi
     require_state(source)
     fit, test = source.episodes("fit", train_episodes, steps, seed), source.episodes("test", episodes, steps, seed)
     names = source.state_names or [f"state_{i}" for i in range(fit.states.shape[-1])]
+    fit_states, _ = with_angle_components(fit.states, names)
+    test_states, names = with_angle_components(test.states, names)
     report: dict = {"episodes": len(test), "train_episodes": len(fit), "steps": steps, "history": history,
                     "state_names": names}
     report.update({"world": source.name} if source.kind == "simulator" else {"data": source.name, "split": source.split})
     for tag, m in (("", model), ("_random_init", random_init_like(model, seed))):
-        scores = fit_probes(features(m, fit.frames, fit.states, history), features(m, test.frames, test.states, history), seed)
+        scores = fit_probes(features(m, fit.frames, fit_states, history), features(m, test.frames, test_states, history), seed)
         for key, r2 in (("r2", "linear_frame"), ("r2_mlp", "mlp_frame"), ("r2_history", "linear_history"),
                         ("r2_history_mlp", "mlp_history")):
             report[f"{key}{tag}"] = {n: float(v) for n, v in zip(names, scores[r2])}
