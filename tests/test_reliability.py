@@ -56,6 +56,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _cli_on_one_thread(monkeypatch):
+    """A CLI run in this process takes its thread count from the environment (threads.apply_default):
+    pinned like the in-process runs, a resumed run is compared with one made on as many threads (under
+    OMP_NUM_THREADS=2 the CLI would otherwise train on 2 and leave torch there for the next test)."""
+    monkeypatch.setenv("LEJEPA_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(1)
+
+
 def fast(*extra: str) -> list[str]:
     return FAST + list(extra)
 
