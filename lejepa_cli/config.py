@@ -276,10 +276,8 @@ def validate(cfg: Config) -> Config:
         if not ok(get_key(cfg, key)):
             raise UserError(f"config key '{key}' = {get_key(cfg, key)!r} is not allowed: expected {allowed}")
     if cfg.train.batch_size % cfg.train.grad_accum:
-        raise UserError(
-            f"config key 'train.batch_size' = {cfg.train.batch_size} must be divisible by "
-            f"'train.grad_accum' = {cfg.train.grad_accum}"
-        )
+        raise UserError(f"config key 'train.batch_size' = {cfg.train.batch_size} must be divisible by "
+                        f"'train.grad_accum' = {cfg.train.grad_accum}")
     if cfg.plan.elites > cfg.plan.candidates:
         raise UserError(f"config key 'plan.elites' = {cfg.plan.elites} must be at most "
                         f"'plan.candidates' = {cfg.plan.candidates} (the elites are the cheapest candidates)")
@@ -291,11 +289,13 @@ def validate(cfg: Config) -> Config:
                         f"it needs a ResNet model.arch (set it to 0 for a ViT)")
     if cfg.objective == "world" and (cfg.train.fsdp or cfg.train.grad_accum > 1):
         raise UserError("objective 'world' trains with DDP and one micro-batch: set train.fsdp=false and train.grad_accum=1")
-    if cfg.world.rollout_steps > 1 and cfg.world.num_preds != 1:
-        raise UserError(f"config key 'world.rollout_steps' = {cfg.world.rollout_steps} needs world.num_preds 1, not {cfg.world.num_preds}")
-    if cfg.world.camera_frames and cfg.world.camera_target != "clean":
-        raise UserError(f"config key 'world.camera_frames' = {cfg.world.camera_frames} copies single frames, which the "
-                        f"predictor cannot score: it needs world.camera_target clean (or camera_frames 0)")
+    w = cfg.world
+    if w.rollout_steps > 1 and w.num_preds != 1:
+        raise UserError(f"config key 'world.rollout_steps' = {w.rollout_steps} needs world.num_preds 1, not {w.num_preds}")
+    window = w.history + w.num_preds + w.rollout_steps - 1  # frames per training window
+    if w.camera_frames and (w.camera_target != "clean" or w.camera_frames > window):
+        raise UserError(f"config key 'world.camera_frames' = {w.camera_frames} copies single frames, which the predictor "
+                        f"cannot score: it needs world.camera_target clean and at most the window's {window} frames")
     if cfg.train.fsdp and not cfg.model.arch.startswith("vit"):
         raise UserError(f"config key 'train.fsdp' = True shards transformer blocks: it needs a ViT "
                         f"model.arch, not {cfg.model.arch!r} (ResNets train with DDP)")

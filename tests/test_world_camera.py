@@ -127,7 +127,7 @@ def test_camera_frames_copies_k_random_frames_per_window_pulled_to_their_clean_l
     run = objective.build_world_run(cfg, torch.device("cpu"))
     frames = torch.as_tensor(run.train_data.batch(np.arange(8))[0]).permute(0, 1, 4, 2, 3)
     actions = torch.as_tensor(run.train_data.batch(np.arange(8))[1])
-    picked, copies = run.camera_copies(frames, step=1, seed=5)
+    picked, copies = run.camera_copies(frames, seed=5)
     assert picked.shape == (8, 1) and copies.shape == (2 * 8, 1, *frames.shape[2:])
     assert len(set(picked[:, 0].tolist())) > 1  # another frame in another window
     model = copy.deepcopy(run.model)  # before the step moves the BatchNorm statistics
@@ -157,3 +157,5 @@ def test_camera_frames_trains_and_resumes_bit_exact_and_needs_the_clean_target(t
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(UserError, match="camera_frames.*camera_target clean"):
         load_config("world-tworoom", ["world.camera_frames=1", "world.camera_target=all"])
+    with pytest.raises(UserError, match="at most the window's 4 frames"):
+        load_config("world-tworoom", ["world.camera_frames=5"])

@@ -104,7 +104,7 @@ class WorldRun:
         torch.manual_seed(seeds[0])  # dropout and drop-path draws: a pure function of the step
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else nullcontext()
         frames, actions = micro_inputs[0], micro_targets[0]
-        picked, copies = (self.camera_copies(frames, step, seeds[0]) if w.camera_views and step >= w.camera_from_step
+        picked, copies = (self.camera_copies(frames, seeds[0]) if w.camera_views and step >= w.camera_from_step
                           else (None, None))
         single = picked is not None  # copies of a few frames per window (world.camera_frames), not whole windows
         if copies is not None and not single:  # the window and its camera copies, one batch of (V + 1) x B
@@ -132,7 +132,7 @@ class WorldRun:
         parts["loss"].backward()
         return {k: v.detach() for k, v in parts.items()}
 
-    def camera_copies(self, frames: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def camera_copies(self, frames: torch.Tensor, seed: int) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The step's camera copies (world/camera.py), drawn from a generator seeded by the step:
         (None, V copies of every window (V x B, T, C, R, R)) with camera_frames 0; with camera_frames k,
         (the k frames picked at random in each window (B, k), their V copies (V x B, k, C, R, R))."""
