@@ -12,8 +12,8 @@ Three steps of the same run, timed in turn (one step of each per round, medians 
   through the encoder;
 - one frame: the same with `world.camera_frames=1`, a copy of one frame picked per window:
   B x T + V x B frames.
-The windows come from a simulated two-room folder (64 px), drawn and made tensors as the batch
-loader does. Prints one JSON object: ms per step of each, and their ratios to the clean step.
+The runs and the step are profile_world_step's: windows of a simulated two-room folder (64 px) made
+tensors as the batch loader makes them, `WorldRun.step`, the gradient clip if any, AdamW. Prints one JSON object: ms per step of each, and their ratios to the clean step.
 """
 
 from __future__ import annotations
@@ -29,31 +29,15 @@ import numpy as np
 import torch
 
 from benchmarks.machine import describe
+from benchmarks.profile_world_step import training_step, world_run
 
 PHASE = ("world.camera_views=1", "world.camera_noise=0.2", "world.freeze_dynamics=true")
 CASES = {"clean": (), "whole_windows": PHASE, "one_frame": (*PHASE, "world.camera_frames=1")}
 
 
-def _runs(preset: str, batch: int | None, folder: Path) -> dict:
-    from lejepa_cli.config import load_config
-    from lejepa_cli.world.objective import build_world_run
-    from lejepa_cli.world.prepare import simulate_dataset
-
-    simulate_dataset("two-room", folder, episodes=8, steps=64, val_episodes=2, size=64, seed=0, progress=False)
-    base = [f"data.source={folder}", *([f"train.batch_size={batch}"] if batch else [])]
-    return {name: build_world_run(load_config(preset, [*base, *extra]), torch.device("cpu"))
-            for name, extra in CASES.items()}
-
-
-def _step(run, step: int, rng: np.random.Generator) -> float:
-    """One training step as the loop takes it (data to tensors, step, AdamW); its wall seconds."""
+def _step_seconds(run, cfg, step: int, rng: np.random.Generator) -> float:
     tic = time.perf_counter()
-    frames, actions = run.train_data.batch(rng.integers(0, len(run.train_data), run.cfg.train.batch_size))
-    x = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)
-    y = torch.from_numpy(np.ascontiguousarray(actions, np.float32))
-    run.step([x], [y], step, [step])
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    training_step(run, cfg, step, rng)
     return time.perf_counter() - tic
 
 
@@ -61,16 +45,16 @@ def measure(preset: str = "world-tworoom", batch: int | None = None, rounds: int
             threads: int = 1) -> dict:
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = _runs(preset, batch, Path(tmp))
+        runs = {name: world_run(preset, batch, Path(tmp) / "two-room", extra) for name, extra in CASES.items()}
         rng = np.random.default_rng(0)
         times: dict[str, list[float]] = {name: [] for name in runs}
         for r in range(warmup + rounds):
-            for name, run in runs.items():
-                seconds = _step(run, r, rng)
+            for name, (run, cfg) in runs.items():
+                seconds = _step_seconds(run, cfg, r, rng)
                 if r >= warmup:
                     times[name].append(seconds)
     ms = {name: round(1e3 * statistics.median(t), 1) for name, t in times.items()}
-    cfg = runs["clean"].cfg
+    cfg = runs["clean"][1]
     return {"benchmark": "bench_world_camera", "preset": preset, "batch": cfg.train.batch_size,
             "frames_per_window": cfg.world.history + cfg.world.num_preds + cfg.world.rollout_steps - 1,
             "threads": threads, "rounds": rounds, "step_ms": ms,

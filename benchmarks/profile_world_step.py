@@ -102,18 +102,19 @@ def profile_steps(step, steps: int, warmup: int, table: bool = False) -> dict:
             "self_cpu_s_per_step": round(total / steps, 3), "shares": kinds}
 
 
-def _world_run(preset: str, batch: int, folder: Path):
+def world_run(preset: str, batch: int | None, folder: Path, overrides: tuple[str, ...] = ()):
+    """(WorldRun, config) of `preset` on a small simulated two-room folder (simulated once per folder)."""
     from lejepa_cli.config import load_config
     from lejepa_cli.world.objective import build_world_run
     from lejepa_cli.world.prepare import simulate_dataset
 
     simulate_dataset("two-room", folder, episodes=8, steps=64, val_episodes=2, size=64, seed=0, progress=False)
-    cfg = load_config(preset, [f"data.source={folder}", f"train.batch_size={batch}"])
+    cfg = load_config(preset, [f"data.source={folder}", *([f"train.batch_size={batch}"] if batch else []), *overrides])
     return build_world_run(cfg, torch.device("cpu")), cfg
 
 
-def _labelled_step(run, cfg, step: int, rng: np.random.Generator) -> None:
-    """One training step, each labelled region in its record_function."""
+def training_step(run, cfg, step: int, rng: np.random.Generator) -> None:
+    """One training step as the loop takes it, each labelled region in its record_function."""
     with record_function("data"):
         frames, actions = run.train_data.batch(rng.integers(0, len(run.train_data), cfg.train.batch_size))
         x = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3)
@@ -141,7 +142,7 @@ def profile_step(preset: str, batch: int | None = None, steps: int = 3, warmup: 
             return real_sigreg(*args, **kwargs)
 
     with tempfile.TemporaryDirectory() as tmp, mock.patch.object(world_loss_module, "sigreg", labelled_sigreg):
-        run, cfg = _world_run(preset, batch, Path(tmp) / "two-room")
+        run, cfg = world_run(preset, batch, Path(tmp) / "two-room")
         real_frames_in = run.frames_in
 
         def labelled_frames_in(frames):
@@ -151,7 +152,7 @@ def profile_step(preset: str, batch: int | None = None, steps: int = 3, warmup: 
         run.frames_in = labelled_frames_in
         rng = np.random.default_rng(0)
         counter = iter(range(1 << 30))
-        result = profile_steps(lambda: _labelled_step(run, cfg, next(counter), rng), steps, warmup, table)
+        result = profile_steps(lambda: training_step(run, cfg, next(counter), rng), steps, warmup, table)
     w = cfg.world
     return {"preset": preset, "encoder": f"{cfg.model.arch}/{cfg.model.patch_size} at {w.frame_size} px",
             "batch_windows": batch, "frames_per_window": w.history + w.num_preds, "threads": torch.get_num_threads(),

@@ -32,6 +32,11 @@ def _is_velocity(name: str) -> bool:
     return name.endswith(("_dot", "velocity")) or "_v" in name
 
 
+def is_angle(name: str) -> bool:
+    """An orientation column (it wraps at +-pi), not its rate of change."""
+    return ("theta" in name or "angle" in name) and not _is_velocity(name)
+
+
 def _wrap(angle: np.ndarray) -> np.ndarray:
     return (angle + np.pi) % (2 * np.pi) - np.pi
 
@@ -46,7 +51,7 @@ class StateAccess:
     def __init__(self, names: list[str]):
         self.names = names
         self.position = [i for i, n in enumerate(names) if not _is_velocity(n)] or list(range(len(names)))
-        self.angles = [i for i in self.position if "theta" in names[i] or "angle" in names[i]]
+        self.angles = [i for i in self.position if is_angle(names[i])]
 
     @property
     def teleport(self) -> tuple[str, ...]:

@@ -27,6 +27,7 @@ from lejepa_cli.errors import UserError
 from lejepa_cli.probes import mlp_probe, r2_score, ridge_cv
 from lejepa_cli.world.episodes import as_source
 from lejepa_cli.world.export import WorldModelExport
+from lejepa_cli.world.gym_state import is_angle
 from lejepa_cli.world.runs import encode_episodes, require_window_frames, window_frames
 
 RECOVERABLE = 0.5  # R^2 from which a hidden parameter counts as readable
@@ -81,11 +82,6 @@ def fit_probes(train: dict[str, np.ndarray], test: dict[str, np.ndarray], seed: 
 
 def is_hidden(name: str) -> bool:
     return name.endswith(("mass", "friction"))
-
-
-def is_angle(name: str) -> bool:
-    """An orientation column (not its rate of change)."""
-    return ("angle" in name or "theta" in name) and not name.endswith(("_dot", "velocity"))
 
 
 def with_angle_components(states: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
