@@ -243,6 +243,13 @@ def test_pusht_states_are_written_exactly_and_stepping_is_pure(pusht):
     assert not pusht.success(turned, goal).any()
     np.testing.assert_allclose(pusht.scores(start, goal)["coverage"], 1.0)
     assert (pusht.scores(far, goal)["coverage"] < 1.0).all()
+    # which part of the goal a planner misses: the block's position and angle, and the agent, apart
+    far[:, 0] += 30.0
+    scores = pusht.scores(far, goal)
+    np.testing.assert_allclose(scores["block_error_px"], 21.0, atol=1e-9)
+    np.testing.assert_allclose(scores["agent_error_px"], 30.0, atol=1e-9)
+    np.testing.assert_allclose(scores["angle_error_deg"], 0.0, atol=1e-9)
+    np.testing.assert_allclose(pusht.scores(turned, goal)["angle_error_deg"], 20.0 + np.degrees(0.01), atol=1e-6)
 
 
 def test_pusht_exploration_pushes_the_block_far_more_than_random_actions(pusht):
@@ -283,6 +290,12 @@ def test_the_pusht_recipe_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     measured = report["measured"]
     assert set(recipe.expected) <= set(measured)
     for key in ("success_rate", "random_success_rate", "oracle_success_rate", "coverage", "random_coverage",
-                "oracle_coverage", "position_r2", "teleport_auroc"):
+                "oracle_coverage", "block_error_px", "random_angle_error_deg", "oracle_agent_error_px", "position_r2",
+                "teleport_auroc"):
         assert np.isfinite(measured[key]), key
     assert report["probe"]["plan"]["oracle_episodes"] == 1 and report["probe"]["plan"]["episodes"] == 1
+    # `world plan` shows the world's own scores of the final states beside success
+    result = CliRunner().invoke(app, ["world", "plan", str(tmp_path / "run"), "-n", "1", "--budget", "5",
+                                      "--no-baselines", *[a for k, v in tiny_search for a in (f"--{k}", str(v))]])
+    assert result.exit_code == 0, result.output
+    assert "final state, mean" in result.output and "block_error_px" in result.output, result.output

@@ -208,14 +208,16 @@ def plan_cmd(
                            record=save_video is not None)
     s, fs = settings, used.model.frameskip
     goals = f"goals {s.goal_offset} exploration steps ahead" if s.goal_offset else "goals anywhere"
-    table = Table("planner", "success", "mean steps to success", "s / decision",
+    extra = report.get("world_scores", [])  # the world's own scores of the final states (Push-T: coverage, errors)
+    table = Table("planner", "success", "mean steps to success", "s / decision", *(["final state, mean"] if extra else []),
                   title=f"{world.name}: {episodes} episodes, {goals}, budget {s.budget} steps, CEM {s.candidates}x{s.iterations} "
                         f"(top {s.elites}), horizon {s.horizon} steps = {horizon_blocks(s.horizon, fs)} blocks of {fs}, "
                         f"cost {s.cost}, noise beta {s.noise_beta:g}")
     for kind, label in (("", "world model (CEM)"), ("random_", "random policy"), ("oracle_", "true dynamics (CEM)")):
         if f"{kind}success_rate" in report:
+            final = [", ".join(f"{name} {report[kind + name]:.3g}" for name in extra)] if extra else []
             table.add_row(label, _fmt(report[f"{kind}success_rate"], pct=True), _fmt(report[f"{kind}mean_steps"]),
-                          _fmt(report[f"{kind}seconds_per_decision"]))
+                          _fmt(report[f"{kind}seconds_per_decision"]), *final)
     console.print(table)
     if save_video is not None:
         video = report["video"]

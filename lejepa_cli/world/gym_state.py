@@ -143,8 +143,13 @@ class PushTAccess(StateAccess):
         return (pos < PUSHT_POSITION) & (np.abs(_wrap(state[:, 4] - goal[:, 4])) < PUSHT_ANGLE)
 
     def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
-        """gym-pusht's coverage score (the share of the goal pose's T the block covers), against each goal pose."""
-        return {"coverage": coverage(state, goal)}
+        """gym-pusht's coverage score (the share of the goal pose's T the block covers) against each goal
+        pose, and how far the block's position and angle and the agent end from the goal's: which part
+        of the goal a planner misses (the success criterion needs the block only)."""
+        return {"coverage": coverage(state, goal),
+                "block_error_px": np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1),
+                "angle_error_deg": np.degrees(np.abs(_wrap(state[:, 4] - goal[:, 4]))),
+                "agent_error_px": np.linalg.norm(state[:, 0:2] - goal[:, 0:2], axis=1)}
 
     def default_kwargs(self, size: int) -> dict:
         # Pixel observations at the world's size: frames without the action marker render() draws.

@@ -192,7 +192,8 @@ def run_episodes(kind: str, world: World, starts: np.ndarray, goals: np.ndarray 
 
 
 def summarise(result: dict, world: World | None = None, goals: np.ndarray | None = None) -> dict:
-    """success_rate, mean_steps, seconds_per_decision, and the world's own scores of the final states (mean)."""
+    """success_rate, mean_steps, seconds_per_decision, and the world's own scores of the final states
+    (mean; Push-T: coverage and the block's, angle's and agent's errors against the goal)."""
     success, steps = result["success"], result["steps"]
     out = {"success_rate": float(success.mean()) if len(success) else 0.0,
            "mean_steps": float(steps[success].mean()) if success.any() else None,
@@ -239,7 +240,9 @@ def plan(model: WorldModelExport, world: World, *, episodes: int = 20, seed: int
     reads a run's own. Keys: success_rate, random_success_rate, oracle_success_rate (fractions of
     `episodes`), seconds_per_decision (the world model's), mean_steps / random_mean_steps /
     oracle_mean_steps (steps to success of the successful episodes), random_ / oracle_seconds_per_decision,
-    `cem` (the settings, with horizon_blocks) and `video` (frames of episode 0 and its goal image) with record.
+    `cem` (the settings, with horizon_blocks), `world_scores` (the names of the world's own scores of the
+    final states, each reported per planner like success_rate) and `video` (frames of episode 0 and its
+    goal image) with record.
     """
     settings = settings or PlanConfig()
     budget, goal_offset = settings.budget, settings.goal_offset
@@ -254,7 +257,9 @@ def plan(model: WorldModelExport, world: World, *, episodes: int = 20, seed: int
         result = run_episodes(kind, world, starts, goals, model=model, frameskip=model.frameskip, budget=budget,
                               cfg=cfg, seed=seed, record=record and kind == "model")
         prefix = "" if kind == "model" else f"{kind}_"
-        for key, value in summarise(result, world, goals).items():
+        summary = summarise(result, world, goals)
+        report["world_scores"] = [k for k in summary if k not in ("success_rate", "mean_steps", "seconds_per_decision")]
+        for key, value in summary.items():
             report[f"{prefix}{key}"] = value
         if "frames" in result:
             report["video"] = {"frames": result["frames"], "goal": result["goal_image"], "success": bool(result["success"][0])}

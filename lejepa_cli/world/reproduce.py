@@ -9,7 +9,9 @@ figures `measure` returns are the ones a world recipe can pin:
     <param>_r2_history     ... and from the predictor's history window (`probe_history` frames)
     teleport_auroc         surprise detection of teleports
     success_rate, random_success_rate, oracle_success_rate, seconds_per_decision   planning
-    coverage, random_coverage, oracle_coverage     a world's own score of the final states (Push-T's coverage)
+    coverage, block_error_px, angle_error_deg, agent_error_px (each also random_ / oracle_)
+                           a world's own scores of the final states (Push-T's: its coverage, and how far
+                           block, angle and agent end from the goal's; means)
     <condition>_<level>_position_r2 | _teleport_auroc | _plan_success    a `world stress` row (world/stress.py)
     clean_position_r2 | clean_teleport_auroc | clean_plan_success     its clean row, the rows' reference
     <condition>_<level>_adapted_position_r2 | ... | _adapt_seconds      the same after label-free adaptation
@@ -88,8 +90,8 @@ def measure(run_dir: Path, recipe: WorldRecipe, settings: PlanConfig, seed: int 
     reports: dict[str, Any] = {"probe": probe, "surprise": events, "world_note": used.note}
     if recipe.plan_episodes:
         reports["plan"] = planned = _plan_figures(model, world, recipe, settings, seed)
-        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision",
-                    "coverage", "random_coverage", "oracle_coverage"):
+        scores = [f"{who}{name}" for name in planned.get("world_scores", []) for who in ("", "random_", "oracle_")]
+        for key in ("success_rate", "random_success_rate", "oracle_success_rate", "seconds_per_decision", *scores):
             if key in planned:
                 measured[key] = planned[key]
     if recipe.stress or recipe.stress_adapt:
