@@ -133,22 +133,25 @@ class PushTAccess(StateAccess):
         u.space.reindex_shapes_for_body(u.block)
         return u.get_obs()
 
+    @staticmethod
+    def block_errors(state: np.ndarray, goal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B,) each: the block's distance to its goal position (px) and to its goal angle (radians)."""
+        return np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1), np.abs(_wrap(state[:, 4] - goal[:, 4]))
+
     def goal_distance(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
-        pos = np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1) / PUSHT_POSITION
-        ang = np.abs(_wrap(state[:, 4] - goal[:, 4])) / PUSHT_ANGLE
-        return np.sqrt(pos**2 + ang**2)
+        pos, ang = self.block_errors(state, goal)
+        return np.sqrt((pos / PUSHT_POSITION) ** 2 + (ang / PUSHT_ANGLE) ** 2)
 
     def success(self, state: np.ndarray, goal: np.ndarray) -> np.ndarray:
-        pos = np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1)
-        return (pos < PUSHT_POSITION) & (np.abs(_wrap(state[:, 4] - goal[:, 4])) < PUSHT_ANGLE)
+        pos, ang = self.block_errors(state, goal)
+        return (pos < PUSHT_POSITION) & (ang < PUSHT_ANGLE)
 
     def scores(self, state: np.ndarray, goal: np.ndarray) -> dict[str, np.ndarray]:
         """gym-pusht's coverage score (the share of the goal pose's T the block covers) against each goal
         pose, and how far the block's position and angle and the agent end from the goal's: which part
         of the goal a planner misses (the success criterion needs the block only)."""
-        return {"coverage": coverage(state, goal),
-                "block_error_px": np.linalg.norm(state[:, 2:4] - goal[:, 2:4], axis=1),
-                "angle_error_deg": np.degrees(np.abs(_wrap(state[:, 4] - goal[:, 4]))),
+        pos, ang = self.block_errors(state, goal)
+        return {"coverage": coverage(state, goal), "block_error_px": pos, "angle_error_deg": np.degrees(ang),
                 "agent_error_px": np.linalg.norm(state[:, 0:2] - goal[:, 0:2], axis=1)}
 
     def default_kwargs(self, size: int) -> dict:

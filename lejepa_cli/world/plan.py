@@ -253,13 +253,12 @@ def plan(model: WorldModelExport, world: World, *, episodes: int = 20, seed: int
     starts, goals = draw_problems(world, episodes, seed, goal_offset)
     report: dict = {"episodes": episodes, "budget": budget, "world": world.name, "frameskip": model.frameskip,
                     "goal_offset": goal_offset, "cem": describe(settings, model.frameskip)}
+    report["world_scores"] = list(world.scores(starts[:0], goals[:0]))  # their names: the world's own scores
     for kind in planners:
         result = run_episodes(kind, world, starts, goals, model=model, frameskip=model.frameskip, budget=budget,
                               cfg=cfg, seed=seed, record=record and kind == "model")
         prefix = "" if kind == "model" else f"{kind}_"
-        summary = summarise(result, world, goals)
-        report["world_scores"] = [k for k in summary if k not in ("success_rate", "mean_steps", "seconds_per_decision")]
-        for key, value in summary.items():
+        for key, value in summarise(result, world, goals).items():
             report[f"{prefix}{key}"] = value
         if "frames" in result:
             report["video"] = {"frames": result["frames"], "goal": result["goal_image"], "success": bool(result["success"][0])}
